@@ -1,0 +1,273 @@
+"""The training config: one flat dataclass whose field names are the YAML keys.
+
+The seed YAML (train_data_dir, lora_rank, ...) is flat, and so are kohya's options, so the
+config is flat too: one key, one field, one help text. Fields carry a `group` so the A1111 form
+and the ComfyUI node can lay them out, and `choices` where only some values make sense.
+Everything is validated at load: an unknown key names the nearest valid one, a wrong type names
+the field and what it expects.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Iterable, List, Mapping, Optional
+
+from .errors import ConfigError
+
+
+def _f(default: Any, help: str, group: str, choices: Optional[Iterable[Any]] = None, **kw: Any) -> Any:
+    meta = {"help": help, "group": group, "choices": tuple(choices) if choices else None}
+    if isinstance(default, list):
+        return field(default_factory=lambda d=default: list(d), metadata=meta, **kw)
+    return field(default=default, metadata=meta, **kw)
+
+
+PRECISIONS = ("auto", "no", "fp16", "bf16")
+OPTIMIZERS = ("adamw", "adamw8bit")
+SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
+
+
+@dataclass
+class TrainConfig:
+    # --- data -------------------------------------------------------------------------------
+    train_data_dir: str = _f("", "Folder of training images (flat; no repeat count in the name).", "data")
+    metadata_path: str = _f(
+        "",
+        "Captions file: metadata.csv (file,caption rows) or metadata.jsonl (file_name,text). "
+        "Empty: use metadata.csv / metadata.jsonl in train_data_dir, then .txt sidecars.",
+        "data",
+    )
+    caption_extension: str = _f(".txt", "Extension of caption sidecar files next to each image.", "data")
+    trigger_word: str = _f("", "Word put first in every caption (added where a caption lacks it).", "data")
+    repeats: int = _f(1, "How many times each image is seen per epoch.", "data")
+    resolution: int = _f(512, "Training resolution (the side of a square of the same area).", "data")
+    enable_bucket: bool = _f(True, "Group images by aspect ratio instead of centre-cropping to a square.", "data")
+    min_bucket_reso: int = _f(256, "Smallest bucket side in pixels.", "data")
+    max_bucket_reso: int = _f(1024, "Largest bucket side in pixels.", "data")
+    bucket_reso_steps: int = _f(64, "Bucket sides are multiples of this many pixels.", "data")
+    bucket_no_upscale: bool = _f(False, "Never enlarge a small image to fill its bucket.", "data")
+    flip_aug: bool = _f(False, "Randomly mirror images left-right (not for asymmetric subjects or text).", "data")
+    random_crop: bool = _f(False, "Crop at a random place instead of the centre when an image overflows its bucket.", "data")
+    shuffle_caption: bool = _f(False, "Shuffle the comma-separated parts of each caption every time it is used.", "data")
+    keep_tokens: int = _f(0, "With shuffle_caption: keep this many leading parts (e.g. the trigger word) in place.", "data")
+    caption_dropout_rate: float = _f(0.0, "Fraction of steps trained with an empty caption.", "data")
+    cache_latents: bool = _f(True, "Encode each image with the VAE once and cache the result on disk.", "data")
+    cache_text_embeddings: bool = _f(True, "Encode captions once when the text encoders are frozen.", "data")
+    # --- model ------------------------------------------------------------------------------
+    base_model: str = _f(
+        "", "Base checkpoint: a single .safetensors file (SD1.x, SD2.x, SDXL) or a diffusers folder.", "model"
+    )
+    model_family: str = _f("auto", "Model family; auto detects it from the checkpoint's keys.", "model",
+                           ("auto", "sd1", "sd2", "sdxl"))
+    prediction_type: str = _f("auto", "What the UNet predicts; auto: v for SD2 768-v checkpoints, else epsilon.",
+                              "model", ("auto", "epsilon", "v_prediction"))
+    allow_ckpt: bool = _f(False, "Allow loading a .ckpt pickle (loaded with weights_only=True).", "model")
+    # --- lora -------------------------------------------------------------------------------
+    lora_rank: int = _f(16, "LoRA rank (network dim): the size of each low-rank update.", "lora")
+    lora_alpha: float = _f(32.0, "LoRA alpha; the update is scaled by alpha / rank (the seeds suggest 2 x rank).", "lora")
+    target_modules: List[str] = _f(
+        ["q_proj", "k_proj", "v_proj", "out_proj"],
+        "UNet layers to train: q_proj, k_proj, v_proj, out_proj (attention, mapped to to_q/to_k/to_v/to_out.0), "
+        "proj (proj_in/proj_out), ff (feed-forward), conv (ResNet convs, LoCon); diffusers names also work.",
+        "lora",
+    )
+    lora_dropout: float = _f(0.0, "Dropout on the LoRA path while training (the seeds suggest 0.1).", "lora")
+    conv_rank: int = _f(0, "Rank for conv layers when target_modules has conv; 0 uses lora_rank.", "lora")
+    conv_alpha: float = _f(0.0, "Alpha for conv layers; 0 uses lora_alpha.", "lora")
+    train_text_encoder: bool = _f(False, "Also train LoRA on the text encoder(s) (SDXL: both).", "lora")
+    text_encoder_lr: float = _f(0.0, "Learning rate for the text encoder LoRA; 0 uses learning_rate.", "lora")
+    init_lora: str = _f("", "Start from an existing LoRA file (ours, kohya or peft/diffusers naming).", "lora")
+    # --- training ---------------------------------------------------------------------------
+    batch_size: int = _f(1, "Images per step.", "training")
+    epochs: int = _f(10, "Passes over the dataset (x repeats).", "training")
+    max_train_steps: int = _f(0, "Stop after this many optimizer steps; 0 uses epochs.", "training")
+    learning_rate: float = _f(1e-4, "Learning rate for the UNet LoRA.", "training")
+    gradient_accumulation_steps: int = _f(1, "Micro-batches per optimizer step (a larger batch on less VRAM).", "training")
+    mixed_precision: str = _f("auto", "auto: bf16 on GPUs that have it, else fp16 on GPU, fp32 on CPU.", "training",
+                              PRECISIONS)
+    gradient_checkpointing: bool = _f(False, "Recompute activations to save VRAM (slower).", "training")
+    optimizer: str = _f("adamw", "adamw (fused on CUDA) or adamw8bit (needs bitsandbytes).", "training", OPTIMIZERS)
+    weight_decay: float = _f(0.01, "AdamW weight decay.", "training")
+    max_grad_norm: float = _f(1.0, "Clip gradients to this norm; 0 disables clipping.", "training")
+    lr_scheduler: str = _f("constant", "Learning-rate schedule.", "training", SCHEDULERS)
+    lr_warmup_steps: int = _f(0, "Steps of linear warm-up at the start.", "training")
+    min_snr_gamma: float = _f(0.0, "Min-SNR loss weighting (5 is common); 0 disables it.", "training")
+    noise_offset: float = _f(0.0, "Noise offset (0.05-0.1 helps very dark or bright images); 0 disables it.",
+                             "training")
+    seed: int = _f(42, "Random seed; the same seed on CPU gives the same LoRA.", "training")
+    device: str = _f("auto", "auto, cpu, cuda or cuda:N.", "training")
+    # --- output -----------------------------------------------------------------------------
+    output_dir: str = _f("./output/lora", "Folder for the LoRA, checkpoints, samples and logs.", "output")
+    output_name: str = _f("", "File name of the LoRA (no extension); empty uses the output_dir's name.", "output")
+    save_steps: int = _f(0, "Save a checkpoint every N steps; 0 saves only at the end.", "output")
+    save_last_n: int = _f(3, "Keep only the last N step checkpoints (0 keeps all).", "output")
+    save_precision: str = _f("fp16", "Precision of the saved LoRA weights.", "output", ("fp16", "bf16", "fp32"))
+    sample_prompts: List[str] = _f([], "Prompts rendered as a strength grid while training.", "output")
+    sample_every_steps: int = _f(0, "Render the sample grid every N steps; 0 only at the end (if prompts).", "output")
+    sample_strengths: List[float] = _f([0.0, 0.5, 0.7, 1.0], "LoRA strengths in the sample grid.", "output")
+    sample_steps: int = _f(20, "Sampling steps per sample image.", "output")
+
+    def __post_init__(self) -> None:
+        self._validate()
+
+    # -- validation --------------------------------------------------------------------------
+    def _validate(self) -> None:
+        for f in dataclasses.fields(self):
+            value = _coerce(f.name, getattr(self, f.name), _field_types()[f.name])
+            choices = f.metadata.get("choices")
+            if choices and value not in choices:
+                raise ConfigError(f"{f.name}: {value!r} is not one of {', '.join(map(str, choices))}.")
+            object.__setattr__(self, f.name, value)
+        positive = ("lora_rank", "batch_size", "epochs", "gradient_accumulation_steps", "repeats",
+                    "bucket_reso_steps", "sample_steps")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1 (got {getattr(self, name)}).")
+        for name in ("max_train_steps", "save_steps", "save_last_n", "keep_tokens", "lr_warmup_steps",
+                     "sample_every_steps", "conv_rank", "min_snr_gamma", "noise_offset", "max_grad_norm"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} cannot be negative (got {getattr(self, name)}).")
+        if self.learning_rate <= 0:
+            raise ConfigError(f"learning_rate must be positive (got {self.learning_rate}); 1e-4 is a good start.")
+        if self.lora_alpha <= 0:
+            raise ConfigError(f"lora_alpha must be positive (got {self.lora_alpha}); try 2 x lora_rank.")
+        for name in ("lora_dropout", "caption_dropout_rate"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ConfigError(f"{name} must be in [0, 1) (got {getattr(self, name)}).")
+        if self.resolution < 64 or self.resolution % 8:
+            raise ConfigError(f"resolution must be a multiple of 8 and at least 64 (got {self.resolution}).")
+        if self.min_bucket_reso > self.max_bucket_reso:
+            raise ConfigError("min_bucket_reso is larger than max_bucket_reso: swap them.")
+        if not self.target_modules:
+            raise ConfigError("target_modules is empty: list at least one, e.g. [q_proj, v_proj].")
+
+    # -- derived -----------------------------------------------------------------------------
+    @property
+    def name(self) -> str:
+        """The LoRA's file name without extension (output_name, else the output folder's name)."""
+        return self.output_name or Path(self.output_dir).resolve().name or "lora"
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    def replace(self, **changes: Any) -> "TrainConfig":
+        return dataclasses.replace(self, **changes)
+
+
+def field_help() -> Dict[str, Dict[str, Any]]:
+    """Name → {help, group, choices, default, type} for every field: what UIs are generated from."""
+    out = {}
+    defaults = TrainConfig.__dataclass_fields__
+    for name, tp in _field_types().items():
+        f = defaults[name]
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        out[name] = {**f.metadata, "default": default, "type": _type_name(tp)}
+    return out
+
+
+def config_from_dict(data: Mapping[str, Any]) -> TrainConfig:
+    """Build a validated config; unknown keys are refused with the nearest valid key."""
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"The config must be a mapping of key: value lines, not {type(data).__name__}.")
+    names = list(_field_types())
+    unknown = [k for k in data if k not in names]
+    if unknown:
+        key = unknown[0]
+        close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.5)
+        hint = f" Did you mean '{close[0]}'?" if close else " See configs/sd15_style.yaml for the valid keys."
+        raise ConfigError(f"Unknown config key '{key}'.{hint}")
+    return TrainConfig(**dict(data))
+
+
+def load_config(path: Optional[str] = None, overrides: Iterable[str] = (), **extra: Any) -> TrainConfig:
+    """Read a YAML file, apply `key=value` overrides (YAML-parsed), then keyword overrides."""
+    import yaml
+
+    data: Dict[str, Any] = {}
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"Config file not found: {p}")
+        try:
+            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p} is not valid YAML: {e}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{p} must hold key: value lines at the top level.")
+        data.update(loaded or {})
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--set expects key=value, got '{item}'.")
+        data[key.strip()] = yaml.safe_load(raw) if raw.strip() else ""
+    data.update(extra)
+    return config_from_dict(data)
+
+
+# -- type coercion ---------------------------------------------------------------------------
+
+def _field_types() -> Dict[str, Any]:
+    return typing.get_type_hints(TrainConfig)
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) in (list, List):
+        return f"list[{typing.get_args(tp)[0].__name__}]"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(name: str, value: Any, tp: Any) -> Any:
+    """Accept what YAML and form fields produce; refuse anything else with a clear message."""
+    if typing.get_origin(tp) in (list, List):
+        (item_tp,) = typing.get_args(tp)
+        if value is None:
+            return []
+        if isinstance(value, str):  # "q_proj, v_proj" from a form field or --set
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{name}: expected a list of {item_tp.__name__}, got {value!r}.")
+        return [_coerce(f"{name}[{i}]", v, item_tp) for i, v in enumerate(value)]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in ("true", "yes", "on", "1", "false", "no", "off", "0"):
+            return value.strip().lower() in ("true", "yes", "on", "1")
+        raise ConfigError(f"{name}: expected true or false, got {value!r}.")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{name}: expected a whole number, got {value!r}.")
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value.strip())
+            except ValueError:
+                pass
+        if isinstance(value, int):
+            return value
+        raise ConfigError(f"{name}: expected a whole number, got {value!r}.")
+    if tp is float:
+        # PyYAML reads `2e-4` (no dot) as a string: the seed YAML writes learning rates that way.
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value.strip())
+            except ValueError:
+                pass
+        raise ConfigError(f"{name}: expected a number, got {value!r}.")
+    if tp is str:
+        if value is None:
+            return ""
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{name}: expected text, got {value!r}.")
+    return value

@@ -1,0 +1,29 @@
+"""Errors whose messages tell the user what to fix.
+
+Every error the core raises on purpose derives from `LoraTrainerError`, so a front end can
+show `str(err)` as it is and keep tracebacks for real bugs.
+"""
+
+
+class LoraTrainerError(Exception):
+    """Base class: the message is written for the user, not the developer."""
+
+
+class ConfigError(LoraTrainerError):
+    """A config key is unknown, mistyped or out of range."""
+
+
+class DatasetError(LoraTrainerError):
+    """The image folder or its captions cannot be used for training."""
+
+
+class ModelError(LoraTrainerError):
+    """The base model (or a LoRA file given as input) cannot be loaded."""
+
+
+class ResumeError(LoraTrainerError):
+    """A resume folder does not belong to this run or is incomplete."""
+
+
+class TrainingError(LoraTrainerError):
+    """Training cannot go on (NaN loss, out of memory) and says how to recover."""
