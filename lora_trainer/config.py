@@ -10,6 +10,7 @@ the field and what it expects.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import difflib
 import json
 import typing
@@ -214,6 +215,7 @@ def load_config(path: Optional[str] = None, overrides: Iterable[str] = (), **ext
 
 # -- type coercion ---------------------------------------------------------------------------
 
+@functools.lru_cache(maxsize=None)
 def _field_types() -> Dict[str, Any]:
     return typing.get_type_hints(TrainConfig)
 

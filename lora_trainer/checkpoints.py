@@ -1,0 +1,89 @@
+"""Saving during and after a run: step checkpoints, resumable state, samples, the final LoRA.
+
+Checkpoints are `<name>-step00000100.safetensors` (the last `save_last_n` kept) plus a state
+folder each. The finished LoRA is `<name>.safetensors`; if that name is taken, a new version
+name is used (`<name>-v2.safetensors`): a finished LoRA is never overwritten.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, List, Optional
+
+import torch
+
+from .callbacks import Callbacks, HostInterface
+from .export import SAVE_DTYPES, build_metadata, lora_state_dict, save_lora
+from .state import rng_state, save_state
+
+
+class Checkpointer:
+    def __init__(self, run: Any, callbacks: Callbacks, host: HostInterface) -> None:
+        self.run = run
+        self.cb = callbacks
+        self.host = host
+        self.last_file: Optional[Path] = None
+        self.last_state: Optional[Path] = None
+        self.step_files: List[Path] = sorted(Path(run.output_dir).glob(f"{run.cfg.name}-step*.safetensors"))
+
+    def after_step(self) -> None:
+        cfg, step = self.run.cfg, self.run.position.step
+        if cfg.save_steps and step % cfg.save_steps == 0 and step < self.run.total_steps:
+            self.save_checkpoint(final=False)
+        if cfg.sample_prompts and cfg.sample_every_steps and step % cfg.sample_every_steps == 0 \
+                and step < self.run.total_steps:
+            self.sample(step)
+
+    def save_checkpoint(self, final: bool) -> Path:
+        """A step LoRA file and the resumable state beside it."""
+        run, cfg = self.run, self.run.cfg
+        step = run.position.step
+        path = Path(run.output_dir) / f"{cfg.name}-step{step:08d}.safetensors"
+        self.last_file = self._write(path, overwrite=True)
+        if path not in self.step_files:
+            self.step_files.append(path)
+        if cfg.save_last_n:
+            for old in self.step_files[:-cfg.save_last_n]:
+                old.unlink(missing_ok=True)
+            self.step_files = self.step_files[-cfg.save_last_n:]
+        trainer = {
+            "optimizer": run.optimizer.state_dict(),
+            "lr_scheduler": run.lr_scheduler.state_dict(),
+            "scaler": run.scaler.state_dict() if run.scaler is not None else {},
+            "rng": rng_state(run.generator, run.py_rng),
+            "started_at": run.started_at,
+        }
+        lora_fp32 = lora_state_dict(run.components, torch.float32)
+        self.last_state = save_state(Path(run.output_dir) / "state", run.position, lora_fp32, trainer, cfg,
+                                     run.data_hash, keep_last=cfg.save_last_n)
+        self.cb.on_saved(self.last_file, final)
+        return self.last_state
+
+    def save_final(self) -> Path:
+        run, cfg = self.run, self.run.cfg
+        if cfg.save_steps:  # the end of the run is resumable too (extend epochs later)
+            self.save_checkpoint(final=False)
+        path = self._write(Path(run.output_dir) / f"{cfg.name}.safetensors", overwrite=False)
+        self.cb.on_saved(path, True)
+        self.cb.on_status(f"saved {path}")
+        if cfg.sample_prompts:
+            self.sample(run.position.step)
+        return path
+
+    def sample(self, step: int) -> Optional[Path]:
+        from .sample import render_grid
+
+        run = self.run
+        folder = Path(run.output_dir) / "samples"
+        path = folder / f"{run.cfg.name}-step{step:08d}.png"
+        image = render_grid(run.components, run.cfg.sample_prompts, run.cfg.sample_strengths, path,
+                            seed=run.cfg.seed, steps=run.cfg.sample_steps, device=run.device)
+        self.cb.on_sample(step, path, image)
+        return path
+
+    def _write(self, path: Path, overwrite: bool) -> Path:
+        run = self.run
+        info = dict(run.info, steps=run.position.step, epoch=run.position.epoch, started_at=run.started_at,
+                    epochs=run.cfg.epochs)
+        tensors = lora_state_dict(run.components, SAVE_DTYPES[run.cfg.save_precision])
+        return save_lora(path, tensors, build_metadata(run.cfg, run.components, info), overwrite=overwrite)

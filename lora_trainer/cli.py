@@ -1,0 +1,184 @@
+"""`python -m lora_trainer …`: train, sample, demo and convert from the command line.
+
+Errors the user can fix are printed as one line (exit code 2); Ctrl-C stops training after the
+current step and leaves a resumable state (a second Ctrl-C aborts).
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+from .callbacks import Callbacks, MultiCallbacks
+from .errors import LoraTrainerError
+
+
+class ConsoleCallbacks(Callbacks):
+    """A tqdm bar with the loss, status lines above it, and Ctrl-C as a graceful stop."""
+
+    def __init__(self) -> None:
+        self.bar = None
+        self.stop_requested = False
+
+    def on_progress(self, step: int, total: int) -> None:
+        from tqdm import tqdm
+
+        if self.bar is None:
+            self.bar = tqdm(total=total, initial=step, unit="step", dynamic_ncols=True)
+        self.bar.n = step
+        self.bar.refresh()
+
+    def on_status(self, message: str) -> None:
+        if message:
+            (self.bar.write if self.bar is not None else print)(message)
+
+    def on_loss(self, step: int, loss: float, lr: float) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", refresh=False)
+
+    def on_saved(self, path: Path, final: bool) -> None:
+        self.on_status(f"{'LoRA' if final else 'checkpoint'} saved: {path}")
+
+    def on_sample(self, step: int, path: Path, image=None) -> None:
+        self.on_status(f"samples: {path}")
+
+    def should_stop(self) -> bool:
+        return self.stop_requested
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m lora_trainer", description="Train Stable Diffusion LoRAs.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train a LoRA from a YAML config")
+    t.add_argument("--config", help="YAML config (see configs/)")
+    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    t.add_argument("--resume", metavar="DIR", help="continue from a run's output_dir or state folder")
+
+    s = sub.add_parser("sample", help="render a labelled strength grid of a LoRA")
+    s.add_argument("--base-model", required=True)
+    s.add_argument("--lora", required=True)
+    s.add_argument("--prompt", action="append", required=True, help="repeat for several rows")
+    s.add_argument("--negative-prompt", default="")
+    s.add_argument("--strengths", default="0,0.5,0.6,0.7,0.8", help="comma-separated; 0 is the base model")
+    s.add_argument("--seed", type=int, default=1)
+    s.add_argument("--steps", type=int, default=20)
+    s.add_argument("--size", type=int, default=None, help="image side in pixels (default: the model's)")
+    s.add_argument("--output", default=None, help="PNG path (default: next to the LoRA)")
+    s.add_argument("--allow-ckpt", action="store_true")
+
+    d = sub.add_parser("demo", help="train a tiny LoRA end to end on generated images (CPU, < 2 min)")
+    d.add_argument("--output", default="output/demo")
+    d.add_argument("--steps", type=int, default=30)
+
+    c = sub.add_parser("convert", help="rewrite a peft/diffusers LoRA in the kohya layout the hosts load")
+    c.add_argument("--input", required=True)
+    c.add_argument("--output", required=True)
+    c.add_argument("--family", default="auto", choices=["auto", "sd1", "sd2", "sdxl"])
+    c.add_argument("--alpha", type=float, default=None, help="alpha to write when the file has none")
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return {"train": _train, "sample": _sample, "demo": _demo, "convert": _convert}[args.command](args)
+    except LoraTrainerError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def run_training(cfg, resume: Optional[str] = None, components=None):
+    """Train with the console bar and the log files attached (shared by `train` and `demo`)."""
+    from .monitor import log_callbacks
+    from .train import train
+
+    console = ConsoleCallbacks()
+    loggers = log_callbacks(Path(cfg.output_dir), console)
+    previous = signal.getsignal(signal.SIGINT)
+
+    def on_interrupt(signum, frame):
+        if console.stop_requested:
+            raise KeyboardInterrupt
+        console.stop_requested = True
+        console.on_status("stopping after this step (Ctrl-C again to abort)…")
+
+    signal.signal(signal.SIGINT, on_interrupt)
+    try:
+        return train(cfg, MultiCallbacks(console, *loggers), resume=resume, components=components)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        console.close()
+        for logger in loggers:
+            logger.close()
+
+
+def _train(args) -> int:
+    from .config import load_config
+
+    cfg = load_config(args.config, args.set)
+    result = run_training(cfg, resume=args.resume)
+    if result.stopped:
+        print(f"stopped at step {result.steps}; continue with: --resume {cfg.output_dir}")
+        return 1
+    print(f"LoRA: {result.lora_path}")
+    return 0
+
+
+def _sample(args) -> int:
+    from .export import read_lora, to_kohya
+    from .lora import load_lora_into
+    from .model import load_components
+    from .sample import render_grid
+
+    strengths = [float(s) for s in args.strengths.split(",") if s.strip()]
+    components = load_components(args.base_model, allow_ckpt=args.allow_ckpt)
+    tensors, meta = read_lora(Path(args.lora))
+    load_lora_into(components, to_kohya(tensors, components.family, len(components.text_encoders),
+                                        unet_config=components.unet.config))
+    out = Path(args.output) if args.output else Path(args.lora).with_suffix(".grid.png")
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    render_grid(components, args.prompt, strengths, out, seed=args.seed, steps=args.steps, device=device,
+                size=args.size, negative_prompt=args.negative_prompt)
+    print(f"grid: {out}")
+    return 0
+
+
+def _demo(args) -> int:
+    from .demo import run_demo
+
+    result = run_demo(Path(args.output), steps=args.steps)
+    print(f"LoRA: {result.lora_path}\ngrid: {Path(args.output) / 'samples'}")
+    return 0
+
+
+def _convert(args) -> int:
+    import json
+
+    from .export import read_lora, save_lora, to_kohya
+
+    tensors, meta = read_lora(Path(args.input))
+    family = args.family
+    if family == "auto":
+        family = "sdxl" if any("text_encoder_2" in k or k.startswith("lora_te2_") for k in tensors) else "sd1"
+    alpha = args.alpha
+    adapter_config = Path(args.input).with_name("adapter_config.json")
+    if alpha is None and adapter_config.is_file():  # peft saves lora_alpha beside the weights
+        alpha = json.loads(adapter_config.read_text(encoding="utf-8")).get("lora_alpha")
+    kohya = to_kohya(tensors, family, 2 if family == "sdxl" else 1, default_alpha=alpha)
+    meta.setdefault("ss_output_name", Path(args.output).stem)
+    meta.setdefault("ss_base_model_version", {"sdxl": "sdxl_base_v1-0", "sd2": "sd_v2"}.get(family, "sd_v1"))
+    meta.setdefault("ss_v2", str(family == "sd2"))
+    meta.setdefault("ss_network_module", "networks.lora")
+    out = save_lora(Path(args.output), kohya, meta)
+    print(f"wrote {out} ({len(kohya) // 3} layers)")
+    return 0

@@ -1,0 +1,55 @@
+"""What the model stage hands to the rest of the trainer."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+
+
+@dataclass
+class Components:
+    """The parts of a Stable Diffusion model the trainer uses, all in diffusers / transformers classes.
+
+    family: "sd1" | "sd2" | "sdxl".
+    text_encoders / tokenizers: one CLIPTextModel for sd1/sd2; [CLIPTextModel,
+    CLIPTextModelWithProjection] for sdxl, with a CLIPTokenizer each.
+    noise_scheduler: the DDPMScheduler to train with; its prediction_type equals `prediction_type`.
+    model_hash: sha256 of the file for a file, a fingerprint of the weights otherwise.
+    source: the path given, or "<in-memory>".
+    """
+
+    family: str
+    unet: Any
+    vae: Any
+    text_encoders: list
+    tokenizers: list
+    noise_scheduler: Any
+    prediction_type: str
+    name: str
+    model_hash: str
+    source: str
+    variant: str = "base"  # which shipped architecture ("tiny" for test models); "diffusers" for folders
+    extra: dict = field(default_factory=dict)  # free room for front ends; the core never reads it
+
+    @property
+    def is_sdxl(self) -> bool:
+        return self.family == "sdxl"
+
+    def models(self) -> list:
+        """UNet, VAE and text encoders, in that order."""
+        return [self.unet, self.vae, *self.text_encoders]
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Components:
+        """Move (and optionally cast) every model in place; returns self for chaining."""
+        for model in self.models():
+            model.to(device=device, dtype=dtype)
+        return self
+
+    def requires_grad_(self, flag: bool = False) -> Components:
+        """Freeze (default) or unfreeze every base weight; LoRA layers are added afterwards."""
+        for model in self.models():
+            model.requires_grad_(flag)
+        return self

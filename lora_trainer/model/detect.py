@@ -1,0 +1,57 @@
+"""Which family a checkpoint in the original single-file (LDM / CompVis / SGM) layout belongs to."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import TypeVar
+
+from ..errors import ModelError
+from .shipped import SUPPORTED
+
+UNET_PREFIX = "model.diffusion_model."
+VAE_PREFIX = "first_stage_model."
+# Where each family keeps its text encoders, in encoder order, and in which layout.
+TEXT_ENCODERS = {
+    "sd1": [("cond_stage_model.transformer.", "clip_l")],
+    "sd2": [("cond_stage_model.model.", "open_clip")],
+    "sdxl": [("conditioner.embedders.0.transformer.", "clip_l"), ("conditioner.embedders.1.model.", "open_clip")],
+}
+
+T = TypeVar("T")
+
+
+def normalize_keys(sd: Mapping[str, T]) -> dict[str, T]:
+    """Undo the wrappers A1111 puts around its text encoders (`cond_stage_model.wrapped.…`)."""
+    if not any(".wrapped." in k for k in sd):
+        return dict(sd)
+    return {k.replace(".wrapped.", ".", 1) if k.startswith(("cond_stage_model.", "conditioner.")) else k: v
+            for k, v in sd.items()}
+
+
+def detect_family(keys: Iterable[str]) -> str:
+    """"sd1", "sd2" or "sdxl" from the keys of an original-layout checkpoint; ModelError otherwise."""
+    keys = [k.replace(".wrapped.", ".", 1) for k in keys]
+    has = lambda prefix: any(k.startswith(prefix) for k in keys)
+    if has("conditioner.embedders.1.model."):
+        return "sdxl"
+    if has("conditioner.embedders.0.model.") and not has("conditioner.embedders.1."):
+        raise ModelError(
+            f"This is an SDXL refiner checkpoint: LoRAs are trained on a base model. Supported: {SUPPORTED}."
+        )
+    if has("cond_stage_model.model.transformer.resblocks.") or has("cond_stage_model.model.token_embedding"):
+        return "sd2"
+    if has("cond_stage_model.transformer."):
+        return "sd1"
+    if has(UNET_PREFIX + "label_emb.0.0.") and not has("cond_stage_model."):
+        return "sdxl"
+    sample = ", ".join(keys[:3]) if keys else "no keys at all"
+    if has(UNET_PREFIX):
+        raise ModelError(
+            "The checkpoint has a UNet but no text encoder, so its family cannot be told (keys start with "
+            f"{sample}). Give a full checkpoint, or set model_family to sd1 / sd2 / sdxl. Supported: {SUPPORTED}."
+        )
+    raise ModelError(
+        f"Unknown checkpoint layout (keys start with {sample}). Supported: {SUPPORTED}, as a single-file "
+        ".safetensors in the original layout or a diffusers folder. LoRA, VAE-only, SD3, Flux and other "
+        "models cannot be trained on."
+    )

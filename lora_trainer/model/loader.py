@@ -1,0 +1,113 @@
+"""`load_components`: a base model from a file, a diffusers folder or a host's weights in memory."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Union
+
+from ..errors import ModelError
+from . import factory
+from .components import Components
+from .detect import detect_family, normalize_keys
+from .folder import folder_family, folder_scheduler_config, is_diffusers_folder, models_from_folder
+from .hashing import file_sha256, state_dict_fingerprint
+from .prediction import check_prediction_type, guess_from_checkpoint
+from .shipped import FAMILIES, PAD_TOKENS, SUPPORTED, load_config
+from .single_file import models_from_ldm, read_checkpoint
+from .tokenizers import load_clip_tokenizer
+
+if TYPE_CHECKING:
+    import torch
+
+BaseModel = Union[str, "os.PathLike[str]", Mapping[str, "torch.Tensor"]]
+
+WHERE_TO_PUT = (
+    "Put the checkpoint in models/Stable-diffusion/ (A1111/Forge) or models/checkpoints/ (ComfyUI), "
+    "or give the full path to a .safetensors file or a diffusers folder."
+)
+# Scheduler settings a diffusers folder may carry and the training scheduler takes over.
+_SCHEDULER_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas",
+                   "steps_offset", "timestep_spacing", "rescale_betas_zero_snr")
+
+
+def load_components(base_model: BaseModel, family: str = "auto", prediction_type: str = "auto",
+                    allow_ckpt: bool = False, name: str | None = None,
+                    dtype: torch.dtype | None = None) -> Components:
+    """Load a Stable Diffusion base model for training, on the CPU, every model in `dtype` (float32 default).
+
+    base_model: a single-file checkpoint (.safetensors; .ckpt only with allow_ckpt) in the original
+    layout, a diffusers folder, or a state dict in the original layout (what A1111/Forge hold).
+    family: "auto" detects sd1/sd2/sdxl from the keys (or the folder's configs).
+    prediction_type: "auto" reads a `v_pred` marker or the folder's scheduler, and probes SD2 UNets
+    the way A1111 does; else "epsilon" or "v_prediction".
+    Raises ModelError with a message saying what to fix.
+    """
+    import torch
+
+    dtype = dtype or torch.float32
+    check_prediction_type(prediction_type)
+    if family not in ("auto", *FAMILIES):
+        raise ModelError(f"model_family must be auto, sd1, sd2 or sdxl, not {family!r}.")
+    if isinstance(base_model, Mapping):
+        return _from_state_dict(base_model, family, prediction_type, name or "in-memory", "<in-memory>",
+                                None, dtype, copy=True)
+    if not isinstance(base_model, (str, os.PathLike)):
+        raise ModelError(f"base_model must be a path or a state dict, not {type(base_model).__name__}.")
+    if not os.fspath(base_model).strip():
+        raise ModelError(f"base_model is empty. {WHERE_TO_PUT}")
+    path = Path(base_model).expanduser()
+    if not path.exists():
+        raise ModelError(f"Base model not found: {path}. {WHERE_TO_PUT}")
+    if path.is_dir():
+        if not is_diffusers_folder(path):
+            raise ModelError(f"{path} is a folder but not a diffusers model (no model_index.json). {WHERE_TO_PUT}")
+        return _from_folder(path, family, prediction_type, name or path.name, dtype)
+    sd = read_checkpoint(path, allow_ckpt)
+    return _from_state_dict(sd, family, prediction_type, name or path.stem, str(path), path, dtype, copy=False)
+
+
+def _from_state_dict(sd: Mapping, family: str, prediction_type: str, name: str, source: str,
+                     path: Path | None, dtype: torch.dtype, copy: bool) -> Components:
+    sd = normalize_keys(sd)
+    if family == "auto":
+        family = detect_family(sd.keys())
+    models = models_from_ldm(sd, family, dtype, copy)
+    if prediction_type == "auto":
+        prediction_type = guess_from_checkpoint(sd.keys(), family, models["unet"])
+    configs = models["configs"]
+    model_hash = file_sha256(path) if path is not None else state_dict_fingerprint([sd])
+    return Components(
+        family=family, unet=models["unet"], vae=models["vae"], text_encoders=models["text_encoders"],
+        tokenizers=[load_clip_tokenizer(pad) for pad in PAD_TOKENS[family]],
+        noise_scheduler=factory.build_scheduler(configs["scheduler"], prediction_type),
+        prediction_type=prediction_type, name=name, model_hash=model_hash, source=source,
+        variant=models["variant"],
+    )
+
+
+def _from_folder(path: Path, family: str, prediction_type: str, name: str, dtype: torch.dtype) -> Components:
+    detected = folder_family(path)
+    if family == "auto":
+        family = detected
+    elif family != detected:
+        raise ModelError(f"{path} holds an {detected} model, but model_family is {family}: set it to auto.")
+    models = models_from_folder(path, family, dtype)
+    folder_scheduler = folder_scheduler_config(path)
+    if prediction_type == "auto":
+        prediction_type = folder_scheduler.get("prediction_type") or guess_from_checkpoint((), family, models["unet"])
+        if prediction_type not in ("epsilon", "v_prediction"):
+            raise ModelError(f"{path}: the scheduler's prediction_type {prediction_type!r} is not supported; "
+                             f"set prediction_type to epsilon or v_prediction. Supported models: {SUPPORTED}.")
+    scheduler_config = load_config(family, "scheduler")
+    scheduler_config.update({k: folder_scheduler[k] for k in _SCHEDULER_KEYS if k in folder_scheduler})
+    tokenizers = [load_clip_tokenizer(pad, folder) for pad, folder in zip(PAD_TOKENS[family], models["tokenizer_dirs"])]
+    return Components(
+        family=family, unet=models["unet"], vae=models["vae"], text_encoders=models["text_encoders"],
+        tokenizers=tokenizers, noise_scheduler=factory.build_scheduler(scheduler_config, prediction_type),
+        prediction_type=prediction_type, name=name,
+        model_hash=state_dict_fingerprint(m.state_dict() for m in [models["unet"], models["vae"],
+                                                                    *models["text_encoders"]]),
+        source=str(path), variant="diffusers",
+    )

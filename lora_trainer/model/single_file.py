@@ -1,0 +1,115 @@
+"""Models from an original-layout (single-file) state dict: a `.safetensors`/`.ckpt` file or a host's weights.
+
+UNet and VAE go through diffusers' own converters (`convert_ldm_unet_checkpoint`,
+`convert_ldm_vae_checkpoint`: same signature from diffusers 0.31 to 0.42, unlike
+`from_single_file`, whose config handling changed between them); the text encoders through the
+table in `text_convert`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from ..errors import ModelError
+from . import factory
+from .detect import TEXT_ENCODERS, UNET_PREFIX, VAE_PREFIX
+from .shipped import FAMILY_NAMES, load_configs, text_encoder_parts, variants
+from .text_convert import clip_l_from_ldm, match_model_layout, open_clip_from_ldm
+
+if TYPE_CHECKING:
+    import torch
+
+CKPT_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+
+
+def read_checkpoint(path: Path, allow_ckpt: bool) -> dict[str, torch.Tensor]:
+    """The state dict of a `.safetensors` file, or of a pickle when the user opted in."""
+    suffix = path.suffix.lower()
+    if suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path), device="cpu")
+        except Exception as err:  # safetensors raises its own error types for damaged files
+            raise ModelError(f"Cannot read {path}: {err}. The file is damaged or incomplete; download it again.") \
+                from err
+    if suffix in CKPT_SUFFIXES:
+        if not allow_ckpt:
+            raise ModelError(
+                f"{path} is a pickle ({suffix}), which can run code when loaded. Use the .safetensors version of "
+                "the model, or set allow_ckpt: true if you trust the file (it is then loaded with "
+                "weights_only=True)."
+            )
+        return _read_pickle(path)
+    raise ModelError(
+        f"{path} is neither a .safetensors checkpoint nor a diffusers folder. Give a .safetensors file "
+        "(or a .ckpt with allow_ckpt: true) or a folder holding model_index.json."
+    )
+
+
+def _read_pickle(path: Path) -> dict:
+    import torch
+
+    try:
+        data = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise ModelError(
+            f"Cannot load {path} safely: {err}. The pickle holds more than tensors; convert it to .safetensors "
+            "with a tool you trust."
+        ) from err
+    while isinstance(data, dict) and isinstance(data.get("state_dict"), dict):
+        data = data["state_dict"]
+    if not isinstance(data, dict):
+        raise ModelError(f"{path} holds a {type(data).__name__}, not a state dict of tensors.")
+    return {k: v for k, v in data.items() if isinstance(v, torch.Tensor)}
+
+
+def select_variant(family: str, sd: Mapping[str, torch.Tensor]) -> str:
+    """The shipped architecture whose UNet input conv has the checkpoint's shape (`base` for real models)."""
+    key = UNET_PREFIX + "input_blocks.0.0.weight"
+    if key not in sd:
+        raise ModelError(
+            f"The checkpoint has no UNet weights ({key} is missing): give a full {FAMILY_NAMES[family]} checkpoint."
+        )
+    got = tuple(sd[key].shape)
+    for variant in variants(family):
+        unet = load_configs(family, variant)["unet"]
+        if got == (unet["block_out_channels"][0], unet["in_channels"], 3, 3):
+            return variant
+    raise ModelError(
+        f"The UNet of this {FAMILY_NAMES[family]} checkpoint has an input layer of shape {got}, which no supported "
+        "architecture has (inpainting and instruct-pix2pix models have 8 or 9 input channels). Give a standard "
+        "text-to-image checkpoint, or check model_family."
+    )
+
+
+def models_from_ldm(sd: Mapping[str, torch.Tensor], family: str, dtype: torch.dtype, copy: bool) -> dict:
+    """{"unet", "vae", "text_encoders", "configs", "variant"} built from an original-layout state dict."""
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
+
+    variant = select_variant(family, sd)
+    configs = load_configs(family, variant)
+    unet_sd = {k: v for k, v in sd.items() if k.startswith(UNET_PREFIX)}
+    unet = factory.build_unet(configs["unet"], empty=True)
+    factory.load_weights(unet, convert_ldm_unet_checkpoint(unet_sd, configs["unet"]), "UNet", dtype, copy)
+
+    vae_sd = {k: v for k, v in sd.items() if k.startswith(VAE_PREFIX)}
+    if not vae_sd:
+        raise ModelError("The checkpoint has no VAE weights (first_stage_model.*): give a full checkpoint.")
+    vae = factory.build_vae(configs["vae"], empty=True)
+    factory.load_weights(vae, convert_ldm_vae_checkpoint(vae_sd, configs["vae"]), "VAE", dtype, copy)
+
+    encoders = []
+    for part, (prefix, layout) in zip(text_encoder_parts(family), TEXT_ENCODERS[family]):
+        config = configs[part]
+        if layout == "clip_l":
+            hf_sd = clip_l_from_ldm(sd, prefix)
+        else:
+            hf_sd = open_clip_from_ldm(sd, prefix, config["num_hidden_layers"],
+                                       factory.text_encoder_has_projection(config))
+        model = factory.build_text_encoder(config, empty=True)
+        hf_sd = match_model_layout(hf_sd, model.state_dict().keys())
+        encoders.append(factory.load_weights(model, hf_sd, f"text encoder ({prefix}*)", dtype, copy))
+    return {"unet": unet, "vae": vae, "text_encoders": encoders, "configs": configs, "variant": variant}

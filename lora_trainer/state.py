@@ -1,0 +1,158 @@
+"""Resumable training state: everything needed to continue a run exactly where it stopped.
+
+Each checkpoint writes `output_dir/state/step-NNNNNNNN/` with the LoRA in fp32, the optimizer,
+LR scheduler and grad-scaler states, every RNG state, the position in the data, and hashes of
+the dataset and of the config fields that change the math. `--resume` refuses a folder whose
+hashes do not match, naming what differs: a run never silently restarts at step 0.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import torch
+
+from .errors import ResumeError
+
+STATE_VERSION = 1
+STATE_FILE = "state.json"
+# Config fields that may change between a run and its resume without changing the math.
+RESUMABLE_CHANGES = {
+    "epochs", "max_train_steps", "save_steps", "save_last_n", "save_precision", "sample_prompts",
+    "sample_every_steps", "sample_strengths", "sample_steps", "output_dir", "output_name", "device",
+    "base_model", "init_lora", "train_data_dir", "metadata_path",
+}
+
+
+def math_config(cfg: Any) -> Dict[str, Any]:
+    return {k: v for k, v in cfg.to_dict().items() if k not in RESUMABLE_CHANGES}
+
+
+def dataset_hash(records: List[Any]) -> str:
+    h = hashlib.sha1()
+    for r in sorted(records, key=lambda r: r.name):
+        h.update(f"{r.name}\0{r.content_hash}\0{r.caption}\n".encode())
+    return h.hexdigest()
+
+
+@dataclass
+class Position:
+    step: int = 0          # optimizer steps done
+    epoch: int = 0         # epoch in progress
+    batch: int = 0         # micro-batches of that epoch already consumed
+
+
+def save_state(folder: Path, position: Position, lora: Dict[str, torch.Tensor], trainer: Dict[str, Any],
+               cfg: Any, data_hash: str, keep_last: int) -> Path:
+    """Write one state folder atomically (temp folder + rename) and prune old ones."""
+    from safetensors.torch import save_file
+
+    root = Path(folder)
+    root.mkdir(parents=True, exist_ok=True)
+    target = root / f"step-{position.step:08d}"
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-state-", dir=root))
+    try:
+        save_file({k: v.float().contiguous() for k, v in lora.items()}, str(tmp / "lora.safetensors"))
+        torch.save(trainer, tmp / "trainer.pt")
+        meta = {"version": STATE_VERSION, "step": position.step, "epoch": position.epoch,
+                "batch": position.batch, "dataset_hash": data_hash, "config": math_config(cfg),
+                "name": cfg.name}
+        (tmp / STATE_FILE).write_text(json.dumps(meta, indent=1), encoding="utf-8")
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    if keep_last:
+        for old in list_states(root)[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
+def list_states(root: Path) -> List[Path]:
+    return sorted(p for p in Path(root).glob("step-*") if (p / STATE_FILE).is_file())
+
+
+def find_state(path: Path) -> Path:
+    """A state folder itself, or the newest one under `output_dir/state` or `state/`."""
+    path = Path(path)
+    if (path / STATE_FILE).is_file():
+        return path
+    for root in (path / "state", path):
+        states = list_states(root) if root.is_dir() else []
+        if states:
+            return states[-1]
+    raise ResumeError(f"{path} holds no training state (no {STATE_FILE}). Point --resume at the run's "
+                      "output_dir or at one of its state/step-… folders.")
+
+
+@dataclass
+class LoadedState:
+    folder: Path
+    position: Position
+    lora: Dict[str, torch.Tensor]
+    trainer: Dict[str, Any]
+
+
+def load_state(path: Path, cfg: Any, data_hash: str) -> LoadedState:
+    """Read and check a state folder against this run's config and dataset."""
+    from safetensors.torch import load_file
+
+    folder = find_state(path)
+    try:
+        meta = json.loads((folder / STATE_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ResumeError(f"{folder / STATE_FILE} cannot be read ({e}).") from None
+    if meta.get("version") != STATE_VERSION:
+        raise ResumeError(f"{folder} was written by another version of lora-scripts.")
+    changed = [k for k, v in math_config(cfg).items() if meta.get("config", {}).get(k, v) != v]
+    if changed:
+        diffs = ", ".join(f"{k} ({meta['config'].get(k)!r} → {getattr(cfg, k)!r})" for k in changed[:5])
+        raise ResumeError(f"{folder} was trained with other settings: {diffs}. Resume with the same config, "
+                          "or start a new run with another output_dir.")
+    if meta.get("dataset_hash") != data_hash:
+        raise ResumeError(f"{folder} was trained on other images or captions than {cfg.train_data_dir} holds now. "
+                          "Restore the images, or start a new run (init_lora can continue from its LoRA).")
+    for needed in ("lora.safetensors", "trainer.pt"):
+        if not (folder / needed).is_file():
+            raise ResumeError(f"{folder} is incomplete: {needed} is missing.")
+    trainer = torch.load(folder / "trainer.pt", map_location="cpu", weights_only=True)
+    position = Position(meta["step"], meta["epoch"], meta["batch"])
+    return LoadedState(folder, position, load_file(str(folder / "lora.safetensors")), trainer)
+
+
+def rng_state(generator: torch.Generator, py_rng: random.Random) -> Dict[str, Any]:
+    state: Dict[str, Any] = {"torch": torch.get_rng_state(), "generator": generator.get_state(),
+                             "python": _py_state(py_rng.getstate())}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: Dict[str, Any], generator: torch.Generator, py_rng: random.Random) -> None:
+    torch.set_rng_state(state["torch"])
+    generator.set_state(state["generator"])
+    version, internal, gauss = state["python"]
+    py_rng.setstate((version, tuple(internal), gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _py_state(state: tuple) -> list:
+    # weights_only torch.load reads lists and ints; keep the tuple shape out of the pickle.
+    version, internal, gauss = state
+    return [version, list(internal), gauss]
+
+
+def latest_state(output_dir: Path) -> Optional[Path]:
+    states = list_states(Path(output_dir) / "state")
+    return states[-1] if states else None

@@ -1,0 +1,246 @@
+"""The training loop: batch → noise → timesteps → prediction → loss → step → log/save/sample.
+
+`train()` is the one entry point the CLI, the hosts and the tests call. It reports through a
+`Callbacks` object and asks the host (through `HostInterface`) to free and restore its GPU
+memory around the run.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, List, Mapping, Optional
+
+import torch
+import torch.nn.functional as F
+
+from .callbacks import Callbacks, HostInterface
+from .config import TrainConfig
+from .dataset import epoch_batches, plan_crop, prepare_image, process_caption
+from .errors import TrainingError
+from .latents import encode_pixels
+from .train_setup import Run, prepare_run
+
+
+@dataclass
+class TrainResult:
+    lora_path: Optional[Path]      # the finished LoRA (None if stopped early)
+    last_checkpoint: Optional[Path]
+    state_dir: Optional[Path]      # resumable state of the last checkpoint
+    steps: int
+    stopped: bool
+    losses: List[float]
+
+
+def train(cfg: TrainConfig, callbacks: Optional[Callbacks] = None, host: Optional[HostInterface] = None,
+          base_weights: Optional[Mapping[str, torch.Tensor]] = None, base_name: Optional[str] = None,
+          resume: Optional[str] = None, components: Any = None) -> TrainResult:
+    """Train a LoRA as `cfg` says. `base_weights` is a host's in-memory state dict (original layout)."""
+    from .checkpoints import Checkpointer
+
+    cb = callbacks or Callbacks()
+    host = host or HostInterface()
+    host.free_gpu()
+    run = None
+    try:
+        run = prepare_run(cfg, cb, base_weights, base_name, resume, components)
+        checkpointer = Checkpointer(run, cb, host)
+        losses, stopped = _loop(run, cb, checkpointer)
+        if stopped:
+            state = checkpointer.save_checkpoint(final=False)
+            cb.on_status(f"stopped at step {run.position.step}; resume with --resume {cfg.output_dir}")
+            return TrainResult(None, checkpointer.last_file, state, run.position.step, True, losses)
+        lora_path = checkpointer.save_final()
+        return TrainResult(lora_path, checkpointer.last_file, checkpointer.last_state, run.position.step, False,
+                           losses)
+    finally:
+        if run is not None:
+            _release(run)
+        host.restore_gpu()
+
+
+def _loop(run: Run, cb: Callbacks, checkpointer: Any) -> "tuple[List[float], bool]":
+    cfg, pos = run.cfg, run.position
+    accum = cfg.gradient_accumulation_steps
+    losses: List[float] = []
+    if run.latent_cache is not None:
+        _fill_latent_cache(run, cb)
+    _set_train_mode(run, True)
+    cb.on_status(f"training {run.total_steps} steps")
+    cb.on_progress(pos.step, run.total_steps)
+    step_loss, micro, t0 = 0.0, 0, time.perf_counter()
+    while pos.step < run.total_steps:
+        batches = epoch_batches(run.records, cfg, pos.epoch, cfg.seed)
+        while pos.batch < len(batches) and pos.step < run.total_steps:
+            if cb.should_stop():
+                return losses, True
+            loss = _micro_step(run, batches[pos.batch], pos.epoch, pos.batch) / accum
+            _backward(run, loss)
+            step_loss += loss.item()
+            micro += 1
+            pos.batch += 1
+            if micro == accum or pos.batch == len(batches):
+                _optimizer_step(run)
+                pos.step += 1
+                if not math.isfinite(step_loss):
+                    raise TrainingError(f"The loss became {step_loss} at step {pos.step}. Lower learning_rate, "
+                                        "or use mixed_precision: bf16 / no instead of fp16.")
+                losses.append(step_loss)
+                cb.on_loss(pos.step, step_loss, run.lr_scheduler.get_last_lr()[0])
+                cb.on_progress(pos.step, run.total_steps)
+                run.info["step_time"] = time.perf_counter() - t0
+                step_loss, micro, t0 = 0.0, 0, time.perf_counter()
+                checkpointer.after_step()
+        if pos.batch >= len(batches):
+            pos.epoch, pos.batch = pos.epoch + 1, 0
+    return losses, False
+
+
+def _micro_step(run: Run, batch: list, epoch: int, index: int) -> torch.Tensor:
+    """Loss of one bucket-shaped micro-batch (mean over its images)."""
+    comps, cfg, dev = run.components, run.cfg, run.device
+    latents, sizes, crops, targets = _batch_latents(run, batch, epoch, index)
+    captions = [process_caption(record.caption, cfg, run.py_rng) for record, _ in batch]
+    with _autocast(run):
+        hidden, pooled = _text(run, captions)
+        added = _added_cond(run, pooled, sizes, crops, targets)
+        latents = latents.to(dev, torch.float32)
+        noise = torch.randn(latents.shape, generator=run.generator).to(dev)
+        if cfg.noise_offset:
+            noise += cfg.noise_offset * torch.randn((*latents.shape[:2], 1, 1), generator=run.generator).to(dev)
+        sched = comps.noise_scheduler
+        timesteps = torch.randint(0, sched.config.num_train_timesteps, (latents.shape[0],),
+                                  generator=run.generator).to(dev)
+        noisy = sched.add_noise(latents, noise, timesteps)
+        target = noise if comps.prediction_type == "epsilon" else sched.get_velocity(latents, noise, timesteps)
+        pred = comps.unet(noisy, timesteps, encoder_hidden_states=hidden, added_cond_kwargs=added).sample
+    loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+    if cfg.min_snr_gamma:
+        loss = loss * _min_snr_weights(sched, timesteps, cfg.min_snr_gamma, comps.prediction_type)
+    return loss.mean()
+
+
+def _batch_latents(run: Run, batch: list, epoch: int, index: int):
+    """Latents of a batch from the cache, or freshly encoded; plus SDXL's size conditioning."""
+    cfg = run.cfg
+    out, sizes, crops, targets = [], [], [], []
+    for i, (record, bucket) in enumerate(batch):
+        flip = cfg.flip_aug and _sample_rng(cfg.seed, epoch, index, i).random() < 0.5
+        crop = plan_crop(record, bucket, flip, _crop_rng(cfg, record, epoch, index, i))
+        original, top_left, target = crop.conditioning(record, bucket)
+        sizes.append(original)
+        crops.append(top_left)
+        targets.append(target)
+        out.append(_latent(run, record, bucket, crop))
+    return torch.stack(out), sizes, crops, targets
+
+
+def _latent(run: Run, record: Any, bucket: Any, crop: Any) -> torch.Tensor:
+    """One image's latent: decoded and VAE-encoded only when the cache does not have it."""
+    def encode() -> torch.Tensor:
+        prepared = prepare_image(record, bucket, crop=crop)
+        return encode_pixels(run.components.vae, prepared.pixels[None])[0]
+
+    if run.latent_cache is None:
+        return encode()
+    key = run.latent_cache.key(record.content_hash, bucket, (crop.top, crop.left), crop.flip)
+    return run.latent_cache.get(key, encode)
+
+
+def _crop_rng(cfg: TrainConfig, record: Any, epoch: int, index: int, i: int) -> Optional[random.Random]:
+    if not cfg.random_crop:
+        return None
+    if cfg.cache_latents:  # one crop per image, chosen once, so the cache stays bounded
+        return random.Random(f"{cfg.seed}:{record.name}")
+    return _sample_rng(cfg.seed, epoch, index, i)
+
+
+def _sample_rng(seed: int, epoch: int, index: int, i: int) -> random.Random:
+    # Per-sample RNGs derived from the position: a resumed run makes the same choices.
+    return random.Random(f"{seed}:{epoch}:{index}:{i}")
+
+
+def _fill_latent_cache(run: Run, cb: Callbacks) -> None:
+    """Encode every latent the run will need up front, then move the VAE off the GPU."""
+    cfg = run.cfg
+    batches = epoch_batches(run.records, cfg, 0, cfg.seed)
+    todo = {(record.name, bucket): (record, bucket, index, i)
+            for index, batch in enumerate(batches) for i, (record, bucket) in enumerate(batch)}
+    for done, (record, bucket, index, i) in enumerate(todo.values(), 1):
+        for flip in (False, True) if cfg.flip_aug else (False,):
+            _latent(run, record, bucket, plan_crop(record, bucket, flip, _crop_rng(cfg, record, 0, index, i)))
+        if done == len(todo) or done % 25 == 0:
+            cb.on_status(f"caching latents {done}/{len(todo)}")
+    run.components.vae.to("cpu")  # every latent is cached now: the VAE's VRAM goes to training
+    if run.device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _text(run: Run, captions: List[str]):
+    from .model import encode_text
+
+    if run.text_cache is not None:
+        hidden, pooled = run.text_cache(captions)
+    else:
+        hidden, pooled = encode_text(run.components, captions)
+    return hidden.to(run.device), None if pooled is None else pooled.to(run.device)
+
+
+def _added_cond(run: Run, pooled, sizes, crops, targets):
+    from .model import unet_added_cond
+
+    return unet_added_cond(run.components, pooled, sizes, crops, targets)
+
+
+def _min_snr_weights(sched: Any, timesteps: torch.Tensor, gamma: float, prediction_type: str) -> torch.Tensor:
+    """Min-SNR-γ weighting (Hang et al. 2023): down-weight the easy, low-noise timesteps."""
+    alphas = sched.alphas_cumprod.to(timesteps.device)[timesteps]
+    snr = alphas / (1 - alphas)
+    weight = torch.clamp(snr, max=gamma) / snr
+    return weight if prediction_type == "epsilon" else torch.clamp(snr, max=gamma) / (snr + 1)
+
+
+def _autocast(run: Run):
+    if run.autocast_dtype is None:
+        return nullcontext()
+    return torch.autocast(run.device.type, dtype=run.autocast_dtype)
+
+
+def _backward(run: Run, loss: torch.Tensor) -> None:
+    (run.scaler.scale(loss) if run.scaler is not None else loss).backward()
+
+
+def _optimizer_step(run: Run) -> None:
+    if run.scaler is not None:
+        run.scaler.unscale_(run.optimizer)
+    if run.cfg.max_grad_norm:
+        torch.nn.utils.clip_grad_norm_(run.params, run.cfg.max_grad_norm)
+    if run.scaler is not None:
+        run.scaler.step(run.optimizer)
+        run.scaler.update()
+    else:
+        run.optimizer.step()
+    run.lr_scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+
+
+def _set_train_mode(run: Run, training: bool) -> None:
+    # train() only where LoRA dropout lives; the frozen base stays in eval (no base dropout).
+    comps = run.components
+    comps.unet.train(training)
+    for te in comps.text_encoders:
+        te.train(training and run.trains_text_encoder)
+
+
+def _release(run: Run) -> None:
+    """Give the GPU memory back: the host gets its VRAM as it was before training."""
+    comps = run.components
+    for module in [comps.unet, comps.vae, *comps.text_encoders]:
+        module.to("cpu")
+    run.optimizer.state.clear()
+    if run.device.type == "cuda":
+        torch.cuda.empty_cache()

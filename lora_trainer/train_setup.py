@@ -1,0 +1,209 @@
+"""Everything a training run holds before its first step: data, model, LoRA, optimizer, caches.
+
+`prepare_run` turns a config into a `Run`; `train.py` only loops over it. Nothing here is
+global, so a multi-GPU wrapper can build one Run per process.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Tuple
+
+import torch
+
+from . import lora as lora_mod
+from .callbacks import Callbacks
+from .config import TrainConfig
+from .dataset import epoch_batches, scan_images
+from .errors import ConfigError, TrainingError
+from .latents import LatentCache, TextEmbeddingCache, vae_fingerprint
+from .state import LoadedState, Position, dataset_hash, load_state
+
+
+@dataclass
+class Run:
+    cfg: TrainConfig
+    components: Any
+    records: List[Any]
+    device: torch.device
+    autocast_dtype: Optional[torch.dtype]
+    unet_params: List[torch.nn.Parameter]
+    te_params: List[torch.nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: Any
+    scaler: Optional[Any]
+    generator: torch.Generator
+    py_rng: random.Random
+    latent_cache: Optional[LatentCache]
+    text_cache: Optional[TextEmbeddingCache]
+    data_hash: str
+    total_steps: int
+    batches_per_epoch: int
+    output_dir: Path
+    position: Position = field(default_factory=Position)
+    started_at: float = field(default_factory=time.time)
+    info: Dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def params(self) -> List[torch.nn.Parameter]:
+        return self.unet_params + self.te_params
+
+    @property
+    def trains_text_encoder(self) -> bool:
+        return bool(self.te_params)
+
+
+def pick_device(cfg: TrainConfig) -> torch.device:
+    if cfg.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(cfg.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device: {cfg.device} was asked for but no CUDA GPU is visible. Use device: auto.")
+    return device
+
+
+def pick_precision(cfg: TrainConfig, device: torch.device) -> Tuple[Optional[torch.dtype], torch.dtype]:
+    """(autocast dtype or None, dtype of the frozen base weights). LoRA weights stay fp32."""
+    mode = cfg.mixed_precision
+    if mode == "auto":
+        if device.type != "cuda":
+            return None, torch.float32  # CPU: fp32 whatever the checkpoint's dtype
+        mode = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if mode == "no":
+        return None, torch.float32
+    if mode == "fp16" and device.type != "cuda":
+        raise ConfigError("mixed_precision: fp16 needs a CUDA GPU; use auto or no on CPU.")
+    dtype = torch.float16 if mode == "fp16" else torch.bfloat16
+    return dtype, dtype
+
+
+def prepare_run(cfg: TrainConfig, callbacks: Callbacks, base_weights: Optional[Mapping[str, torch.Tensor]] = None,
+                base_name: Optional[str] = None, resume: Optional[str] = None, components: Any = None) -> Run:
+    from .model import load_components
+
+    torch.manual_seed(cfg.seed)
+    records, report = scan_images(cfg)
+    callbacks.on_status(report.summary())
+    data_hash = dataset_hash(records)
+    loaded: Optional[LoadedState] = load_state(Path(resume), cfg, data_hash) if resume else None
+
+    device = pick_device(cfg)
+    autocast_dtype, weight_dtype = pick_precision(cfg, device)
+    if components is None:
+        callbacks.on_status("loading the base model")
+        source = base_weights if base_weights is not None else cfg.base_model
+        if source is None or source == "":
+            raise ConfigError("base_model is empty: give the path of a .safetensors checkpoint or a diffusers folder.")
+        components = load_components(source, family=cfg.model_family, prediction_type=cfg.prediction_type,
+                                     allow_ckpt=cfg.allow_ckpt, name=base_name)
+
+    unet_params, te_params = _attach_lora(components, cfg, loaded)
+    if cfg.gradient_checkpointing:
+        components.unet.enable_gradient_checkpointing()
+        for te in components.text_encoders if te_params else []:
+            te.gradient_checkpointing_enable()
+    lora_mod.cast_base([components.unet, *components.text_encoders], weight_dtype)  # on CPU: no fp32 peak on GPU
+    for module in [components.unet, *components.text_encoders]:
+        module.to(device)
+    components.vae.to(device)
+    if next(components.vae.parameters()).dtype != torch.float32:
+        components.vae.to(dtype=torch.float32)  # fp16 VAEs overflow (SDXL); it only encodes
+
+    batches_per_epoch = len(epoch_batches(records, cfg, 0, cfg.seed))
+    steps_per_epoch = max(1, math.ceil(batches_per_epoch / cfg.gradient_accumulation_steps))
+    total_steps = cfg.max_train_steps or cfg.epochs * steps_per_epoch
+
+    optimizer = _optimizer(cfg, unet_params, te_params, device)
+    from diffusers.optimization import get_scheduler
+
+    lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps,
+                                 num_training_steps=total_steps)
+    scaler = torch.amp.GradScaler("cuda") if autocast_dtype == torch.float16 else None
+    generator = torch.Generator("cpu").manual_seed(cfg.seed)
+    py_rng = random.Random(cfg.seed)
+
+    output_dir = Path(cfg.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    latent_cache = None
+    if cfg.cache_latents:
+        latent_cache = LatentCache(output_dir / "cache" / "latents", vae_fingerprint(components.vae))
+    text_cache = None
+    if cfg.cache_text_embeddings and not te_params and not cfg.shuffle_caption:
+        from .model import encode_text
+
+        text_cache = TextEmbeddingCache(lambda captions: encode_text(components, captions))
+
+    run = Run(cfg, components, records, device, autocast_dtype, unet_params, te_params, optimizer, lr_scheduler,
+              scaler, generator, py_rng, latent_cache, text_cache, data_hash, total_steps, batches_per_epoch,
+              output_dir)
+    run.info.update(_run_info(cfg, records, batches_per_epoch, total_steps, autocast_dtype))
+    if loaded is not None:
+        _restore(run, loaded)
+        callbacks.on_status(f"resumed from {loaded.folder} at step {run.position.step}")
+    return run
+
+
+def _attach_lora(components: Any, cfg: TrainConfig, loaded: Optional[LoadedState]):
+    if loaded is not None:
+        return lora_mod.load_lora_into(components, loaded.lora, cfg.lora_dropout, trainable=True)
+    if cfg.init_lora:
+        from .export import read_lora, to_kohya
+
+        tensors, _ = read_lora(Path(cfg.init_lora))
+        kohya = to_kohya(tensors, components.family, len(components.text_encoders),
+                         unet_config=components.unet.config)
+        return lora_mod.load_lora_into(components, kohya, cfg.lora_dropout, trainable=True)
+    return lora_mod.add_lora_to_components(components, cfg)
+
+
+def _optimizer(cfg: TrainConfig, unet_params, te_params, device: torch.device) -> torch.optim.Optimizer:
+    groups = [{"params": unet_params, "lr": cfg.learning_rate}]
+    if te_params:
+        groups.append({"params": te_params, "lr": cfg.text_encoder_lr or cfg.learning_rate})
+    if cfg.optimizer == "adamw8bit":
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            raise ConfigError("optimizer: adamw8bit needs bitsandbytes, which is not installed. "
+                              "Use optimizer: adamw, or install bitsandbytes yourself.") from None
+        return bnb.optim.AdamW8bit(groups, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    fused = device.type == "cuda"
+    return torch.optim.AdamW(groups, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, fused=fused)
+
+
+def _restore(run: Run, loaded: LoadedState) -> None:
+    from .state import restore_rng
+
+    trainer = loaded.trainer
+    run.optimizer.load_state_dict(trainer["optimizer"])
+    run.lr_scheduler.load_state_dict(trainer["lr_scheduler"])
+    if run.scaler is not None and trainer.get("scaler"):
+        run.scaler.load_state_dict(trainer["scaler"])
+    restore_rng(trainer["rng"], run.generator, run.py_rng)
+    run.position = loaded.position
+    run.started_at = trainer.get("started_at", run.started_at)
+    if run.position.step > run.total_steps:
+        raise TrainingError(f"The state is at step {run.position.step}, past this run's {run.total_steps} steps: "
+                            "raise epochs or max_train_steps to train further.")
+
+
+def _run_info(cfg: TrainConfig, records, batches_per_epoch: int, total_steps: int, autocast_dtype) -> Dict[str, Any]:
+    """What the LoRA's metadata records about the data and the run."""
+    from collections import Counter
+
+    folder = Path(cfg.train_data_dir).name
+    tags: Counter = Counter()
+    for r in records:
+        tags.update(t.strip() for t in r.caption.split(",") if t.strip())
+    return {
+        "num_images": len(records) * cfg.repeats,
+        "batches_per_epoch": batches_per_epoch,
+        "max_train_steps": total_steps,
+        "dataset_dirs": {folder: {"n_repeats": cfg.repeats, "img_count": len(records)}},
+        "tag_frequency": {folder: dict(tags)},
+        "mixed_precision": {None: "no", torch.float16: "fp16", torch.bfloat16: "bf16"}[autocast_dtype],
+    }

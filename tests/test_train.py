@@ -1,0 +1,155 @@
+"""The training loop on tiny random models: it learns, touches only LoRA weights, saves, stops."""
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from lora_trainer.callbacks import Callbacks
+from lora_trainer.model import build_tiny_components, encode_text, unet_added_cond
+from lora_trainer.train import train
+
+
+class Recorder(Callbacks):
+    def __init__(self, stop_at=None):
+        self.losses, self.saved, self.samples, self.status = [], [], [], []
+        self.progress = []
+        self.stop_at = stop_at
+
+    def on_loss(self, step, loss, lr):
+        self.losses.append(loss)
+
+    def on_progress(self, step, total):
+        self.progress.append((step, total))
+
+    def on_saved(self, path, final):
+        self.saved.append((path, final))
+
+    def on_sample(self, step, path, image=None):
+        self.samples.append(path)
+
+    def on_status(self, message):
+        self.status.append(message)
+
+    def should_stop(self):
+        return self.stop_at is not None and len(self.losses) >= self.stop_at
+
+
+def fixed_loss(components, images, captions, sizes):
+    """Denoising loss at fixed noise and timesteps: comparable before and after training."""
+    from lora_trainer.latents import encode_pixels
+
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        latents = encode_pixels(components.vae, images)
+        hidden, pooled = encode_text(components, captions)
+        n = latents.shape[0]
+        added = unet_added_cond(components, pooled, *sizes)
+        total = 0.0
+        for t in (100, 400, 700):
+            noise = torch.randn(latents.shape, generator=g)
+            ts = torch.full((n,), t)
+            noisy = components.noise_scheduler.add_noise(latents, noise, ts)
+            pred = components.unet(noisy, ts, encoder_hidden_states=hidden, added_cond_kwargs=added).sample
+            total += torch.nn.functional.mse_loss(pred, noise).item()
+    return total / 3
+
+
+def demo_pixels(cfg):
+    from lora_trainer.dataset import prepare_image, scan_images
+
+    records, _ = scan_images(cfg)
+    prepared = [prepare_image(r, (64, 64)) for r in records[:2]]
+    sizes = ([p.original_size for p in prepared], [p.crop_top_left for p in prepared],
+             [p.target_size for p in prepared])
+    return torch.stack([p.pixels for p in prepared]), [r.caption for r in records[:2]], sizes
+
+
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+def test_overfitting_lowers_the_loss_and_only_lora_weights_change(family, make_cfg, tmp_path):
+    from lora_trainer.demo_data import make_demo_images
+
+    two_images = make_demo_images(tmp_path / "two", n=2)
+    cfg = make_cfg(train_data_dir=str(two_images), max_train_steps=40, learning_rate=1e-2, batch_size=2,
+                   target_modules=["q_proj", "k_proj", "v_proj", "out_proj", "ff"])
+    components = build_tiny_components(family, seed=1)
+    before = {k: v.clone() for k, v in components.unet.state_dict().items()}
+    images, captions, sizes = demo_pixels(cfg)
+    loss_before = fixed_loss(components, images, captions, sizes)
+
+    rec = Recorder()
+    result = train(cfg, rec, components=components)
+
+    assert result.lora_path.is_file() and not result.stopped and result.steps == 40
+    assert len(rec.losses) == 40 and rec.progress[-1] == (40, 40)
+    assert fixed_loss(components, images, captions, sizes) < 0.95 * loss_before  # fixed noise: no luck involved
+    after = components.unet.state_dict()
+    for key, value in before.items():
+        base_key = key  # peft renames wrapped weights to `<layer>.base_layer.weight`
+        if base_key not in after:
+            base_key = key.rsplit(".", 1)[0] + ".base_layer." + key.rsplit(".", 1)[1]
+        assert torch.equal(after[base_key], value), f"base weight changed: {key}"
+    assert any("lora_B" in k and after[k].abs().sum() > 0 for k in after)
+
+
+def test_should_stop_saves_a_resumable_state(make_cfg):
+    cfg = make_cfg(max_train_steps=10)
+    rec = Recorder(stop_at=3)
+    result = train(cfg, rec, components=build_tiny_components("sd1"))
+    assert result.stopped and result.steps == 3 and result.lora_path is None
+    assert (result.state_dir / "state.json").is_file()
+    assert json.loads((result.state_dir / "state.json").read_text())["step"] == 3
+
+
+def test_checkpoints_keep_last_n_and_the_final_lora_is_never_overwritten(make_cfg):
+    cfg = make_cfg(max_train_steps=6, save_steps=2, save_last_n=2)
+    out = cfg.output_dir
+    first = train(cfg, Recorder(), components=build_tiny_components("sd1"))
+    steps = sorted(p.name for p in first.lora_path.parent.glob("*-step*.safetensors"))
+    assert steps == ["lora-step00000004.safetensors", "lora-step00000006.safetensors"]
+    assert len(list((first.lora_path.parent / "state").glob("step-*"))) == 2
+    mtime = first.lora_path.stat().st_mtime_ns
+    second = train(cfg.replace(save_steps=0), Recorder(), components=build_tiny_components("sd1"))
+    assert second.lora_path.name == "lora-v2.safetensors"
+    assert first.lora_path.stat().st_mtime_ns == mtime
+    assert str(second.lora_path).startswith(out)
+
+
+def test_logs_are_real_tensorboard_events_and_json_lines(make_cfg):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from lora_trainer.callbacks import MultiCallbacks
+    from lora_trainer.monitor import log_callbacks
+
+    cfg = make_cfg(max_train_steps=4, sample_prompts=["demo_style, a square"], sample_strengths=[0.0, 1.0],
+                   sample_steps=2)
+    loggers = log_callbacks(cfg.output_dir)
+    rec = Recorder()
+    train(cfg, MultiCallbacks(rec, *loggers), components=build_tiny_components("sd1"))
+    for logger in loggers:
+        logger.close()
+    acc = EventAccumulator(str(rec.saved[-1][0].parent / "logs"))
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("loss")] == [1, 2, 3, 4]
+    assert "lr" in acc.Tags()["scalars"] and "samples" in acc.Tags()["images"]
+    lines = [json.loads(x) for x in (rec.saved[-1][0].parent / "logs" / "train.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines if x["event"] == "loss"] == [1, 2, 3, 4]
+    assert rec.samples and rec.samples[0].is_file()
+
+
+def test_saved_file_is_kohya_layout_with_metadata(make_cfg):
+    cfg = make_cfg(max_train_steps=2, trigger_word="demo_style", lora_rank=4, lora_alpha=8)
+    result = train(cfg, Recorder(), components=build_tiny_components("sd1"))
+    with safe_open(str(result.lora_path), "pt") as f:
+        meta = f.metadata()
+        keys = list(f.keys())
+        assert f.get_tensor(keys[0]).dtype == torch.float16
+    assert meta["ss_base_model_version"] == "sd_v1" and meta["ss_v2"] == "False"
+    assert meta["ss_output_name"] == "lora" and meta["ss_network_dim"] == "4" and meta["ss_network_alpha"] == "8.0"
+    assert meta["modelspec.architecture"] == "stable-diffusion-v1/lora"
+    assert meta["modelspec.trigger_phrase"] == "demo_style"
+    assert json.loads(meta["lora_trainer.config"])["lora_rank"] == 4
+    assert json.loads(meta["ss_tag_frequency"])["data"]
+    assert meta["ss_steps"] == "2" and len(meta["sshs_model_hash"]) == 64
+    assert all(k.startswith("lora_unet_") for k in keys)
