@@ -53,18 +53,20 @@ TEXT_TARGETS: Dict[str, Tuple[str, ...]] = {
 }
 
 
-def resolve_targets(model: nn.Module, names: Iterable[str], table: Dict[str, Tuple[str, ...]]) -> List[str]:
+def resolve_targets(model: nn.Module, names: Iterable[str], table: Dict[str, Tuple[str, ...]],
+                    strict: bool = True) -> List[str]:
     """Full module names of `model` matched by the user's target names.
 
     A name that is not in the table is taken as a module-name suffix (e.g. `attn2.to_k`), so
-    diffusers users can be precise. A name that matches nothing is a ConfigError.
+    diffusers users can be precise. A name that matches nothing is a ConfigError when `strict`
+    (the UNet); the text encoders skip UNet-only names such as `proj` or `conv`.
     """
     modules = {n: m for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
     chosen: List[str] = []
     for user_name in names:
         suffixes = table.get(user_name, (user_name,))
         hits = [n for n in modules if any(n == s or n.endswith("." + s) for s in suffixes)]
-        if not hits and user_name in table:
+        if not hits and (user_name in table or not strict):
             continue  # e.g. `ff` on a text-encoder list: a valid name that this model lacks
         if not hits:
             valid = ", ".join(sorted(table))
@@ -151,7 +153,7 @@ def add_lora_to_components(components, cfg) -> Tuple[List[nn.Parameter], List[nn
     for te in components.text_encoders:
         te.requires_grad_(False)
         if cfg.train_text_encoder:
-            targets = resolve_targets(te, cfg.target_modules, TEXT_TARGETS)
+            targets = resolve_targets(te, cfg.target_modules, TEXT_TARGETS, strict=False)
             if not targets:
                 targets = resolve_targets(te, ["attn"], TEXT_TARGETS)
             te_params += add_lora(te, targets, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout)
