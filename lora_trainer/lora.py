@@ -8,7 +8,7 @@ modules; nothing is patched process-wide.
 
 from __future__ import annotations
 
-from typing import Dict, Iterable, List, Optional, Tuple
+from typing import Dict, Iterable, List, Tuple
 
 import torch
 from torch import nn

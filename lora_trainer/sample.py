@@ -1,8 +1,10 @@
 """Strength grids: the same prompt and seed at several LoRA strengths, labelled, in one PNG.
 
-During training the grid is rendered from the very modules being trained (a diffusers pipeline
-object only wraps them: nothing is loaded twice). Strength 0 is the base model, so the grid
-shows what the LoRA changes.
+During training the grid is rendered from the very modules being trained: nothing is loaded
+twice. The sampler is a plain Euler loop with classifier-free guidance over the model's own
+components rather than a diffusers pipeline, because the pipelines do not import beside the
+transformers that A1111 1.10 pins. Strength 0 is the base model, so the grid shows what the LoRA
+changes.
 """
 
 from __future__ import annotations
@@ -17,26 +19,39 @@ from .files import atomic_write_with
 from .lora import set_lora_scale
 
 
-def pipeline_for(components: Any) -> Any:
-    """A diffusers text-to-image pipeline around `components` (no weights are copied)."""
-    from diffusers import EulerDiscreteScheduler
-
-    scheduler = EulerDiscreteScheduler.from_config(components.noise_scheduler.config)
-    if components.family == "sdxl":
-        from diffusers import StableDiffusionXLPipeline
-
-        te1, te2 = components.text_encoders
-        tok1, tok2 = components.tokenizers
-        return StableDiffusionXLPipeline(vae=components.vae, text_encoder=te1, text_encoder_2=te2, tokenizer=tok1,
-                                         tokenizer_2=tok2, unet=components.unet, scheduler=scheduler)
-    from diffusers import StableDiffusionPipeline
-
-    return StableDiffusionPipeline(vae=components.vae, text_encoder=components.text_encoders[0],
-                                   tokenizer=components.tokenizers[0], unet=components.unet, scheduler=scheduler,
-                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-
-
 @torch.no_grad()
+def generate(components: Any, prompt: str, negative_prompt: str = "", steps: int = 20, guidance_scale: float = 7.0,
+             size: int = 512, seed: int = 1, device: Any = "cpu") -> Any:
+    """One image as a PIL image: Euler sampling with classifier-free guidance."""
+    from diffusers import EulerDiscreteScheduler
+    from PIL import Image
+
+    from .model import encode_text, unet_added_cond
+
+    device = torch.device(device)
+    scheduler = EulerDiscreteScheduler.from_config(components.noise_scheduler.config)
+    scheduler.set_timesteps(steps, device=device)
+    hidden, pooled = encode_text(components, [negative_prompt, prompt])
+    hidden = hidden.to(device)
+    pooled = None if pooled is None else pooled.to(device)
+    added = unet_added_cond(components, pooled, [(size, size)] * 2, [(0, 0)] * 2, [(size, size)] * 2)
+    vae = components.vae
+    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    channels = components.unet.config.in_channels
+    generator = torch.Generator("cpu").manual_seed(seed)
+    latents = torch.randn((1, channels, size // factor, size // factor), generator=generator).to(device)
+    latents = latents * scheduler.init_noise_sigma
+    for t in scheduler.timesteps:
+        model_in = scheduler.scale_model_input(torch.cat([latents] * 2), t)
+        uncond, cond = components.unet(model_in, t, encoder_hidden_states=hidden, added_cond_kwargs=added).sample.chunk(2)
+        latents = scheduler.step(uncond + guidance_scale * (cond - uncond), t, latents).prev_sample
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    param = next(vae.parameters())
+    image = vae.decode((latents / vae.config.scaling_factor + shift).to(param.device, param.dtype)).sample
+    array = ((image[0].float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
+    return Image.fromarray(array)
+
+
 def render_images(components: Any, prompts: Sequence[str], strengths: Sequence[float], seed: int = 1,
                   steps: int = 20, device: Any = None, size: Optional[int] = None, negative_prompt: str = "",
                   guidance_scale: float = 7.0) -> List[List[Any]]:
@@ -44,9 +59,8 @@ def render_images(components: Any, prompts: Sequence[str], strengths: Sequence[f
     device = torch.device(device) if device is not None else next(components.unet.parameters()).device
     modules = [components.unet, components.vae, *components.text_encoders]
     places = [(m, next(m.parameters()).device, m.training) for m in modules]
-    pipe = pipeline_for(components)
-    pipe.set_progress_bar_config(disable=True)
-    size = size or components.unet.config.sample_size * pipe.vae_scale_factor
+    factor = 2 ** (len(components.vae.config.block_out_channels) - 1)
+    size = size or components.unet.config.sample_size * factor
     dtype = next(components.unet.parameters()).dtype
     for m in modules:
         m.to(device).eval()
@@ -60,11 +74,8 @@ def render_images(components: Any, prompts: Sequence[str], strengths: Sequence[f
                 row = []
                 for strength in strengths:
                     set_lora_scale(modules, strength)
-                    generator = torch.Generator("cpu").manual_seed(seed)
-                    out = pipe(prompt, negative_prompt=negative_prompt or None, num_inference_steps=steps,
-                               guidance_scale=guidance_scale, height=size, width=size, generator=generator,
-                               output_type="pil")
-                    row.append(out.images[0])
+                    row.append(generate(components, prompt, negative_prompt, steps, guidance_scale, size, seed,
+                                        device))
                 rows.append(row)
     finally:
         set_lora_scale(modules, 1.0)

@@ -28,7 +28,8 @@ STATE_FILE = "state.json"
 RESUMABLE_CHANGES = {
     "epochs", "max_train_steps", "save_steps", "save_last_n", "save_precision", "sample_prompts",
     "sample_every_steps", "sample_strengths", "sample_steps", "output_dir", "output_name", "device",
-    "base_model", "init_lora", "train_data_dir", "metadata_path",
+    "base_model", "init_lora", "train_data_dir", "metadata_path", "gradient_checkpointing", "cache_latents",
+    "cache_text_embeddings", "allow_ckpt",
 }
 
 

@@ -49,7 +49,13 @@ def train(cfg: TrainConfig, callbacks: Optional[Callbacks] = None, host: Optiona
     try:
         run = prepare_run(cfg, cb, base_weights, base_name, resume, components)
         checkpointer = Checkpointer(run, cb, host)
-        losses, stopped = _loop(run, cb, checkpointer)
+        try:
+            losses, stopped = _loop(run, cb, checkpointer)
+        except torch.cuda.OutOfMemoryError:
+            raise TrainingError(
+                f"Out of GPU memory at step {run.position.step}. Set gradient_checkpointing: true and "
+                f"--resume {cfg.output_dir} to continue from the last checkpoint, or start a new run with a "
+                "smaller batch_size (plus gradient_accumulation_steps) or resolution.") from None
         if stopped:
             state = checkpointer.save_checkpoint(final=False)
             cb.on_status(f"stopped at step {run.position.step}; resume with --resume {cfg.output_dir}")

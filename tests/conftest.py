@@ -102,3 +102,15 @@ def make_cfg(demo_folder, tmp_path):
         return TrainConfig(**values)
 
     return make
+
+
+def pytest_collection_modifyitems(config, items):
+    """`@pytest.mark.gpu` tests run on a CUDA machine and skip cleanly everywhere else."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

@@ -71,3 +71,9 @@ def test_every_field_has_help_and_group():
     for name, meta in info.items():
         assert meta["help"], name
         assert meta["group"] in {"data", "model", "lora", "training", "output"}, name
+
+
+def test_readme_documents_every_config_key():
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    missing = [name for name in field_help() if f"| `{name}` |" not in readme]
+    assert not missing, f"add these keys to the README's config table: {missing}"

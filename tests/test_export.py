@@ -29,6 +29,19 @@ def trained_like(family, **cfg):
     return components
 
 
+def pipeline_for(components):
+    """diffusers' own pipeline around the components: its load_lora_weights is the reference loader."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    common = dict(vae=components.vae, unet=components.unet, scheduler=EulerDiscreteScheduler())
+    if components.family == "sdxl":
+        return StableDiffusionXLPipeline(text_encoder=components.text_encoders[0], tokenizer=components.tokenizers[0],
+                                         text_encoder_2=components.text_encoders[1],
+                                         tokenizer_2=components.tokenizers[1], **common)
+    return StableDiffusionPipeline(text_encoder=components.text_encoders[0], tokenizer=components.tokenizers[0],
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False, **common)
+
+
 def unet_output(components):
     g = torch.Generator().manual_seed(1)
     sample = torch.randn(1, 4, 8, 8, generator=g)
@@ -66,8 +79,6 @@ def test_diffusers_own_kohya_loader_gives_the_same_unet_output(family, tmp_path)
 
     if not USE_PEFT_BACKEND:  # transformers 4.30 (A1111's pin) is too old for diffusers' peft loader
         pytest.skip("diffusers' load_lora_weights needs its peft backend (transformers >= 4.34)")
-    from lora_trainer.sample import pipeline_for
-
     trained = trained_like(family, target_modules=["q_proj", "k_proj", "v_proj", "out_proj", "ff", "proj"])
     path = save_lora(tmp_path / "x.safetensors", lora_state_dict(trained, torch.float32), {"ss_network_dim": "4"})
     pipe = pipeline_for(build_tiny_components(family, seed=3))

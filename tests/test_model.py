@@ -6,6 +6,7 @@ a table-driven converter independent of the loader's (diffusers') conversion.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import subprocess
 import sys
@@ -104,6 +105,14 @@ def test_fp16_file_loads_as_float32(tiny_sdxl, tmp_path):
     assert_same_outputs(outputs(tiny_sdxl), outputs(loaded), atol=5e-2)
 
 
+def test_deepcopy_and_to(tiny_sdxl):
+    """What the fixture docs tell other tests to do: deepcopy, then change the copy."""
+    copied = copy.deepcopy(tiny_sdxl).to("cpu", torch.float16)
+    assert {p.dtype for m in copied.models() for p in m.parameters()} == {torch.float16}
+    assert {p.dtype for m in tiny_sdxl.models() for p in m.parameters()} == {torch.float32}
+    assert copied.tokenizers[1]("a cat").input_ids == tiny_sdxl.tokenizers[1]("a cat").input_ids
+
+
 def test_dtype_argument(tiny_sd1_file):
     loaded = load_components(tiny_sd1_file, dtype=torch.bfloat16)
     assert {p.dtype for m in loaded.models() for p in m.parameters()} == {torch.bfloat16}
@@ -149,8 +158,9 @@ def test_prediction_type_sources(tiny_sd1, tiny_sd2, tmp_path):
     v_file = save_ldm_file(tiny_sd1, tmp_path / "v.safetensors", extra={"v_pred": torch.tensor([])})
     loaded = load_components(v_file)
     assert loaded.prediction_type == loaded.noise_scheduler.config.prediction_type == "v_prediction"
-    loaded = load_components({**components_to_ldm(tiny_sd1), "v_pred": torch.tensor([])}, prediction_type="epsilon")
-    assert loaded.prediction_type == "epsilon"
+    markers = {"v_pred": torch.tensor([]), "ztsnr": torch.tensor([])}  # NoobAI-style v-pred + zero terminal SNR
+    loaded = load_components({**components_to_ldm(tiny_sd1), **markers}, prediction_type="epsilon")
+    assert loaded.prediction_type == "epsilon" and loaded.noise_scheduler.config.rescale_betas_zero_snr
     probed = load_components(components_to_ldm(tiny_sd2))  # SD2 without a marker: A1111's probe decides
     assert probed.prediction_type in ("epsilon", "v_prediction")
     with pytest.raises(ModelError, match="prediction_type"):

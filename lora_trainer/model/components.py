@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -32,7 +32,6 @@ class Components:
     model_hash: str
     source: str
     variant: str = "base"  # which shipped architecture ("tiny" for test models); "diffusers" for folders
-    extra: dict = field(default_factory=dict)  # free room for front ends; the core never reads it
 
     @property
     def is_sdxl(self) -> bool:
@@ -44,8 +43,12 @@ class Components:
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Components:
         """Move (and optionally cast) every model in place; returns self for chaining."""
+        import torch
+
+        kwargs = {k: v for k, v in (("device", device), ("dtype", dtype)) if v is not None}
         for model in self.models():
-            model.to(device=device, dtype=dtype)
+            if kwargs:  # torch's own .to(): diffusers' override warns on every dtype change
+                torch.nn.Module.to(model, **kwargs)
         return self
 
     def requires_grad_(self, flag: bool = False) -> Components:

@@ -31,7 +31,10 @@ def normalize_keys(sd: Mapping[str, T]) -> dict[str, T]:
 def detect_family(keys: Iterable[str]) -> str:
     """"sd1", "sd2" or "sdxl" from the keys of an original-layout checkpoint; ModelError otherwise."""
     keys = [k.replace(".wrapped.", ".", 1) for k in keys]
-    has = lambda prefix: any(k.startswith(prefix) for k in keys)
+
+    def has(prefix: str) -> bool:
+        return any(k.startswith(prefix) for k in keys)
+
     if has("conditioner.embedders.1.model."):
         return "sdxl"
     if has("conditioner.embedders.0.model.") and not has("conditioner.embedders.1."):

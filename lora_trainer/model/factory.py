@@ -120,9 +120,11 @@ def load_weights(model, state_dict: Mapping[str, torch.Tensor], what: str, dtype
 
 
 def cast(model, dtype: torch.dtype):
-    """`model.to(dtype)` only where something differs (diffusers warns on every cast it is asked for)."""
+    """`model.to(dtype)` where something differs, with torch's own .to() (diffusers' warns on every cast)."""
     import itertools
 
+    import torch
+
     if any(t.is_floating_point() and t.dtype != dtype for t in itertools.chain(model.parameters(), model.buffers())):
-        model.to(dtype=dtype)
+        torch.nn.Module.to(model, dtype=dtype)
     return model

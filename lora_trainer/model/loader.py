@@ -64,20 +64,24 @@ def load_components(base_model: BaseModel, family: str = "auto", prediction_type
         if not is_diffusers_folder(path):
             raise ModelError(f"{path} is a folder but not a diffusers model (no model_index.json). {WHERE_TO_PUT}")
         return _from_folder(path, family, prediction_type, name or path.name, dtype)
-    sd = read_checkpoint(path, allow_ckpt)
-    return _from_state_dict(sd, family, prediction_type, name or path.stem, str(path), path, dtype, copy=False)
+    return _from_state_dict(read_checkpoint(path, allow_ckpt), family, prediction_type, name or path.stem,
+                            str(path), path, dtype, copy=False)
 
 
 def _from_state_dict(sd: Mapping, family: str, prediction_type: str, name: str, source: str,
                      path: Path | None, dtype: torch.dtype, copy: bool) -> Components:
+    """copy=False: `sd` is ours (read from a file) and is consumed; copy=True: a host's, left untouched."""
     sd = normalize_keys(sd)
     if family == "auto":
         family = detect_family(sd.keys())
+    markers = {k for k in ("v_pred", "ztsnr") if k in sd}
+    model_hash = file_sha256(path) if path is not None else state_dict_fingerprint([sd])
     models = models_from_ldm(sd, family, dtype, copy)
     if prediction_type == "auto":
-        prediction_type = guess_from_checkpoint(sd.keys(), family, models["unet"])
+        prediction_type = guess_from_checkpoint(markers, family, models["unet"])
     configs = models["configs"]
-    model_hash = file_sha256(path) if path is not None else state_dict_fingerprint([sd])
+    if "ztsnr" in markers:  # trained with zero terminal SNR (e.g. NoobAI v-pred): train the same way
+        configs["scheduler"]["rescale_betas_zero_snr"] = True
     return Components(
         family=family, unet=models["unet"], vae=models["vae"], text_encoders=models["text_encoders"],
         tokenizers=[load_clip_tokenizer(pad) for pad in PAD_TOKENS[family]],

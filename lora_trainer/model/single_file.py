@@ -85,29 +85,46 @@ def select_variant(family: str, sd: Mapping[str, torch.Tensor]) -> str:
     )
 
 
-def models_from_ldm(sd: Mapping[str, torch.Tensor], family: str, dtype: torch.dtype, copy: bool) -> dict:
-    """{"unet", "vae", "text_encoders", "configs", "variant"} built from an original-layout state dict."""
+def _part(sd: dict, prefix: str, take: bool) -> dict:
+    """The entries under `prefix`; removed from `sd` when we own it, so each part's source is freed once loaded."""
+    keys = [k for k in sd if k.startswith(prefix)]
+    return {k: (sd.pop(k) if take else sd[k]) for k in keys}
+
+
+def models_from_ldm(sd: dict[str, torch.Tensor], family: str, dtype: torch.dtype, copy: bool) -> dict:
+    """{"unet", "vae", "text_encoders", "configs", "variant"} built from an original-layout state dict.
+
+    copy=False means the caller hands `sd` over: its entries are consumed part by part (an SDXL
+    file in fp16 is 7 GB; its float32 models another 14). copy=True leaves `sd` and its tensors alone.
+    """
     from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
 
     variant = select_variant(family, sd)
     configs = load_configs(family, variant)
-    unet_sd = {k: v for k, v in sd.items() if k.startswith(UNET_PREFIX)}
+    if not copy:  # drop what is never used (EMA copies, schedule buffers) before memory fills up
+        used = (UNET_PREFIX, VAE_PREFIX, *(prefix for prefix, _ in TEXT_ENCODERS[family]))
+        for key in [k for k in sd if not k.startswith(used)]:
+            del sd[key]
     unet = factory.build_unet(configs["unet"], empty=True)
-    factory.load_weights(unet, convert_ldm_unet_checkpoint(unet_sd, configs["unet"]), "UNet", dtype, copy)
+    converted = convert_ldm_unet_checkpoint(_part(sd, UNET_PREFIX, not copy), configs["unet"])
+    factory.load_weights(unet, converted, "UNet", dtype, copy)
+    del converted
 
-    vae_sd = {k: v for k, v in sd.items() if k.startswith(VAE_PREFIX)}
+    vae_sd = _part(sd, VAE_PREFIX, not copy)
     if not vae_sd:
         raise ModelError("The checkpoint has no VAE weights (first_stage_model.*): give a full checkpoint.")
     vae = factory.build_vae(configs["vae"], empty=True)
     factory.load_weights(vae, convert_ldm_vae_checkpoint(vae_sd, configs["vae"]), "VAE", dtype, copy)
+    del vae_sd
 
     encoders = []
     for part, (prefix, layout) in zip(text_encoder_parts(family), TEXT_ENCODERS[family]):
         config = configs[part]
+        source = _part(sd, prefix, not copy)
         if layout == "clip_l":
-            hf_sd = clip_l_from_ldm(sd, prefix)
+            hf_sd = clip_l_from_ldm(source, prefix)
         else:
-            hf_sd = open_clip_from_ldm(sd, prefix, config["num_hidden_layers"],
+            hf_sd = open_clip_from_ldm(source, prefix, config["num_hidden_layers"],
                                        factory.text_encoder_has_projection(config))
         model = factory.build_text_encoder(config, empty=True)
         hf_sd = match_model_layout(hf_sd, model.state_dict().keys())

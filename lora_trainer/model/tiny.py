@@ -20,11 +20,16 @@ def build_tiny_components(family: str = "sd1", seed: int = 0) -> Components:
 
     The global torch RNG is left as it was.
     """
+    return build_random_components(family, "tiny", seed)
+
+
+def build_random_components(family: str = "sd1", variant: str = "tiny", seed: int = 0) -> Components:
+    """Random weights in a shipped architecture: `tiny` for tests, `base` (real size) for benchmarks."""
     import torch
 
     if family not in FAMILIES:
         raise ValueError(f"family must be one of {', '.join(FAMILIES)}, not {family!r}")
-    configs = load_configs(family, "tiny")
+    configs = load_configs(family, variant)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         unet = build_unet(configs["unet"])
@@ -35,6 +40,6 @@ def build_tiny_components(family: str = "sd1", seed: int = 0) -> Components:
         family=family, unet=models[0], vae=models[1], text_encoders=models[2:],
         tokenizers=[load_clip_tokenizer(pad) for pad in PAD_TOKENS[family]],
         noise_scheduler=build_scheduler(configs["scheduler"], "epsilon"), prediction_type="epsilon",
-        name=f"tiny-{family}", model_hash=state_dict_fingerprint(m.state_dict() for m in models),
-        source="<in-memory>", variant="tiny",
+        name=f"{variant}-{family}", model_hash=state_dict_fingerprint(m.state_dict() for m in models),
+        source="<in-memory>", variant=variant,
     )

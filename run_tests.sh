@@ -1,0 +1,103 @@
+#!/usr/bin/env bash
+# The test command, for developers and CI alike:
+#
+#   ./run_tests.sh [pytest args...]
+#
+# 1. sets up .venv and the host overlays (.ci/setup.sh; quick when nothing changed),
+# 2. ruff check .,
+# 3. the test suite on each stack, each run with LORA_TRAINER_STACK set to its name:
+#      newest  .venv as it is (newest diffusers / peft / transformers 5)
+#      a1111   .ci/envs/a1111 ahead of .venv on PYTHONPATH (AUTOMATIC1111 1.10's set)
+#      forge   .ci/envs/forge ahead of .venv on PYTHONPATH (Forge's set)
+#
+# Arguments go to every pytest run. STACKS="newest forge" picks stacks; SKIP_RUFF=1
+# skips lint. Every stage runs even after a failure; the exit status is 1 if any
+# stage failed, and a pytest run that collects no test (exit 5) counts as failed.
+set -uo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+cd "$ROOT"
+
+STACKS="${STACKS:-newest a1111 forge}"
+PY="$ROOT/.venv/bin/python"
+T_START=$SECONDS
+declare -a SUMMARY=()
+FAILED=0
+LOGS="$(mktemp -d)"
+trap 'rm -rf "$LOGS"' EXIT
+
+# No network at run time: nothing may reach a model hub.
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1
+export DO_NOT_TRACK=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
+
+stage_done() {  # name, status, start-seconds
+    local line
+    line="$(printf '%-16s %-8s %4ds' "$1" "$2" $((SECONDS - $3)))"
+    SUMMARY+=("$line")
+    echo "==> $line"
+    [[ "$2" == ok ]] || FAILED=1
+}
+
+# --- setup -------------------------------------------------------------------
+t=$SECONDS
+overlays=()
+for s in $STACKS; do [[ "$s" != newest ]] && overlays+=("$s"); done
+if bash .ci/setup.sh venv "${overlays[@]}"; then
+    stage_done setup ok "$t"
+else
+    stage_done setup FAIL "$t"
+    printf '%s\n' "${SUMMARY[@]}"
+    exit 1
+fi
+
+# --- lint --------------------------------------------------------------------
+if [[ "${SKIP_RUFF:-0}" != 1 ]]; then
+    t=$SECONDS
+    echo "==> ruff check ."
+    if "$PY" -m ruff check .; then stage_done ruff ok "$t"; else stage_done ruff FAIL "$t"; fi
+fi
+
+# --- tests, once per stack -------------------------------------------------------
+for stack in $STACKS; do
+    t=$SECONDS
+    case "$stack" in
+        newest) pypath="${PYTHONPATH:-}" ;;
+        a1111 | forge) pypath="$ROOT/.ci/envs/$stack${PYTHONPATH:+:$PYTHONPATH}" ;;
+        *) echo "unknown stack '$stack' (newest, a1111, forge)" >&2; stage_done "pytest[$stack]" FAIL "$t"; continue ;;
+    esac
+    echo "==> stack $stack"
+    if ! env PYTHONPATH="$pypath" LORA_TRAINER_STACK="$stack" \
+        "$PY" -W ignore::FutureWarning -W ignore::UserWarning .ci/check_stack.py "$stack"; then
+        stage_done "pytest[$stack]" FAIL "$t"
+        continue
+    fi
+    env PYTHONPATH="$pypath" LORA_TRAINER_STACK="$stack" "$PY" -m pytest -q "$@" 2>&1 | tee "$LOGS/$stack.log"
+    rc=${PIPESTATUS[0]}
+    if [[ $rc -eq 0 ]]; then
+        stage_done "pytest[$stack]" ok "$t"
+    else
+        [[ $rc -eq 5 ]] && echo "pytest collected no test on stack $stack: that is a failure here" >&2
+        stage_done "pytest[$stack]" "FAIL($rc)" "$t"
+    fi
+done
+
+echo
+echo "==> summary (total $((SECONDS - T_START))s)"
+printf '    %s\n' "${SUMMARY[@]}"
+# One closing line over all stacks, from each pytest run's own closing line.
+"$PY" - "$LOGS"/*.log <<'PYEOF' || true
+import re, sys
+total = {"passed": 0, "failed": 0, "skipped": 0}
+for path in sys.argv[1:]:
+    if not path.endswith(".log"):
+        continue
+    last = ""
+    for line in open(path, encoding="utf-8", errors="replace"):
+        if re.search(r"\d+ (passed|failed|skipped|errors?|xfailed|xpassed|deselected)\b.* in [\d.]+s", line):
+            last = line
+    for n, word in re.findall(r"(\d+) (passed|failed|skipped|errors?|xfailed|xpassed)\b", last):
+        key = {"error": "failed", "errors": "failed", "xfailed": "skipped", "xpassed": "passed"}.get(word, word)
+        total[key] += int(n)
+print(f"total: {total['passed']} passed, {total['failed']} failed, {total['skipped']} skipped")
+PYEOF
+exit "$FAILED"

@@ -1,0 +1,33 @@
+"""GPU-only checks (skipped without CUDA): mixed precision keeps LoRA in fp32 and VRAM is given back."""
+
+import pytest
+import torch
+
+from lora_trainer.model import build_tiny_components
+from lora_trainer.train import train
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_trains_with_fp32_lora_and_frees_vram(precision, make_cfg):
+    from lora_trainer.lora import lora_parameters
+
+    before = torch.cuda.memory_allocated()
+    components = build_tiny_components("sd1", seed=0)
+    cfg = make_cfg(max_train_steps=6, device="cuda", mixed_precision=precision, gradient_checkpointing=True)
+    result = train(cfg, components=components)
+    assert result.lora_path.is_file() and all(torch.isfinite(torch.tensor(x)) for x in result.losses)
+    assert all(p.dtype == torch.float32 for p in lora_parameters(components.unet))
+    half = torch.bfloat16 if precision == "bf16" else torch.float16
+    assert components.unet.conv_in.weight.dtype == half
+    assert next(components.unet.parameters()).device.type == "cpu"  # handed back
+    assert torch.cuda.memory_allocated() <= before + 1024 * 1024
+
+
+def test_cuda_uses_fused_adamw(make_cfg):
+    from lora_trainer.callbacks import Callbacks
+    from lora_trainer.train_setup import prepare_run
+
+    run = prepare_run(make_cfg(device="cuda"), Callbacks(), components=build_tiny_components("sd1"))
+    assert run.optimizer.defaults.get("fused") is True
