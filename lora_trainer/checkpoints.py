@@ -64,6 +64,10 @@ class Checkpointer:
         if cfg.save_steps:  # the end of the run is resumable too (extend epochs later)
             self.save_checkpoint(final=False)
         path = self._write(Path(run.output_dir) / f"{cfg.name}.safetensors", overwrite=False)
+        host_dir = self.host.lora_dir()
+        if host_dir is not None:  # publish into the host's LoRA folder under the same rule: no overwrite
+            path = self._write(Path(host_dir) / path.name, overwrite=False)
+            self.host.refresh_loras()
         self.cb.on_saved(path, True)
         self.cb.on_status(f"saved {path}")
         if cfg.sample_prompts:

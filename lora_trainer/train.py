@@ -23,7 +23,7 @@ from .config import TrainConfig
 from .dataset import epoch_batches, plan_crop, prepare_image, process_caption
 from .errors import TrainingError
 from .latents import encode_pixels
-from .train_setup import Run, prepare_run
+from .train_setup import Run, check_inputs, prepare_run
 
 
 @dataclass
@@ -44,10 +44,11 @@ def train(cfg: TrainConfig, callbacks: Optional[Callbacks] = None, host: Optiona
 
     cb = callbacks or Callbacks()
     host = host or HostInterface()
+    inputs = check_inputs(cfg, cb, resume)  # bad images or a foreign resume folder: the host keeps its GPU
     host.free_gpu()
     run = None
     try:
-        run = prepare_run(cfg, cb, base_weights, base_name, resume, components)
+        run = prepare_run(cfg, cb, base_weights, base_name, resume, components, inputs)
         checkpointer = Checkpointer(run, cb, host)
         try:
             losses, stopped = _loop(run, cb, checkpointer)
@@ -82,7 +83,7 @@ def _loop(run: Run, cb: Callbacks, checkpointer: Any) -> "tuple[List[float], boo
     while pos.step < run.total_steps:
         batches = epoch_batches(run.records, cfg, pos.epoch, cfg.seed)
         while pos.batch < len(batches) and pos.step < run.total_steps:
-            if cb.should_stop():
+            if micro == 0 and cb.should_stop():  # only between optimizer steps: the state stays exact
                 return losses, True
             loss = _micro_step(run, batches[pos.batch], pos.epoch, pos.batch) / accum
             _backward(run, loss)
@@ -90,11 +91,12 @@ def _loop(run: Run, cb: Callbacks, checkpointer: Any) -> "tuple[List[float], boo
             micro += 1
             pos.batch += 1
             if micro == accum or pos.batch == len(batches):
+                if not math.isfinite(step_loss):  # before the update: the weights and checkpoints stay clean
+                    raise TrainingError(f"The loss became {step_loss} at step {pos.step + 1}. Lower learning_rate "
+                                        "or use mixed_precision: bf16 / no instead of fp16, and start again "
+                                        "(init_lora: <the last checkpoint> keeps what was learned).")
                 _optimizer_step(run)
                 pos.step += 1
-                if not math.isfinite(step_loss):
-                    raise TrainingError(f"The loss became {step_loss} at step {pos.step}. Lower learning_rate, "
-                                        "or use mixed_precision: bf16 / no instead of fp16.")
                 losses.append(step_loss)
                 cb.on_loss(pos.step, step_loss, run.lr_scheduler.get_last_lr()[0])
                 cb.on_progress(pos.step, run.total_steps)

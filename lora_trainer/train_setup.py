@@ -81,15 +81,30 @@ def pick_precision(cfg: TrainConfig, device: torch.device) -> Tuple[Optional[tor
     return dtype, dtype
 
 
-def prepare_run(cfg: TrainConfig, callbacks: Callbacks, base_weights: Optional[Mapping[str, torch.Tensor]] = None,
-                base_name: Optional[str] = None, resume: Optional[str] = None, components: Any = None) -> Run:
-    from .model import load_components
+@dataclass
+class Inputs:
+    """What is checked before the host gives up its GPU: the images and the resume state."""
+    records: List[Any]
+    data_hash: str
+    loaded: Optional[LoadedState]
 
-    torch.manual_seed(cfg.seed)
+
+def check_inputs(cfg: TrainConfig, callbacks: Callbacks, resume: Optional[str] = None) -> Inputs:
     records, report = scan_images(cfg)
     callbacks.on_status(report.summary())
     data_hash = dataset_hash(records)
-    loaded: Optional[LoadedState] = load_state(Path(resume), cfg, data_hash) if resume else None
+    loaded = load_state(Path(resume), cfg, data_hash) if resume else None
+    return Inputs(records, data_hash, loaded)
+
+
+def prepare_run(cfg: TrainConfig, callbacks: Callbacks, base_weights: Optional[Mapping[str, torch.Tensor]] = None,
+                base_name: Optional[str] = None, resume: Optional[str] = None, components: Any = None,
+                inputs: Optional[Inputs] = None) -> Run:
+    from .model import load_components
+
+    inputs = inputs or check_inputs(cfg, callbacks, resume)
+    records, data_hash, loaded = inputs.records, inputs.data_hash, inputs.loaded
+    torch.manual_seed(cfg.seed)
 
     device = pick_device(cfg)
     autocast_dtype, weight_dtype = pick_precision(cfg, device)

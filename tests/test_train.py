@@ -153,3 +153,70 @@ def test_saved_file_is_kohya_layout_with_metadata(make_cfg):
     assert json.loads(meta["ss_tag_frequency"])["data"]
     assert meta["ss_steps"] == "2" and len(meta["sshs_model_hash"]) == 64
     assert all(k.startswith("lora_unet_") for k in keys)
+
+
+def test_host_interface_gets_the_lora_and_its_gpu_back(make_cfg, tmp_path):
+    from lora_trainer.callbacks import HostInterface
+
+    calls = []
+
+    class Host(HostInterface):
+        def lora_dir(self):
+            return tmp_path / "host_loras"
+
+        def free_gpu(self):
+            calls.append("free")
+
+        def restore_gpu(self):
+            calls.append("restore")
+
+        def refresh_loras(self):
+            calls.append(("refresh", sorted(p.name for p in (tmp_path / "host_loras").iterdir())))
+
+    result = train(make_cfg(max_train_steps=2), host=Host(), components=build_tiny_components("sd1"))
+    assert result.lora_path == tmp_path / "host_loras" / "lora.safetensors"
+    assert calls == ["free", ("refresh", ["lora.safetensors"]), "restore"]
+
+
+def test_host_keeps_its_gpu_on_bad_input_and_gets_it_back_on_failure(make_cfg, tmp_path):
+    from lora_trainer.callbacks import HostInterface
+    from lora_trainer.errors import DatasetError, ModelError
+
+    calls = []
+
+    class Host(HostInterface):
+        def free_gpu(self):
+            calls.append("free")
+
+        def restore_gpu(self):
+            calls.append("restore")
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(DatasetError, match="No images in"):
+        train(make_cfg(train_data_dir=str(empty)), host=Host(), components=build_tiny_components("sd1"))
+    assert calls == []
+    with pytest.raises(ModelError, match="not found"):
+        train(make_cfg(base_model=str(tmp_path / "missing.safetensors")), host=Host())
+    assert calls == ["free", "restore"]
+
+
+def test_nan_loss_stops_with_advice_before_touching_the_weights(make_cfg, monkeypatch):
+    import lora_trainer.train as train_module
+    from lora_trainer.errors import TrainingError
+
+    components = build_tiny_components("sd1")
+    real = train_module._micro_step
+    calls = []
+
+    def poisoned(run, *args):
+        calls.append(1)
+        loss = real(run, *args)
+        return loss * float("nan") if len(calls) >= 3 else loss
+
+    monkeypatch.setattr(train_module, "_micro_step", poisoned)
+    with pytest.raises(TrainingError, match="loss became nan at step 3. Lower learning_rate"):
+        train(make_cfg(max_train_steps=5, batch_size=1), components=components)
+    from lora_trainer.lora import lora_parameters
+
+    assert all(torch.isfinite(p).all() for p in lora_parameters(components.unet))
