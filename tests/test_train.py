@@ -220,3 +220,22 @@ def test_nan_loss_stops_with_advice_before_touching_the_weights(make_cfg, monkey
     from lora_trainer.lora import lora_parameters
 
     assert all(torch.isfinite(p).all() for p in lora_parameters(components.unet))
+
+
+def test_sd2_v_prediction_trains_against_velocity_and_is_labelled_v2(make_cfg, monkeypatch):
+    from diffusers import DDPMScheduler
+
+    components = build_tiny_components("sd2")
+    components.prediction_type = "v_prediction"
+    components.noise_scheduler = DDPMScheduler.from_config(components.noise_scheduler.config,
+                                                           prediction_type="v_prediction")
+    velocity_calls = []
+    real = components.noise_scheduler.get_velocity
+    monkeypatch.setattr(components.noise_scheduler, "get_velocity",
+                        lambda *a: velocity_calls.append(1) or real(*a))
+    result = train(make_cfg(max_train_steps=2, batch_size=1), components=components)
+    assert len(velocity_calls) == 2
+    with safe_open(str(result.lora_path), "pt") as f:
+        meta = f.metadata()
+    assert meta["ss_v2"] == "True" and meta["ss_base_model_version"] == "sd_v2_v"
+    assert meta["modelspec.architecture"] == "stable-diffusion-v2-768-v/lora"
