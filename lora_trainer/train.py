@@ -76,6 +76,8 @@ def _loop(run: Run, cb: Callbacks, checkpointer: Any) -> "tuple[List[float], boo
     losses: List[float] = []
     if run.latent_cache is not None:
         _fill_latent_cache(run, cb)
+    if run.text_cache is not None:
+        _fill_text_cache(run, cb)
     _set_train_mode(run, True)
     cb.on_status(f"training {run.total_steps} steps")
     cb.on_progress(pos.step, run.total_steps)
@@ -184,6 +186,21 @@ def _fill_latent_cache(run: Run, cb: Callbacks) -> None:
         if done == len(todo) or done % 25 == 0:
             cb.on_status(f"caching latents {done}/{len(todo)}")
     run.components.vae.to("cpu")  # every latent is cached now: the VAE's VRAM goes to training
+    if run.device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _fill_text_cache(run: Run, cb: Callbacks) -> None:
+    """Encode every caption the run can use up front, then move the text encoders off the GPU."""
+    captions = sorted({record.caption for record in run.records})
+    if run.cfg.caption_dropout_rate:
+        captions.append("")
+    with _autocast(run):
+        for start in range(0, len(captions), 16):
+            run.text_cache(captions[start:start + 16])
+    cb.on_status(f"cached {len(captions)} text embeddings")
+    for te in run.components.text_encoders:
+        te.to("cpu")
     if run.device.type == "cuda":
         torch.cuda.empty_cache()
 
