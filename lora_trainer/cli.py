@@ -1,4 +1,4 @@
-"""`python -m lora_trainer …`: train, sample, demo and convert from the command line.
+"""`python -m lora_trainer …`: train, sample, demo, convert and caption from the command line.
 
 Errors the user can fix are printed as one line (exit code 2); Ctrl-C stops training after the
 current step and leaves a resumable state (a second Ctrl-C aborts).
@@ -83,13 +83,34 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--output", required=True)
     c.add_argument("--family", default="auto", choices=["auto", "sd1", "sd2", "sdxl"])
     c.add_argument("--alpha", type=float, default=None, help="alpha to write when the file has none")
+
+    k = sub.add_parser("caption", help="caption every image of a folder (open_clip CoCa + ranked tags)")
+    k.add_argument("--input", required=True, help="the image folder")
+    k.add_argument("--output", default=None, help="captions file (default: <input>/metadata.<format>)")
+    k.add_argument("--format", default=None, choices=["csv", "jsonl", "txt"],
+                   help="csv (file,caption), jsonl, or txt sidecars (default: from --output, else csv)")
+    k.add_argument("--trigger", default="", help="trigger word written first in every new caption")
+    k.add_argument("--model", default="coca_ViT-L-14", help="open_clip CoCa model, e.g. coca_ViT-B-32 (smaller)")
+    k.add_argument("--pretrained", default="mscoco_finetuned_laion2B-s13B-b90k", metavar="PATH",
+                   help="local weights file (.safetensors/.bin), or an open_clip pretrained tag (default: %(default)s)")
+    k.add_argument("--download", action="store_true", help="download missing weights from the Hugging Face hub")
+    k.add_argument("--overwrite", action="store_true",
+                   help="caption images that already have a caption (the old ones are backed up first)")
+    k.add_argument("--batch-size", type=int, default=8)
+    k.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
+    k.add_argument("--beams", type=int, default=3, help="beam search width (1: greedy, fastest)")
+    k.add_argument("--no-tags", action="store_true", help="the sentence only, no vocabulary tags")
+    k.add_argument("--tag-threshold", type=float, default=0.3, help="probability a tag needs within its category")
+    k.add_argument("--max-tags", type=int, default=6)
+    k.add_argument("--vocabulary", default="", metavar="DIR", help="folder of <category>.txt phrase lists to use")
     return p
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        return {"train": _train, "sample": _sample, "demo": _demo, "convert": _convert}[args.command](args)
+        return {"train": _train, "sample": _sample, "demo": _demo, "convert": _convert,
+                "caption": _caption}[args.command](args)
     except LoraTrainerError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -181,4 +202,24 @@ def _convert(args) -> int:
     meta.setdefault("ss_network_module", "networks.lora")
     out = save_lora(Path(args.output), kohya, meta)
     print(f"wrote {out} ({len(kohya) // 3} layers)")
+    return 0
+
+
+def _caption(args) -> int:
+    from .captions import CaptionOptions, run_captioning
+
+    options = CaptionOptions(model=args.model, pretrained=args.pretrained, trigger=args.trigger,
+                             tags=not args.no_tags, tag_threshold=args.tag_threshold, max_tags=args.max_tags,
+                             vocabulary_dir=args.vocabulary, batch_size=args.batch_size, device=args.device,
+                             num_beams=args.beams, allow_download=args.download)
+    console = ConsoleCallbacks()
+    try:
+        report = run_captioning(args.input, args.output, args.format, options, args.overwrite, console)
+    except KeyboardInterrupt:
+        console.close()
+        print("stopped: the captions written so far are saved; run again to caption the rest")
+        return 1
+    finally:
+        console.close()
+    print(report.summary())
     return 0

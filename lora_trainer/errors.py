@@ -27,3 +27,7 @@ class ResumeError(LoraTrainerError):
 
 class TrainingError(LoraTrainerError):
     """Training cannot go on (NaN loss, out of memory) and says how to recover."""
+
+
+class CaptionError(LoraTrainerError):
+    """Captioning cannot start: missing or mismatched captioner weights, no images to caption."""

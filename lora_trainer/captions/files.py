@@ -31,9 +31,9 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import DatasetError
-from .files import atomic_write_text
-from .images import IMAGE_EXTENSIONS, list_images
+from ..errors import DatasetError
+from ..files import atomic_write_text
+from ..images import IMAGE_EXTENSIONS, list_images
 
 NAME_KEYS = ("file_name", "filename", "file", "image", "image_file", "img", "path")
 CAPTION_KEYS = ("text", "caption", "prompt", "tags", "description")
