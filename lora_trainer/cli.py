@@ -19,7 +19,8 @@ from .errors import LoraTrainerError
 class ConsoleCallbacks(Callbacks):
     """A tqdm bar with the loss, status lines above it, and Ctrl-C as a graceful stop."""
 
-    def __init__(self) -> None:
+    def __init__(self, unit: str = "step") -> None:
+        self.unit = unit
         self.bar = None
         self.stop_requested = False
 
@@ -27,7 +28,7 @@ class ConsoleCallbacks(Callbacks):
         from tqdm import tqdm
 
         if self.bar is None:
-            self.bar = tqdm(total=total, initial=step, unit="step", dynamic_ncols=True)
+            self.bar = tqdm(total=total, initial=step, unit=self.unit, dynamic_ncols=True)
         self.bar.n = step
         self.bar.refresh()
 
@@ -212,7 +213,7 @@ def _caption(args) -> int:
                              tags=not args.no_tags, tag_threshold=args.tag_threshold, max_tags=args.max_tags,
                              vocabulary_dir=args.vocabulary, batch_size=args.batch_size, device=args.device,
                              num_beams=args.beams, allow_download=args.download)
-    console = ConsoleCallbacks()
+    console = ConsoleCallbacks(unit="image")
     try:
         report = run_captioning(args.input, args.output, args.format, options, args.overwrite, console)
     except KeyboardInterrupt:
