@@ -1,0 +1,9 @@
+"""ComfyUI entry point: ComfyUI imports this folder as a package and reads these mappings.
+
+Only the node classes are imported here (no ComfyUI module, no model, no GPU), so importing the
+package outside ComfyUI works. The trainer itself is `lora_trainer/`; see README.md.
+"""
+
+from .comfy_nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
+
+__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]

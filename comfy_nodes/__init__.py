@@ -1,0 +1,22 @@
+"""ComfyUI nodes of lora-scripts: Caption Folder → Train LoRA → LoRA Strength Grid.
+
+Classic (V1) node classes: ComfyUI 0.8.0 loads them as it loads every older pack, forks and tools
+read NODE_CLASS_MAPPINGS, and they are plain classes that tests call without ComfyUI. The V3
+`comfy_api` is still marked unstable (`STABLE = False`). Nothing here imports ComfyUI at import time.
+"""
+
+from .caption_node import CaptionFolder
+from .grid_node import LoRAStrengthGrid
+from .train_node import TrainLoRA
+
+NODE_CLASS_MAPPINGS = {
+    "LoraTrainerCaptionFolder": CaptionFolder,
+    "LoraTrainerTrain": TrainLoRA,
+    "LoraTrainerStrengthGrid": LoRAStrengthGrid,
+}
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "LoraTrainerCaptionFolder": "Caption Folder",
+    "LoraTrainerTrain": "Train LoRA",
+    "LoraTrainerStrengthGrid": "LoRA Strength Grid",
+}
+__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]

@@ -1,0 +1,131 @@
+"""Train LoRA: the graph's MODEL/CLIP/VAE (or a checkpoint name) + a dataset folder → a LoRA, applied.
+
+The weights ComfyUI already holds are handed to the core in the original single-file layout (the
+way CheckpointSave writes them), so the checkpoint is not read a second time. The finished file
+lands in `models/loras` (never overwriting: a taken name gets `-v2`) with the CLI's metadata, and
+the outputs carry the MODEL/CLIP with it applied through ComfyUI's own LoRA loader.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from ..lora_trainer.config import load_config
+from ..lora_trainer.errors import ConfigError
+from ..lora_trainer.train import TrainResult, train
+from .fingerprint import folder_fingerprint
+from .host import ComfyCallbacks, ComfyHost, check_lora_keys, graph_weights, load_lora_file
+from .images import loss_curve
+from .inputs import config_input, tooltip
+
+FROM_GRAPH = "(use the MODEL, CLIP and VAE inputs)"
+CATEGORY = "LoRA Trainer"
+
+
+class TrainLoRA:
+    DESCRIPTION = ("Train a LoRA on a folder of captioned images, save it into models/loras (kohya layout, "
+                   "A1111/Forge/ComfyUI metadata) and output the MODEL and CLIP with it applied.")
+    CATEGORY = CATEGORY
+    FUNCTION = "train"
+    RETURN_TYPES = ("MODEL", "CLIP", "STRING", "IMAGE")
+    RETURN_NAMES = ("MODEL", "CLIP", "lora_name", "loss_curve")
+    OUTPUT_TOOLTIPS = ("The input model with the new LoRA applied (strength 1).",
+                       "The input CLIP with the new LoRA applied (strength 1).",
+                       "File name of the LoRA in models/loras, as LoraLoader lists it.",
+                       "Loss per step and its moving average.")
+    OUTPUT_NODE = True
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        import folder_paths
+
+        checkpoints = [FROM_GRAPH, *folder_paths.get_filename_list("checkpoints")]
+        return {
+            "required": {
+                "dataset_path": ("STRING", {"default": "", "tooltip": tooltip("train_data_dir")}),
+                "lora_name": ("STRING", {"default": "my_lora", "tooltip": tooltip("output_name")}),
+                "rank": config_input("lora_rank", min=1, max=256),
+                "alpha": config_input("lora_alpha", min=0.01, max=1024.0, step=0.5),
+                "steps": config_input("max_train_steps", default=500, min=1, max=100000),
+                "learning_rate": config_input("learning_rate", min=1e-7, max=1.0, step=1e-5, round=False),
+                "resolution": config_input("resolution", min=64, max=2048, step=64),
+                "batch_size": config_input("batch_size", min=1, max=64),
+                "seed": config_input("seed", min=0, max=2**31 - 1, control_after_generate=True),
+            },
+            "optional": {
+                "model": ("MODEL", {"tooltip": "The base model from the graph (a checkpoint loader)."}),
+                "clip": ("CLIP", {"tooltip": "The base model's CLIP, from the same loader."}),
+                "vae": ("VAE", {"tooltip": "The base model's VAE (encodes the training images)."}),
+                "ckpt_name": (checkpoints, {"tooltip": "Train on this checkpoint instead of the MODEL/CLIP/VAE "
+                                                       "inputs (it is then read from disk)."}),
+                "config_file": ("STRING", {"default": "", "tooltip": "Optional YAML config (see configs/) for "
+                                           "every other setting; the inputs above override its keys."}),
+                "resume": ("BOOLEAN", {"default": False, "tooltip": "Continue the stopped run saved in "
+                                       "output/lora_trainer/<lora_name> instead of starting again."}),
+            },
+            "hidden": {"unique_id": "UNIQUE_ID"},
+        }
+
+    @classmethod
+    def IS_CHANGED(cls, dataset_path: str = "", config_file: str = "", **_: Any) -> str:
+        return folder_fingerprint(dataset_path, config_file)
+
+    def train(self, dataset_path: str, lora_name: str, rank: int, alpha: float, steps: int, learning_rate: float,
+              resolution: int, batch_size: int, seed: int, model: Any = None, clip: Any = None, vae: Any = None,
+              ckpt_name: str = FROM_GRAPH, config_file: str = "", resume: bool = False,
+              unique_id: Optional[str] = None) -> dict:
+        cfg = node_config(dataset_path, lora_name, rank, alpha, steps, learning_rate, resolution, batch_size, seed,
+                          config_file, ckpt_name if model is None else FROM_GRAPH)
+        callbacks = ComfyCallbacks(unique_id)
+        with torch.inference_mode(False), torch.enable_grad():
+            result = run_training(cfg, callbacks, model, clip, vae, ckpt_name, resume)
+        callbacks.raise_if_stopped("the state is saved; queue again with resume on to continue")
+        if model is None:
+            import nodes
+
+            model, clip = nodes.CheckpointLoaderSimple().load_checkpoint(ckpt_name)[:2]
+        return apply_result(result, model, clip)
+
+
+def node_config(dataset_path: str, lora_name: str, rank: int, alpha: float, steps: int, learning_rate: float,
+                resolution: int, batch_size: int, seed: int, config_file: str, ckpt_name: str):
+    """The config file's keys, overridden by the node's inputs; output under ComfyUI's output folder."""
+    import folder_paths
+
+    if not lora_name.strip() or Path(lora_name).name != lora_name or lora_name in (".", ".."):
+        raise ConfigError(f"lora_name {lora_name!r} must be a plain file name (no folders, no '..').")
+    extra = dict(train_data_dir=dataset_path, output_name=lora_name, lora_rank=rank, lora_alpha=alpha,
+                 max_train_steps=steps, learning_rate=learning_rate, resolution=resolution, batch_size=batch_size,
+                 seed=seed, output_dir=str(Path(folder_paths.get_output_directory()) / "lora_trainer" / lora_name))
+    if ckpt_name != FROM_GRAPH:
+        extra["base_model"] = folder_paths.get_full_path_or_raise("checkpoints", ckpt_name)
+    return load_config(config_file.strip() or None, **extra)
+
+
+def run_training(cfg: Any, callbacks: ComfyCallbacks, model: Any, clip: Any, vae: Any, ckpt_name: str,
+                 resume: bool) -> TrainResult:
+    """Call the core (under inference_mode(False): the caller's job) with the graph's weights when there are some."""
+    base, base_name = None, None
+    if model is not None:
+        if clip is None or vae is None:
+            raise ConfigError("Connect CLIP and VAE together with MODEL (all three from the checkpoint loader).")
+        base, base_name = graph_weights(model, clip, vae), (None if ckpt_name == FROM_GRAPH else ckpt_name)
+    elif ckpt_name == FROM_GRAPH:
+        raise ConfigError("Connect MODEL, CLIP and VAE from a checkpoint loader, or pick a ckpt_name.")
+    return train(cfg, callbacks, ComfyHost(), base_weights=base, base_name=base_name,
+                 resume=cfg.output_dir if resume else None)
+
+
+def apply_result(result: TrainResult, model: Any, clip: Any) -> dict:
+    """Check the file against ComfyUI's key map, apply it to the graph's MODEL/CLIP, draw the loss curve."""
+    import comfy.sd
+
+    lora = load_lora_file(result.lora_path)
+    check_lora_keys(lora, model, clip)
+    model_lora, clip_lora = comfy.sd.load_lora_for_models(model, clip, lora, 1.0, 1.0)
+    curve = loss_curve(result.losses)
+    return {"ui": {"text": [f"saved {result.lora_path} after {result.steps} steps"]},
+            "result": (model_lora, clip_lora, result.lora_path.name, curve)}

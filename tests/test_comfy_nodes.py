@@ -1,0 +1,239 @@
+"""The ComfyUI nodes, called as ComfyUI calls them, against stand-in ComfyUI modules (tests/comfy_stubs.py)."""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+import comfy_stubs
+
+ROOT = Path(__file__).resolve().parents[1]
+KOHYA_KEY = re.compile(r"^lora_(unet|te|te1|te2)_[A-Za-z0-9_]+\.(lora_down\.weight|lora_up\.weight|alpha)$")
+
+
+@pytest.fixture
+def pack():
+    return comfy_stubs.load_pack(ROOT)
+
+
+@pytest.fixture
+def comfy(tmp_path, tiny_sd1):
+    state = comfy_stubs.install(tmp_path / "comfy", tiny_sd1)
+    yield state
+    comfy_stubs.uninstall()
+
+
+@pytest.fixture
+def config_file(tmp_path):
+    path = tmp_path / "node.yaml"
+    path.write_text("device: cpu\nmin_bucket_reso: 64\nmax_bucket_reso: 128\nsample_steps: 2\n"
+                    "train_text_encoder: true\n", encoding="utf-8")
+    return str(path)
+
+
+def train_inputs(demo_folder, config_file, **changes):
+    values = dict(dataset_path=str(demo_folder), lora_name="village", rank=4, alpha=4.0, steps=2, learning_rate=1e-3,
+                  resolution=64, batch_size=2, seed=0, config_file=config_file)
+    values.update(changes)
+    return values
+
+
+def test_root_package_imports_outside_comfyui(pack):
+    assert not any(name in sys.modules for name in comfy_stubs.MODULES)
+    assert set(pack.NODE_CLASS_MAPPINGS) == {"LoraTrainerCaptionFolder", "LoraTrainerTrain", "LoraTrainerStrengthGrid"}
+    assert set(pack.NODE_DISPLAY_NAME_MAPPINGS.values()) == {"Caption Folder", "Train LoRA", "LoRA Strength Grid"}
+    assert not any(name in sys.modules for name in comfy_stubs.MODULES)
+
+
+def test_inputs_are_typed_bounded_and_explained(pack, comfy):
+    from lora_trainer.config import field_help
+
+    for cls in pack.NODE_CLASS_MAPPINGS.values():
+        assert cls.CATEGORY == "LoRA Trainer" and callable(getattr(cls(), cls.FUNCTION))
+        assert len(cls.RETURN_TYPES) == len(cls.RETURN_NAMES) == len(cls.OUTPUT_TOOLTIPS)
+        spec = cls.INPUT_TYPES()
+        for name, (kind, options) in {**spec["required"], **spec.get("optional", {})}.items():
+            assert options.get("tooltip"), f"{cls.__name__}.{name} has no tooltip"
+            if kind in ("INT", "FLOAT"):
+                assert options["min"] <= options["default"] <= options["max"], f"{cls.__name__}.{name}"
+    train = pack.NODE_CLASS_MAPPINGS["LoraTrainerTrain"].INPUT_TYPES()
+    assert train["required"]["rank"][1]["tooltip"].startswith(field_help()["lora_rank"]["help"])
+    assert train["required"]["learning_rate"][0] == "FLOAT"
+    assert pack.NODE_CLASS_MAPPINGS["LoraTrainerTrain"].RETURN_TYPES == ("MODEL", "CLIP", "STRING", "IMAGE")
+
+
+def test_train_node_trains_saves_into_loras_and_applies_the_lora(pack, comfy, tiny_sd1, tiny_sd1_file, demo_folder,
+                                                                 config_file):
+    model, clip, vae = comfy_stubs.graph_models(tiny_sd1_file, tiny_sd1)
+    node = pack.NODE_CLASS_MAPPINGS["LoraTrainerTrain"]()
+    with torch.inference_mode():  # as ComfyUI runs every node
+        out = node.train(model=model, clip=clip, vae=vae, unique_id="7", **train_inputs(demo_folder, config_file))
+    model_out, clip_out, name, curve = out["result"]
+
+    path = comfy.base / "models" / "loras" / name
+    assert name == "village.safetensors" and path.is_file()
+    with safe_open(str(path), "pt") as f:
+        keys, meta = list(f.keys()), f.metadata()
+    assert keys and all(KOHYA_KEY.match(k) for k in keys)
+    assert any(k.startswith("lora_te_") for k in keys)
+    assert meta["ss_output_name"] == "village" and meta["ss_base_model_version"] == "sd_v1"
+    assert model_out is not model and model.patches == [] and model_out.patches[0][0] == 1.0
+    assert clip_out is not clip and clip_out.patches and clip_out.patches[0][1]
+    assert curve.shape == (1, 256, 512, 3) and 0 <= curve.min() and curve.max() <= 1
+    # ComfyUI's models left the GPU before training; the graph's weights were taken as CheckpointSave does
+    assert "unload_all_models" in comfy.calls and "soft_empty_cache" in comfy.calls
+    assert any("force_patch_weights" in c for c in comfy.calls)
+    assert comfy.progress[-1] == (2, 2) and not any(comfy.inference_mode_seen)
+    import folder_paths
+
+    assert folder_paths.get_filename_list("loras") == ["village.safetensors"]
+
+    with torch.inference_mode():  # the same name again: a new file, the first is never overwritten
+        again = node.train(model=model, clip=clip, vae=vae, **train_inputs(demo_folder, config_file))
+    assert again["result"][2] == "village-v2.safetensors" and path.is_file()
+
+
+def test_cancel_stops_within_a_step_and_resume_finishes(pack, comfy, tiny_sd1, tiny_sd1_file, demo_folder, config_file):
+    model, clip, vae = comfy_stubs.graph_models(tiny_sd1_file, tiny_sd1)
+    node = pack.NODE_CLASS_MAPPINGS["LoraTrainerTrain"]()
+    comfy.interrupt_at_step = 1
+    with torch.inference_mode(), pytest.raises(comfy_stubs.InterruptProcessingException):
+        node.train(model=model, clip=clip, vae=vae, **train_inputs(demo_folder, config_file, steps=3))
+    out_dir = comfy.base / "output" / "lora_trainer" / "village"
+    assert list((out_dir / "state").iterdir()), "no resumable state was kept"
+    assert not list((comfy.base / "models" / "loras").iterdir())
+    assert comfy.progress[-1][0] == 1
+
+    comfy.interrupt_at_step, comfy.interrupted = None, False
+    with torch.inference_mode():
+        out = node.train(model=model, clip=clip, vae=vae, resume=True,
+                         **train_inputs(demo_folder, config_file, steps=3))
+    assert out["result"][2] == "village.safetensors" and comfy.progress[-1] == (3, 3)
+
+
+def test_train_refuses_missing_inputs_and_bad_names(pack, comfy, demo_folder, config_file):
+    from lora_scripts_pack.lora_trainer.errors import ConfigError
+
+    node = pack.NODE_CLASS_MAPPINGS["LoraTrainerTrain"]()
+    with pytest.raises(ConfigError, match="Connect MODEL, CLIP and VAE"):
+        node.train(**train_inputs(demo_folder, config_file))
+    with pytest.raises(ConfigError, match="plain file name"):
+        node.train(**train_inputs(demo_folder, config_file, lora_name="../evil"))
+    with pytest.raises(ConfigError, match="Unknown config key"):
+        bad = Path(config_file).with_name("bad.yaml")
+        bad.write_text("lora_rnak: 4\n", encoding="utf-8")
+        node.train(**train_inputs(demo_folder, str(bad)))
+
+
+def test_is_changed_follows_the_dataset(pack, comfy, demo_folder, config_file):
+    cls = pack.NODE_CLASS_MAPPINGS["LoraTrainerTrain"]
+    first = cls.IS_CHANGED(**train_inputs(demo_folder, config_file))
+    assert cls.IS_CHANGED(**train_inputs(demo_folder, config_file)) == first
+    meta = demo_folder / "metadata.csv"
+    meta.write_text(meta.read_text(encoding="utf-8").replace("circle", "disc"), encoding="utf-8")
+    second = cls.IS_CHANGED(**train_inputs(demo_folder, config_file))
+    assert second != first
+    (demo_folder / "new.png").write_bytes((demo_folder / "img001.png").read_bytes())
+    assert cls.IS_CHANGED(**train_inputs(demo_folder, config_file)) != second
+    caption = pack.NODE_CLASS_MAPPINGS["LoraTrainerCaptionFolder"]
+    assert caption.IS_CHANGED(folder=str(demo_folder)) != caption.IS_CHANGED(folder=str(demo_folder / "x"))
+
+
+def test_lora_key_check_names_modules_comfyui_would_drop(pack, comfy, tiny_sd1, tiny_sd1_file):
+    from lora_scripts_pack.comfy_nodes.host import check_lora_keys
+    from lora_scripts_pack.lora_trainer.errors import LoraTrainerError
+
+    model, clip, _ = comfy_stubs.graph_models(tiny_sd1_file, tiny_sd1)
+    good = sorted(model.model.lora_names)[0]
+    check_lora_keys({f"{good}.alpha": 1, f"{good}.lora_up.weight": 1}, model, clip)
+    with pytest.raises(LoraTrainerError, match="1 LoRA modules would not load.*lora_unet_nowhere"):
+        check_lora_keys({"lora_unet_nowhere.alpha": 1, f"{good}.alpha": 1}, model, clip)
+
+
+class FakeCaptioner:
+    def __init__(self, options):
+        self.options = options
+
+    def caption(self, images):
+        from lora_scripts_pack.lora_trainer.captions import Caption
+
+        return [Caption(f"{self.options.trigger}, a test image {i}", "a test image") for i, _ in enumerate(images)]
+
+
+def test_caption_folder_writes_captions_and_a_preview(pack, comfy, demo_folder):
+    from lora_scripts_pack.lora_trainer.captions import CaptionOptions, read_captions
+
+    (demo_folder / "metadata.csv").unlink()
+    node = pack.NODE_CLASS_MAPPINGS["LoraTrainerCaptionFolder"]()
+    node.captioner = FakeCaptioner(CaptionOptions(trigger="xyzvillage"))
+    path, preview = node.caption(folder=str(demo_folder), trigger_word="xyzvillage", model="coca_ViT-B-32",
+                                 overwrite=False, unique_id="3")
+    assert path == str(demo_folder)
+    captions = read_captions(demo_folder).captions
+    assert len(captions) == 8 and all(c.startswith("xyzvillage, a test image") for c in captions.values())
+    assert "8 captioned" in preview and "img001.png: xyzvillage" in preview
+    assert comfy.progress[-1] == (8, 8)
+
+
+def test_strength_grid_samples_each_strength_through_comfyui(pack, comfy):
+    from safetensors.torch import save_file
+
+    save_file({"lora_unet_x.alpha": torch.tensor(4.0), "lora_te_y.alpha": torch.tensor(4.0)},
+              str(comfy.base / "models" / "loras" / "village.safetensors"))
+    model, clip = comfy_stubs.ModelPatcher(None), comfy_stubs.CLIP({}, set())
+    node = pack.NODE_CLASS_MAPPINGS["LoraTrainerStrengthGrid"]()
+    (grid,) = node.grid(model=model, clip=clip, vae=comfy_stubs.VAE({}), prompt="xyzvillage, rain", negative="",
+                        strengths="0, 0.5,0.8", seed=1, steps=2, cfg=7.0, width=64, height=64,
+                        trained_lora="village.safetensors")
+    assert comfy.sampled == [0, 0.5, 0.8] and model.patches == []
+    assert grid.shape == (1, 64 + 24, 3 * 64, 3)
+    assert float(grid[0, 40, 100, 0]) != float(grid[0, 40, 180, 0])  # the columns differ, each under its label
+    from lora_scripts_pack.lora_trainer.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="strengths"):
+        node.grid(model=model, clip=clip, vae=None, prompt="", negative="", strengths="half", seed=1, steps=2,
+                  cfg=7.0, width=64, height=64, lora_name="village.safetensors")
+
+
+def test_example_workflows_match_the_nodes(pack, comfy):
+    import json
+
+    api = json.loads((ROOT / "example_workflows" / "caption_train_sample_api.json").read_text(encoding="utf-8"))
+    ui = json.loads((ROOT / "example_workflows" / "caption_train_sample.json").read_text(encoding="utf-8"))
+    ours = [n for n in api.values() if n["class_type"] in pack.NODE_CLASS_MAPPINGS]
+    assert {n["class_type"] for n in ours} == set(pack.NODE_CLASS_MAPPINGS)
+    for node in ours:
+        spec = pack.NODE_CLASS_MAPPINGS[node["class_type"]].INPUT_TYPES()
+        assert set(spec["required"]) <= set(node["inputs"]) <= set(spec["required"]) | set(spec.get("optional", {}))
+    assert {n["type"] for n in ui["nodes"]} == {n["class_type"] for n in api.values()}
+    assert len(ui["links"]) == sum(isinstance(v, list) for n in api.values() for v in n["inputs"].values())
+
+
+def test_train_from_a_checkpoint_name(pack, comfy, tiny_sd1_file, demo_folder, config_file):
+    import shutil
+
+    shutil.copy(tiny_sd1_file, comfy.base / "models" / "checkpoints" / "tiny.safetensors")
+    node = pack.NODE_CLASS_MAPPINGS["LoraTrainerTrain"]()
+    assert "tiny.safetensors" in node.INPUT_TYPES()["optional"]["ckpt_name"][0]
+    with torch.inference_mode():
+        out = node.train(ckpt_name="tiny.safetensors", **train_inputs(demo_folder, config_file, steps=1))
+    model_out, clip_out, name, _ = out["result"]
+    assert name == "village.safetensors" and model_out.patches and clip_out.patches
+    assert not any("force_patch_weights" in c for c in comfy.calls)  # the graph's weights were not used
+
+
+def test_caption_folder_cancel_keeps_the_captions_written(pack, comfy, demo_folder):
+    from lora_scripts_pack.lora_trainer.captions import CaptionOptions, read_captions
+
+    (demo_folder / "metadata.csv").unlink()
+    node = pack.NODE_CLASS_MAPPINGS["LoraTrainerCaptionFolder"]()
+    node.captioner = FakeCaptioner(CaptionOptions(trigger="xyz", batch_size=2))
+    comfy.interrupt_at_step = 2
+    with pytest.raises(comfy_stubs.InterruptProcessingException):
+        node.caption(folder=str(demo_folder), trigger_word="xyz", model="coca_ViT-B-32", overwrite=False)
+    assert len(read_captions(demo_folder).captions) == 2
