@@ -82,7 +82,7 @@ def test_diffusers_own_kohya_loader_gives_the_same_unet_output(family, tmp_path)
     trained = trained_like(family, target_modules=["q_proj", "k_proj", "v_proj", "out_proj", "ff", "proj"])
     path = save_lora(tmp_path / "x.safetensors", lora_state_dict(trained, torch.float32), {"ss_network_dim": "4"})
     pipe = pipeline_for(build_tiny_components(family, seed=3))
-    pipe.load_lora_weights(str(path))
+    pipe.load_lora_weights(str(path.parent), weight_name=path.name)  # a file path alone fails offline (0.31)
     fresh = copy.copy(trained)
     fresh.unet = pipe.unet
     expected = unet_output(trained)
