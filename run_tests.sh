@@ -10,8 +10,13 @@
 #      a1111   .ci/envs/a1111 ahead of .venv on PYTHONPATH (AUTOMATIC1111 1.10's set)
 #      forge   .ci/envs/forge ahead of .venv on PYTHONPATH (Forge's set)
 #
-# Arguments go to every pytest run. STACKS="newest forge" picks stacks; SKIP_RUFF=1
-# skips lint. Every stage runs even after a failure; the exit status is 1 if any
+# 4. the UI tests (tests/ui), once per gradio version rather than per stack:
+#      gradio3  gradio 3.41.2 on the a1111 stack (A1111 1.10's gradio)
+#      gradio4  gradio 4.40.0 on the forge stack, plus the standalone UI driven in
+#               headless Debian chromium (apt-get install -y chromium when missing)
+#
+# Arguments go to every main pytest run. STACKS="newest forge" picks stacks; SKIP_RUFF=1
+# skips lint; UI_STAGES="gradio4" picks UI stages ("" skips them). Every stage runs even after a failure; the exit status is 1 if any
 # stage failed, and a pytest run that collects no test (exit 5) counts as failed.
 set -uo pipefail
 
@@ -79,6 +84,26 @@ for stack in $STACKS; do
         [[ $rc -eq 5 ]] && echo "pytest collected no test on stack $stack: that is a failure here" >&2
         stage_done "pytest[$stack]" "FAIL($rc)" "$t"
     fi
+done
+
+# --- UI tests, once per gradio version -------------------------------------------
+for ui in ${UI_STAGES-gradio3 gradio4}; do
+    t=$SECONDS
+    case "$ui" in
+        gradio3) host=a1111 ;;
+        gradio4) host=forge ;;
+        *) echo "unknown UI stage '$ui' (gradio3, gradio4)" >&2; stage_done "ui[$ui]" FAIL "$t"; continue ;;
+    esac
+    echo "==> UI stage $ui (on the $host stack)"
+    if ! bash .ci/setup.sh "$host" "$ui"; then stage_done "ui[$ui]" FAIL "$t"; continue; fi
+    if [[ "$ui" == gradio4 ]] && ! command -v chromium >/dev/null; then
+        { apt-get update -qq && apt-get install -y -qq chromium >/dev/null; } ||
+            echo "could not install chromium (needs root and apt)" >&2
+    fi
+    env PYTHONPATH="$ROOT/.ci/envs/$host:$ROOT/.ci/envs/$ui${PYTHONPATH:+:$PYTHONPATH}" LORA_TRAINER_STACK="$host" \
+        LORA_TRAINER_UI="$ui" "$PY" -m pytest -q -W ignore::DeprecationWarning tests/ui 2>&1 | tee "$LOGS/ui-$ui.log"
+    rc=${PIPESTATUS[0]}
+    if [[ $rc -eq 0 ]]; then stage_done "ui[$ui]" ok "$t"; else stage_done "ui[$ui]" "FAIL($rc)" "$t"; fi
 done
 
 echo

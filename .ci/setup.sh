@@ -4,6 +4,7 @@
 #   .ci/setup.sh              the venv and every host overlay
 #   .ci/setup.sh venv         only .venv (requirements.txt + requirements-dev.txt)
 #   .ci/setup.sh a1111 forge  only the named overlays (and .venv first)
+#   .ci/setup.sh gradio3 gradio4  the UI test overlays (gradio with its dependencies)
 #
 # .venv        the newest stack: requirements*.txt at their newest releases (pip's
 #              cap on this machine keeps torch at 2.14.1 / torchvision 0.29.1).
@@ -78,7 +79,11 @@ build_overlay() {
     rm -rf "$tmp"
     # --no-deps: only the listed packages, nothing heavy (torch) is ever pulled in.
     # --only-binary: a missing wheel fails here instead of compiling for minutes.
-    pip_quiet install --quiet --no-deps --only-binary=:all: --no-compile \
+    # The UI overlays (gradio3, gradio4) are the exception: gradio with its own dependencies
+    # (gradio 3.41's ffmpy is an sdist), for the tests/ui stages only.
+    local opts=(--no-deps --only-binary=:all:)
+    [[ "$name" == gradio* ]] && opts=()
+    pip_quiet install --quiet "${opts[@]}" --no-compile \
         --target "$tmp" -r "$pins"
     rm -rf "$dest"
     mv "$tmp" "$dest"

@@ -104,6 +104,11 @@ def _parser() -> argparse.ArgumentParser:
     k.add_argument("--tag-threshold", type=float, default=0.3, help="probability a tag needs within its category")
     k.add_argument("--max-tags", type=int, default=6)
     k.add_argument("--vocabulary", default="", metavar="DIR", help="folder of <category>.txt phrase lists to use")
+    u = sub.add_parser("ui", help="serve the Train LoRA tab in a browser, without a WebUI (needs gradio)")
+    u.add_argument("--host", default="127.0.0.1")
+    u.add_argument("--port", type=int, default=7861)
+    u.add_argument("--output", default="output", help="folder the LoRAs are trained into")
+    u.add_argument("--base-model", default="", help="checkpoint path the form starts with")
     return p
 
 
@@ -111,7 +116,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = _parser().parse_args(argv)
     try:
         return {"train": _train, "sample": _sample, "demo": _demo, "convert": _convert,
-                "caption": _caption}[args.command](args)
+                "caption": _caption, "ui": _ui}[args.command](args)
     except LoraTrainerError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -223,4 +228,13 @@ def _caption(args) -> int:
     finally:
         console.close()
     print(report.summary())
+    return 0
+
+
+def _ui(args) -> int:
+    try:
+        from .ui import serve
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise LoraTrainerError(f"The UI needs gradio: pip install gradio ({e}).") from None
+    serve(args.host, args.port, args.output, args.base_model)
     return 0

@@ -1,0 +1,12 @@
+"""The Train LoRA tab: `session` (no gradio), `blocks` (the gradio Blocks), `standalone` (`python -m lora_trainer ui`).
+
+Importing this package does not import gradio; `build_blocks` does.
+"""
+
+from .blocks import Backend, build_blocks, read_rows
+from .session import (LOW_VRAM, PRESETS, TEST_STRENGTHS, TrainSession, advanced_fields, form_to_config, loss_plot,
+                      safe_lora_name)
+from .standalone import StandaloneBackend, serve
+
+__all__ = ["Backend", "build_blocks", "read_rows", "LOW_VRAM", "PRESETS", "TEST_STRENGTHS", "TrainSession",
+           "advanced_fields", "form_to_config", "loss_plot", "safe_lora_name", "StandaloneBackend", "serve"]

@@ -1,0 +1,198 @@
+"""The Train LoRA tab as one gradio Blocks, built the same under gradio 3.41 (A1111 1.10) and 4.x (Forge).
+
+Only plain components and handlers that return a value per output are used (both majors accept
+that); the one keyword that differs (`_js` in 3.x, `js` in 4.x) goes through `_js_kwargs`.
+gradio is imported inside `build_blocks`, so the core stays importable without it.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from ..callbacks import Callbacks, HostInterface
+from ..errors import LoraTrainerError
+from .session import PRESETS, TEST_STRENGTHS, TrainSession, advanced_fields, form_to_config, loss_plot
+
+POLL_SECONDS = 1.0
+
+
+class Backend:
+    """What a host gives the tab. The defaults are the standalone UI's (base model from a path)."""
+
+    title = "Train LoRA"
+    refresh_js: Optional[str] = None  # client-side code run after a run ends (A1111: refresh the LoRA list)
+
+    def default_base_model(self) -> str:
+        return ""
+
+    def output_root(self) -> Path:
+        return Path("output")
+
+    def host(self) -> Optional[HostInterface]:
+        return None
+
+    def progress_callbacks(self) -> Optional[Callbacks]:
+        return None
+
+    def train(self, cfg: Any, callbacks: Callbacks) -> Any:
+        from ..train import train
+
+        return train(cfg, callbacks=callbacks, host=self.host())
+
+    def after_training(self, cfg: Any, result: Any, session: TrainSession) -> str:
+        """Register the finished LoRA with the host; returns an error message to show, or ''."""
+        return ""
+
+    def test_grid(self, cfg: Any, lora_path: Path, prompt: str, seed: int) -> Any:
+        raise LoraTrainerError("This host cannot render a test grid.")
+
+
+def _js_kwargs(gr: Any, js: Optional[str]) -> Dict[str, str]:
+    if not js:
+        return {}
+    return {"js": js} if int(gr.__version__.split(".")[0]) >= 4 else {"_js": js}
+
+
+def _field_component(gr: Any, name: str, info: Dict[str, Any]) -> Any:
+    label, help_text, default = name, info.get("help", ""), info["default"]
+    if info.get("choices"):
+        return gr.Dropdown(choices=list(info["choices"]), value=default, label=label, info=help_text)
+    if info["type"] == "bool":
+        return gr.Checkbox(value=default, label=label, info=help_text)
+    if info["type"] in ("int", "float"):
+        return gr.Number(value=default, label=label, info=help_text, precision=0 if info["type"] == "int" else None)
+    value = ", ".join(map(str, default)) if isinstance(default, list) else default
+    return gr.Textbox(value=value, label=label, info=help_text)
+
+
+def read_rows(folder: str) -> List[List[str]]:
+    """[[image name, caption]] for the folder's images ('' where there is no caption); read only."""
+    from ..captions import read_captions
+    from ..images import list_images
+
+    folder_path = Path((folder or "").strip())
+    if not folder_path.is_dir():
+        raise LoraTrainerError(f"Image folder not found: {folder_path}")
+    captions = read_captions(folder_path).captions
+    rows = []
+    for p in list_images(folder_path):
+        name = p.relative_to(folder_path).as_posix()
+        rows.append([name, captions.get(name, "")])
+    return rows
+
+
+def build_blocks(backend: Backend) -> Any:
+    """The tab's Blocks; A1111 and Forge return it from on_ui_tabs, the standalone UI launches it."""
+    import gradio as gr
+
+    fields = advanced_fields()
+    state: Dict[str, Any] = {}
+    with gr.Blocks(analytics_enabled=False, title=backend.title) as blocks:
+        with gr.Row():
+            folder = gr.Textbox(label="Image folder", elem_id="lora_trainer_folder")
+            load = gr.Button("Load images", elem_id="lora_trainer_load")
+        gallery = gr.Gallery(label="Images", columns=6, height=220, elem_id="lora_trainer_gallery")
+        table = gr.Dataframe(headers=["image", "caption"], datatype=["str", "str"], type="array",
+                             interactive=True, label="Captions (edit, then Save captions)", elem_id="lora_trainer_captions")
+        with gr.Row():
+            trigger = gr.Textbox(label="Trigger word", elem_id="lora_trainer_trigger")
+            caption_btn = gr.Button("Caption empty ones", elem_id="lora_trainer_caption")
+            save_btn = gr.Button("Save captions", elem_id="lora_trainer_save_captions")
+        with gr.Row():
+            name = gr.Textbox(label="LoRA name", elem_id="lora_trainer_name")
+            base = gr.Textbox(label="Base model", value=backend.default_base_model(), elem_id="lora_trainer_base")
+            preset = gr.Dropdown(choices=list(PRESETS), value="style", label="Preset", elem_id="lora_trainer_preset")
+            low_vram = gr.Checkbox(label="Low VRAM", value=False)
+        adv = []
+        with gr.Accordion("Advanced options", open=False):
+            for key, info in fields.items():
+                adv.append(_field_component(gr, key, info))
+        with gr.Row():
+            train_btn = gr.Button("Train", variant="primary", elem_id="lora_trainer_train")
+            stop_btn = gr.Button("Interrupt", elem_id="lora_trainer_interrupt")
+        status = gr.Textbox(label="Status", interactive=False, elem_id="lora_trainer_status")
+        with gr.Row():
+            plot = gr.Image(label="Loss", type="pil", interactive=False, elem_id="lora_trainer_loss")
+            sample = gr.Image(label="Samples", type="filepath", interactive=False, elem_id="lora_trainer_sample")
+        with gr.Row():
+            prompt = gr.Textbox(label="Test prompt", elem_id="lora_trainer_test_prompt")
+            seed = gr.Number(label="Seed", value=1, precision=0)
+            test_btn = gr.Button("Test", elem_id="lora_trainer_test")
+        grid = gr.Image(label="Test grid (strengths 0, 0.5, 0.6, 0.7, 0.8)", type="pil", interactive=False,
+                        elem_id="lora_trainer_grid")
+
+        def on_load(folder_value):
+            try:
+                rows = read_rows(folder_value)
+            except LoraTrainerError as e:
+                return [], [], str(e)
+            pics = [(str(Path(folder_value) / n), c) for n, c in rows]
+            return pics, rows, f"{len(rows)} images, {sum(1 for _, c in rows if not c)} without a caption"
+
+        def on_save(folder_value, rows):
+            from ..captions import write_captions
+
+            try:
+                captions = {r[0]: r[1] for r in rows if r and r[0] and str(r[1]).strip()}
+                path = write_captions(Path(folder_value), captions, fmt="csv")
+            except LoraTrainerError as e:
+                return str(e)
+            return f"saved {len(captions)} captions to {path}"
+
+        def on_caption(folder_value, trigger_value):
+            from ..captions import CaptionOptions, caption_folder
+
+            try:
+                done = sum(1 for _ in caption_folder(Path(folder_value), options=CaptionOptions(trigger=trigger_value)))
+            except LoraTrainerError as e:
+                return *on_load(folder_value)[:2], str(e)
+            pics, rows, _ = on_load(folder_value)
+            return pics, rows, f"captioned {done} images"
+
+        def on_train(folder_value, trigger_value, name_value, base_value, preset_value, low, *adv_values):
+            try:
+                cfg = form_to_config(name_value, folder_value, base_value, trigger_value, preset_value, low,
+                                     dict(zip(fields, adv_values)), backend.output_root())
+                session = TrainSession(lambda cb: backend.train(cfg, cb), backend.progress_callbacks()).start()
+            except LoraTrainerError as e:
+                yield str(e), loss_plot([]), None
+                return
+            state["session"], state["cfg"] = session, cfg
+            while session.running:
+                time.sleep(POLL_SECONDS)
+                cb = session.callbacks
+                yield session.summary(), loss_plot(cb.losses), str(cb.sample) if cb.sample else None
+            message = session.summary()
+            if session.result is not None and not session.result.stopped:
+                problem = backend.after_training(cfg, session.result, session)
+                message += f"\n{problem}" if problem else ""
+            cb = session.callbacks
+            yield message, loss_plot(cb.losses), str(cb.sample) if cb.sample else None
+
+        def on_stop():
+            session = state.get("session")
+            if session is not None and session.running:
+                session.stop()
+                return "stopping after this step…"
+            return "nothing is training"
+
+        def on_test(prompt_value, seed_value):
+            session = state.get("session")
+            if session is None or session.result is None or session.result.lora_path is None:
+                return None, "Train a LoRA first."
+            try:
+                image = backend.test_grid(state["cfg"], session.result.lora_path, prompt_value, int(seed_value or 1))
+            except LoraTrainerError as e:
+                return None, str(e)
+            return image, f"grid at strengths {', '.join(f'{s:g}' for s in TEST_STRENGTHS)}"
+
+        load.click(on_load, [folder], [gallery, table, status])
+        save_btn.click(on_save, [folder, table], [status])
+        caption_btn.click(on_caption, [folder, trigger], [gallery, table, status])
+        train_btn.click(on_train, [folder, trigger, name, base, preset, low_vram, *adv], [status, plot, sample]).then(
+            None, None, None, **_js_kwargs(gr, backend.refresh_js))
+        stop_btn.click(on_stop, None, [status])
+        test_btn.click(on_test, [prompt, seed], [grid, status])
+    return blocks

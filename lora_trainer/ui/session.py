@@ -1,0 +1,196 @@
+"""What the Train LoRA tab does, without gradio: form → config, a training run in a thread, the loss plot.
+
+The A1111/Forge tab and the standalone `python -m lora_trainer ui` share this; each passes a
+backend (see `blocks.Backend`) for what differs: the base model, the GPU, the test grid.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Mapping, Optional
+
+from ..callbacks import Callbacks
+from ..config import TrainConfig, config_from_dict, field_help
+from ..errors import ConfigError, LoraTrainerError
+
+# Presets are starting points, applied over the defaults and under whatever the user changed.
+PRESETS: Dict[str, Dict[str, Any]] = {
+    "style": {"lora_rank": 16, "lora_alpha": 16, "learning_rate": 1e-4, "epochs": 10, "flip_aug": True},
+    "character": {"lora_rank": 32, "lora_alpha": 16, "learning_rate": 1e-4, "epochs": 12, "flip_aug": False},
+    "object": {"lora_rank": 16, "lora_alpha": 8, "learning_rate": 1e-4, "epochs": 10, "flip_aug": True},
+}
+LOW_VRAM = {"batch_size": 1, "gradient_accumulation_steps": 4, "gradient_checkpointing": True,
+            "cache_latents": True}
+# Fields that have their own place in the tab rather than in the generated advanced form.
+MAIN_FIELDS = ("train_data_dir", "base_model", "trigger_word", "output_name", "output_dir")
+TEST_STRENGTHS = (0.0, 0.5, 0.6, 0.7, 0.8)
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 _.\-]{0,99}$")
+
+
+def safe_lora_name(name: str) -> str:
+    """The LoRA's name as typed, refused when it could leave the LoRA folder or is not a plain file name."""
+    name = (name or "").strip()
+    if name.endswith(".safetensors"):
+        name = name[: -len(".safetensors")]
+    if not _NAME_RE.match(name) or ".." in name or name.endswith("."):
+        raise ConfigError(f"LoRA name {name!r}: use letters, digits, space, '_', '-' or '.' (no folders, no '..').")
+    return name
+
+
+def advanced_fields() -> Dict[str, Dict[str, Any]]:
+    """The config fields the advanced form is generated from (everything but the main fields)."""
+    return {k: v for k, v in field_help().items() if k not in MAIN_FIELDS}
+
+
+def form_to_config(name: str, folder: str, base_model: str, trigger_word: str, preset: str, low_vram: bool,
+                   advanced: Mapping[str, Any], output_root: str | Path) -> TrainConfig:
+    """Build the validated config of a run from the tab's fields (advanced: only values the user changed win)."""
+    name = safe_lora_name(name)
+    if not (folder or "").strip():
+        raise ConfigError("Pick the image folder first.")
+    data: Dict[str, Any] = dict(PRESETS.get(preset, {}))
+    if low_vram:
+        data.update(LOW_VRAM)
+    defaults = field_help()
+    for key, value in advanced.items():
+        if key in MAIN_FIELDS:
+            continue
+        if key not in defaults:
+            raise ConfigError(f"Unknown option {key!r}.")
+        if _differs(value, defaults[key]["default"]):
+            data[key] = value
+    data.update(train_data_dir=str(folder).strip(), base_model=(base_model or "").strip(),
+                trigger_word=(trigger_word or "").strip(), output_name=name,
+                output_dir=str(Path(output_root) / name))
+    return config_from_dict(data)
+
+
+def _differs(value: Any, default: Any) -> bool:
+    if isinstance(default, list) and isinstance(value, str):
+        value = [v.strip() for v in value.split(",") if v.strip()]
+        if default and isinstance(default[0], float):
+            value = [float(v) for v in value]
+    if isinstance(default, float) and isinstance(value, (int, float)):
+        return abs(float(value) - default) > 1e-12
+    if isinstance(default, int) and not isinstance(default, bool) and isinstance(value, float):
+        return int(value) != default or value != int(value)
+    return value != default
+
+
+def loss_plot(losses: List[float], width: int = 480, height: int = 220) -> Any:
+    """The loss curve as a PIL image (no plotting library: it must draw the same under every host)."""
+    from PIL import Image, ImageDraw
+
+    img = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(img)
+    left, top, right, bottom = 46, 10, width - 10, height - 22
+    draw.rectangle([left, top, right, bottom], outline=(180, 180, 180))
+    if not losses:
+        draw.text((left + 8, top + 8), "loss: waiting for the first step", fill=(90, 90, 90))
+        return img
+    lo, hi = min(losses), max(losses)
+    span = (hi - lo) or 1.0
+    n = len(losses)
+    pts = [(left + (right - left) * (i / max(n - 1, 1)), bottom - (bottom - top) * ((v - lo) / span))
+           for i, v in enumerate(losses)]
+    if n == 1:
+        draw.ellipse([pts[0][0] - 2, pts[0][1] - 2, pts[0][0] + 2, pts[0][1] + 2], fill=(200, 60, 40))
+    else:
+        draw.line(pts, fill=(200, 60, 40), width=2)
+    draw.text((2, top), f"{hi:.3f}", fill=(60, 60, 60))
+    draw.text((2, bottom - 10), f"{lo:.3f}", fill=(60, 60, 60))
+    draw.text((left, bottom + 6), f"step 1 - {n}   last loss {losses[-1]:.4f}", fill=(60, 60, 60))
+    return img
+
+
+class SessionCallbacks(Callbacks):
+    """Collects what the tab shows; `extra` (a host's own callbacks, e.g. A1111's progress bar) is also told."""
+
+    def __init__(self, extra: Optional[Callbacks] = None) -> None:
+        self.extra = extra or Callbacks()
+        self.losses: List[float] = []
+        self.status = "starting"
+        self.sample: Optional[Path] = None
+        self.step = 0
+        self.total = 0
+        self.stop_event = threading.Event()
+
+    def on_progress(self, step: int, total: int) -> None:
+        self.step, self.total = step, total
+        self.extra.on_progress(step, total)
+
+    def on_status(self, message: str) -> None:
+        self.status = message
+        self.extra.on_status(message)
+
+    def on_loss(self, step: int, loss: float, lr: float) -> None:
+        self.losses.append(float(loss))
+        self.extra.on_loss(step, loss, lr)
+
+    def on_sample(self, step: int, path: Path, image: Any = None) -> None:
+        self.sample = Path(path)
+        self.extra.on_sample(step, path, image)
+
+    def on_saved(self, path: Path, final: bool) -> None:
+        self.extra.on_saved(path, final)
+
+    def should_stop(self) -> bool:
+        return self.stop_event.is_set() or self.extra.should_stop()
+
+
+class TrainSession:
+    """One training run in a background thread, polled by the tab (one run at a time per process)."""
+
+    _lock = threading.Lock()
+    current: Optional["TrainSession"] = None
+
+    def __init__(self, run: Callable[[Callbacks], Any], extra: Optional[Callbacks] = None) -> None:
+        self.callbacks = SessionCallbacks(extra)
+        self._run = run
+        self.result: Any = None
+        self.error: Optional[str] = None
+        self.thread = threading.Thread(target=self._target, name="lora-trainer", daemon=True)
+
+    def start(self) -> "TrainSession":
+        with TrainSession._lock:
+            if TrainSession.current is not None and TrainSession.current.running:
+                raise LoraTrainerError("A training run is already going: stop it or wait for it to end.")
+            TrainSession.current = self
+        self.thread.start()
+        return self
+
+    @property
+    def running(self) -> bool:
+        return self.thread.is_alive()
+
+    def stop(self) -> None:
+        self.callbacks.stop_event.set()
+
+    def wait(self, timeout: Optional[float] = None) -> None:
+        self.thread.join(timeout)
+
+    def _target(self) -> None:
+        try:
+            self.result = self._run(self.callbacks)
+        except LoraTrainerError as e:
+            self.error = str(e)
+        except Exception as e:  # shown in the tab; the traceback goes to the console
+            import traceback
+
+            traceback.print_exc()
+            self.error = f"{type(e).__name__}: {e}"
+
+    def summary(self) -> str:
+        cb = self.callbacks
+        if self.error:
+            return f"Error: {self.error}"
+        if self.running:
+            return f"step {cb.step}/{cb.total} — {cb.status}"
+        r = self.result
+        if r is None:
+            return cb.status
+        if r.stopped:
+            return f"Stopped at step {r.steps}; the state in {r.state_dir} resumes it."
+        return f"Done: {r.steps} steps. LoRA: {r.lora_path}"

@@ -1,0 +1,58 @@
+"""The tab's logic without gradio: presets and form → config, the loss plot, one run at a time, Interrupt."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+
+def test_presets_then_user_changes(demo_folder, tmp_path):
+    from lora_trainer.ui import LOW_VRAM, PRESETS, form_to_config
+
+    cfg = form_to_config("a", str(demo_folder), "m.safetensors", "tw", "object", False, {}, tmp_path)
+    assert cfg.lora_alpha == PRESETS["object"]["lora_alpha"] and not cfg.gradient_checkpointing
+    cfg = form_to_config("a", str(demo_folder), "m.safetensors", "tw", "object", True,
+                         {"lora_alpha": 4.0, "sample_strengths": "0, 1"}, tmp_path)
+    assert cfg.lora_alpha == 4.0 and cfg.sample_strengths == [0.0, 1.0]
+    assert all(getattr(cfg, k) == v for k, v in LOW_VRAM.items())
+
+
+def test_form_errors_are_user_messages(demo_folder, tmp_path):
+    from lora_trainer.errors import ConfigError
+    from lora_trainer.ui import form_to_config
+
+    with pytest.raises(ConfigError, match="image folder"):
+        form_to_config("a", " ", "", "", "style", False, {}, tmp_path)
+    with pytest.raises(ConfigError, match="lora_ran"):
+        form_to_config("a", str(demo_folder), "", "", "style", False, {"lora_ran": 3}, tmp_path)
+
+
+def test_loss_plot_draws():
+    from lora_trainer.ui import loss_plot
+
+    assert loss_plot([]).size == (480, 220)
+    img = loss_plot([1.0, 0.5, 0.7])
+    assert len(set(img.getdata())) > 2
+
+
+def test_session_runs_once_and_stops():
+    from lora_trainer.errors import LoraTrainerError
+    from lora_trainer.ui import TrainSession
+
+    started = threading.Event()
+
+    def run(cb):
+        started.set()
+        while not cb.should_stop():
+            cb.on_loss(1, 0.5, 1e-4)
+            started.wait(0.01)
+        return None
+
+    s = TrainSession(run).start()
+    started.wait(5)
+    with pytest.raises(LoraTrainerError, match="already going"):
+        TrainSession(run).start()
+    s.stop()
+    s.wait(5)
+    assert not s.running and s.callbacks.losses and s.error is None

@@ -1,0 +1,18 @@
+"""A standalone backend that trains the tiny SD1 model in a few CPU steps (the real train(), small settings)."""
+
+from __future__ import annotations
+
+import copy
+
+from lora_trainer.ui import StandaloneBackend
+
+TINY = dict(resolution=64, min_bucket_reso=64, max_bucket_reso=128, lora_rank=4, lora_alpha=4, batch_size=2,
+            learning_rate=1e-3, max_train_steps=3, device="cpu", sample_steps=2, seed=0)
+
+
+class TinyBackend(StandaloneBackend):
+    def train(self, cfg, callbacks):
+        from lora_trainer.train import train
+
+        cfg = cfg.replace(**TINY, sample_prompts=[cfg.trigger_word or "a house"], sample_strengths=[0.0, 1.0])
+        return train(cfg, callbacks=callbacks, components=copy.deepcopy(self.components))

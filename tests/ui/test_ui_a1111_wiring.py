@@ -1,0 +1,101 @@
+"""The WebUI side under the installed gradio: the entry script registers its callbacks, on_ui_tabs builds the tab
+with the A1111 backend, and the API routes start / report / cancel a run behind --api-auth."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+import time
+import types
+from pathlib import Path
+
+import pytest
+from test_a1111_adapter import webui  # noqa: F401 - the stand-in modules.* fixture
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def entry(webui, monkeypatch):  # noqa: F811
+    registered = {}
+    callbacks = types.SimpleNamespace(**{name: (lambda fn, n=name: registered.setdefault(n, fn))
+                                         for name in ("on_ui_tabs", "on_ui_settings", "on_app_started")})
+    monkeypatch.setitem(sys.modules, "modules.script_callbacks", callbacks)
+    sys.modules["modules"].script_callbacks = callbacks
+    spec = importlib.util.spec_from_file_location("lora_trainer_tab", ROOT / "scripts" / "lora_trainer_tab.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return registered, module
+
+
+def test_entry_registers_and_builds_the_tab(entry, webui):  # noqa: F811
+    import gradio as gr
+
+    registered, _ = entry
+    assert set(registered) == {"on_ui_tabs", "on_ui_settings", "on_app_started"}
+    [(blocks, title, elem_id)] = registered["on_ui_tabs"]()
+    assert isinstance(blocks, gr.Blocks) and title == "Train LoRA" and elem_id == "lora_trainer"
+    base = [b for b in blocks.blocks.values() if getattr(b, "label", None) == "Base model"][0]
+    assert base.value == webui.sd_model.sd_checkpoint_info.filename  # the checkpoint selected in the WebUI
+
+
+class _Backend:
+    def __init__(self, tmp):
+        self.tmp = tmp
+
+    def default_base_model(self):
+        return "model.safetensors"
+
+    def output_root(self):
+        return self.tmp
+
+    def progress_callbacks(self):
+        return None
+
+    def train(self, cfg, callbacks):
+        for step in range(1, 200):
+            if callbacks.should_stop():
+                return types.SimpleNamespace(lora_path=None, stopped=True, steps=step, state_dir=self.tmp)
+            callbacks.on_progress(step, 200)
+            callbacks.on_loss(step, 1.0 / step, 1e-4)
+            time.sleep(0.01)
+        return types.SimpleNamespace(lora_path=self.tmp / "x.safetensors", stopped=False, steps=200, state_dir=None)
+
+
+def test_api_routes_behind_auth(tmp_path, demo_folder):
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from lora_trainer_a1111 import api
+
+    app = FastAPI()
+    api.mount(app, _Backend(tmp_path), "alice:secret")
+    client = TestClient(app)
+    body = {"name": "api-lora", "folder": str(demo_folder), "trigger_word": "inkwash"}
+    assert client.post("/lora_trainer/train", json=body).status_code == 401
+    assert client.post("/lora_trainer/train", json=body, auth=("alice", "wrong")).status_code == 401
+    bad = client.post("/lora_trainer/train", json={**body, "name": "../x"}, auth=("alice", "secret"))
+    assert bad.status_code == 400 and "LoRA name" in bad.json()["detail"]
+    started = client.post("/lora_trainer/train", json=body, auth=("alice", "secret")).json()
+    assert started["running"] is True
+    time.sleep(0.2)
+    client.post("/lora_trainer/cancel", auth=("alice", "secret"))
+    for _ in range(100):
+        status = client.get("/lora_trainer/status", auth=("alice", "secret")).json()
+        if not status["running"]:
+            break
+        time.sleep(0.05)
+    assert status["stopped"] is True and status["losses"] and status["step"] >= 1
+
+
+def test_api_open_without_api_auth(tmp_path):
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from lora_trainer_a1111 import api
+
+    app = FastAPI()
+    api.mount(app, _Backend(tmp_path), None)
+    assert TestClient(app).get("/lora_trainer/status").status_code == 200

@@ -1,0 +1,97 @@
+"""The standalone UI in headless Chromium (Debian's chromium via Playwright; gradio4 stage): caption a folder,
+edit nothing else, train the tiny model for 3 steps, see the loss plot and samples, render the test grid,
+take a screenshot (LORA_TRAINER_SCREENSHOT=path also keeps it, e.g. docs/a1111_tab.png)."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import socket
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from helpers import TinyBackend  # noqa: E402
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _fake_caption_folder(folder, options=None, **_):
+    """The captioner's contract (one result per newly captioned image, written to metadata.csv), no weights."""
+    from lora_trainer.captions import read_captions, write_captions
+    from lora_trainer.images import list_images
+
+    folder = Path(folder)
+    captions = dict(read_captions(folder).captions)
+    for p in list_images(folder):
+        if p.name not in captions:
+            captions[p.name] = f"{options.trigger}, a small painted house"
+            yield p.name
+    write_captions(folder, captions, fmt="csv")
+
+
+def test_standalone_ui_in_chromium(tmp_path, tiny_sd1, demo_folder, monkeypatch):
+    assert CHROMIUM, "apt-get install -y chromium (run_tests.sh does it for this stage)"
+    from playwright.sync_api import expect, sync_playwright
+
+    import lora_trainer.captions as captions
+    from lora_trainer.ui import build_blocks
+
+    monkeypatch.setattr(captions, "caption_folder", _fake_caption_folder)
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for p in sorted(demo_folder.glob("*.png"))[:4]:
+        shutil.copy(p, folder / p.name)
+
+    blocks = build_blocks(TinyBackend(tmp_path / "runs", components=tiny_sd1, sample_steps=2, sample_size=64))
+    blocks.queue()
+    port = _free_port()
+    blocks.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    try:
+        with sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--headless=new"])
+            page = browser.new_page(viewport={"width": 1100, "height": 1500})
+            page.goto(f"http://127.0.0.1:{port}/")
+            status = page.locator("#lora_trainer_status textarea")
+            page.locator("#lora_trainer_folder textarea").fill(str(folder))
+            page.locator("#lora_trainer_load").click()
+            expect(status).to_have_value("4 images, 4 without a caption", timeout=30_000)
+            page.locator("#lora_trainer_trigger textarea").fill("inkwash")
+            page.locator("#lora_trainer_caption").click()
+            expect(status).to_have_value("captioned 4 images", timeout=30_000)
+            assert "inkwash, a small painted house" in (folder / "metadata.csv").read_text()
+
+            page.locator("#lora_trainer_name textarea").fill("tiny-lora")
+            page.locator("#lora_trainer_train").click()
+            expect(status).to_have_value(re.compile("^Done: 3 steps"), timeout=180_000)
+            expect(page.locator("#lora_trainer_loss img")).to_be_visible()
+            expect(page.locator("#lora_trainer_sample img")).to_be_visible()
+
+            page.locator("#lora_trainer_test_prompt textarea").fill("inkwash house")
+            page.locator("#lora_trainer_test").click()
+            expect(page.locator("#lora_trainer_grid img")).to_be_visible(timeout=120_000)
+            shot = tmp_path / "tab.png"
+            page.screenshot(path=str(shot), full_page=True)
+            browser.close()
+    finally:
+        blocks.close()
+    _keep_screenshot(shot)
+
+
+def _keep_screenshot(shot: Path) -> None:
+    from PIL import Image
+
+    assert shot.stat().st_size > 10_000
+    target = os.environ.get("LORA_TRAINER_SCREENSHOT")
+    if target:
+        img = Image.open(shot).convert("RGB")
+        img.thumbnail((900, 1400))
+        img.quantize(colors=128).save(target, optimize=True)
+        assert Path(target).stat().st_size < 300_000
