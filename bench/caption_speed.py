@@ -29,16 +29,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-TINY_COCA = {
-    "embed_dim": 32,
-    "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 8, "head_width": 16,
-                   "attentional_pool": True, "attn_pooler_heads": 2, "output_tokens": True},
-    "text_cfg": {"context_length": 76, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1,
-                 "embed_cls": True, "output_tokens": True},
-    "multimodal_cfg": {"context_length": 76, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1,
-                       "attn_pooler_heads": 2},
-    "custom_text": True,
-}
+from lora_trainer.captions.coca import TINY_COCA  # noqa: E402  (after the path insert)
+
 
 
 def _args(argv=None):

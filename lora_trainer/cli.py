@@ -160,16 +160,13 @@ def _train(args) -> int:
 
 
 def _sample(args) -> int:
-    from .export import read_lora, to_kohya
-    from .lora import load_lora_into
+    from .lora import load_lora_file
     from .model import load_components
     from .sample import render_grid
 
     strengths = [float(s) for s in args.strengths.split(",") if s.strip()]
     components = load_components(args.base_model, allow_ckpt=args.allow_ckpt)
-    tensors, meta = read_lora(Path(args.lora))
-    load_lora_into(components, to_kohya(tensors, components.family, len(components.text_encoders),
-                                        unet_config=components.unet.config))
+    load_lora_file(components, args.lora)
     out = Path(args.output) if args.output else Path(args.lora).with_suffix(".grid.png")
     import torch
 

@@ -166,12 +166,7 @@ def _attach_lora(components: Any, cfg: TrainConfig, loaded: Optional[LoadedState
     if loaded is not None:
         return lora_mod.load_lora_into(components, loaded.lora, cfg.lora_dropout, trainable=True)
     if cfg.init_lora:
-        from .export import read_lora, to_kohya
-
-        tensors, _ = read_lora(Path(cfg.init_lora))
-        kohya = to_kohya(tensors, components.family, len(components.text_encoders),
-                         unet_config=components.unet.config)
-        return lora_mod.load_lora_into(components, kohya, cfg.lora_dropout, trainable=True)
+        return lora_mod.load_lora_file(components, cfg.init_lora, cfg.lora_dropout, trainable=True)
     return lora_mod.add_lora_to_components(components, cfg)
 
 

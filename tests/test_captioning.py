@@ -30,22 +30,13 @@ from lora_trainer.captions import (
     run_captioning,
 )
 from lora_trainer.captions import coca as coca_module
+from lora_trainer.captions.coca import TINY_COCA
 from lora_trainer.captions.shape import clip_token_count
 from lora_trainer.captions.weights import find_weights
 from lora_trainer.cli import main
 from lora_trainer.demo_data import make_demo_images
 from lora_trainer.errors import CaptionError, LoraTrainerError
 
-TINY_COCA = {  # coca_ViT-B-32's layout at toy size; vocab_size must stay CLIP's 49408 (the tokenizer's)
-    "embed_dim": 32,
-    "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 8, "head_width": 16,
-                   "attentional_pool": True, "attn_pooler_heads": 2, "output_tokens": True},
-    "text_cfg": {"context_length": 76, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1,
-                 "embed_cls": True, "output_tokens": True},
-    "multimodal_cfg": {"context_length": 76, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1,
-                       "attn_pooler_heads": 2},
-    "custom_text": True,
-}
 B32_REPO = "laion/mscoco_finetuned_CoCa-ViT-B-32-laion2B-s13B-b90k"
 
 

@@ -25,6 +25,19 @@ from typing import Any, Callable, Iterator
 from ..errors import CaptionError
 from .weights import WeightsFile, find_weights
 
+# coca_ViT-B-32's layout at toy size, for tests and benchmarks (no weights exist for it anywhere);
+# vocab_size must stay CLIP's 49408, the tokenizer's.
+TINY_COCA = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 8, "head_width": 16,
+                   "attentional_pool": True, "attn_pooler_heads": 2, "output_tokens": True},
+    "text_cfg": {"context_length": 76, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1,
+                 "embed_cls": True, "output_tokens": True},
+    "multimodal_cfg": {"context_length": 76, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1,
+                       "attn_pooler_heads": 2},
+    "custom_text": True,
+}
+
 SOT, EOT = 49406, 49407  # CLIP's <start_of_text> and <end_of_text>
 
 

@@ -38,14 +38,12 @@ class StandaloneBackend(Backend):
     def test_grid(self, cfg: Any, lora_path: Path, prompt: str, seed: int) -> Any:
         import torch
 
-        from ..export import read_lora, to_kohya
-        from ..lora import load_lora_into
+        from ..lora import load_lora_file
         from ..model import load_components
         from ..sample import render_grid
 
         comps = copy.deepcopy(self.components) if self.components is not None else load_components(cfg.base_model)
-        tensors, _ = read_lora(Path(lora_path))
-        load_lora_into(comps, to_kohya(tensors, comps.family, len(comps.text_encoders), unet_config=comps.unet.config))
+        load_lora_file(comps, lora_path)
         device = "cuda" if torch.cuda.is_available() else "cpu"
         prompt = prompt or cfg.trigger_word or "a picture"
         out = Path(lora_path).with_suffix(".grid.png")
