@@ -15,8 +15,12 @@
 #      gradio4  gradio 4.40.0 on the forge stack, plus the standalone UI driven in
 #               headless Debian chromium (apt-get install -y chromium when missing)
 #
+# 5. install.py into a real host environment (tests/install), once:
+#      a1111   a venv with A1111 1.10's pinned set (.ci/a1111-host.txt): install.py run as A1111
+#              and as ComfyUI-Manager run it must add only what is missing and move nothing
+#
 # Arguments go to every main pytest run. STACKS="newest forge" picks stacks; SKIP_RUFF=1
-# skips lint; UI_STAGES="gradio4" picks UI stages ("" skips them). Every stage runs even after a failure; the exit status is 1 if any
+# skips lint; UI_STAGES="gradio4" picks UI stages ("" skips them); INSTALL_STAGES="" skips step 5. Every stage runs even after a failure; the exit status is 1 if any
 # stage failed, and a pytest run that collects no test (exit 5) counts as failed.
 set -uo pipefail
 
@@ -104,6 +108,17 @@ for ui in ${UI_STAGES-gradio3 gradio4}; do
         LORA_TRAINER_UI="$ui" "$PY" -m pytest -q -W ignore::DeprecationWarning tests/ui 2>&1 | tee "$LOGS/ui-$ui.log"
     rc=${PIPESTATUS[0]}
     if [[ $rc -eq 0 ]]; then stage_done "ui[$ui]" ok "$t"; else stage_done "ui[$ui]" "FAIL($rc)" "$t"; fi
+done
+
+# --- install.py into a real host environment --------------------------------------
+for host in ${INSTALL_STAGES-a1111}; do
+    t=$SECONDS
+    echo "==> install stage $host"
+    if ! bash .ci/setup.sh "$host-host"; then stage_done "install[$host]" FAIL "$t"; continue; fi
+    env LORA_TRAINER_HOST_VENV="$ROOT/.ci/envs/$host-host" "$PY" -m pytest -q tests/install 2>&1 |
+        tee "$LOGS/install-$host.log"
+    rc=${PIPESTATUS[0]}
+    if [[ $rc -eq 0 ]]; then stage_done "install[$host]" ok "$t"; else stage_done "install[$host]" "FAIL($rc)" "$t"; fi
 done
 
 echo

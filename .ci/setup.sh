@@ -5,12 +5,15 @@
 #   .ci/setup.sh venv         only .venv (requirements.txt + requirements-dev.txt)
 #   .ci/setup.sh a1111 forge  only the named overlays (and .venv first)
 #   .ci/setup.sh gradio3 gradio4  the UI test overlays (gradio with its dependencies)
+#   .ci/setup.sh a1111-host   a real venv with A1111 1.10's pinned set, for install.py's test
 #
 # .venv        the newest stack: requirements*.txt at their newest releases (pip's
 #              cap on this machine keeps torch at 2.14.1 / torchvision 0.29.1).
 # .ci/envs/X   a host stack: the exact packages listed in .ci/X.txt, installed with
 #              --no-deps into a folder that goes ahead of .venv on PYTHONPATH;
 #              torch and everything else heavy stays shared from .venv.
+# .ci/envs/a1111-host  a venv of its own: .ci/a1111-host.txt installed with dependencies, as
+#              A1111 installs its requirements; .venv's torch is shared into it (.ci/share_torch.py).
 #
 # Each step keeps a stamp (sha256 of its inputs) and is skipped when it matches.
 # Environment: PYTHON (default python3) makes the venv; FORCE=1 rebuilds.
@@ -91,6 +94,27 @@ build_overlay() {
     log "overlay $name ready in $((SECONDS - t0))s"
 }
 
+build_host_venv() {
+    local name="$1" t0=$SECONDS
+    local pins="$ROOT/.ci/$name.txt" dest="$ENVS/$name"
+    local want have=""
+    want="$(stamp_of "$pins" "$ROOT/.ci/share_torch.py")"
+    [[ -f "$dest/.ci-stamp" ]] && have="$(cat "$dest/.ci-stamp")"
+    if [[ "${FORCE:-0}" != 1 && "$want" == "$have" ]]; then
+        log "host venv $name up to date"
+        return
+    fi
+    log "building host venv $name from .ci/$name.txt"
+    rm -rf "$dest"
+    mkdir -p "$ENVS"
+    "$PYTHON" -m venv "$dest"
+    "$VPY" "$ROOT/.ci/share_torch.py" "$dest"
+    "$dest/bin/python" -m pip install --quiet --disable-pip-version-check -r "$pins" \
+        2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
+    echo "$want" > "$dest/.ci-stamp"
+    log "host venv $name ready in $((SECONDS - t0))s"
+}
+
 main() {
     local targets=("$@")
     [[ ${#targets[@]} -eq 0 ]] && targets=(venv "${OVERLAYS[@]}")
@@ -99,6 +123,7 @@ main() {
     for t in "${targets[@]}"; do
         case "$t" in
             venv) ;;
+            *-host) build_host_venv "$t" ;;
             *) build_overlay "$t" ;;
         esac
     done

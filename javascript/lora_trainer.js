@@ -1,11 +1,23 @@
 // Train LoRA tab: what gradio cannot do. Every global is prefixed loraTrainer.
 
-// Click the WebUI's own extra-networks refresh buttons (txt2img / img2img Lora pages) so a new
-// LoRA card appears without a click; the server side list is already refreshed by the tab.
+// Train and Test run as WebUI jobs. Like the WebUI's own textual-inversion trainer (textualInversion.js):
+// make a task id, show the WebUI's progress bar (progressbar.js requestProgress, fed by /internal/progress)
+// above the status box, and hand the id to the Python handler as its first input.
+function loraTrainerStartJob() {
+    var id = randomId();
+    requestProgress(id, gradioApp().getElementById('lora_trainer_status'), null, function() {}, null);
+    var args = Array.from(arguments);
+    args[0] = id;
+    return args;
+}
+
+// Re-render the Lora cards of txt2img and img2img so the new LoRA shows without a click. The server-side
+// list is already refreshed by the tab; these hidden buttons are the extra-networks panes' own refresh
+// (ui_extra_networks.py: "{tabname}_{page}_extra_refresh_internal", the same ids in Forge).
 function loraTrainerRefreshNetworks() {
-    var buttons = document.querySelectorAll('[id$="_extra_refresh"], [id$="_extra_refresh_internal"]');
-    buttons.forEach(function (button) {
-        if (/^(txt2img|img2img)_(lora_)?extra_refresh/.test(button.id)) button.click();
+    ['txt2img', 'img2img'].forEach(function(tabname) {
+        var button = gradioApp().getElementById(tabname + '_lora_extra_refresh_internal');
+        if (button) button.dispatchEvent(new Event('click'));
     });
     return [];
 }

@@ -1,59 +1,51 @@
-"""The A1111/Forge adapter against stand-in `modules.*` objects: form → config, model freed and restored,
-progress and Interrupt through shared.state, the LoRA in --lora-dir with its card, refresh, the key check."""
+"""The A1111/Forge adapter against stand-in `modules.*` objects (tests/webui_stubs.py): form → config, a run as a
+WebUI job (queue lock, progress API, Interrupt), model freed and restored, the LoRA in --lora-dir with its card,
+refresh, the key check, the txt2img test grid and its infotext; Forge's differences."""
 
 from __future__ import annotations
 
 import copy
 import json
 import sys
+import threading
+import time
 import types
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-class FakeState:
-    def __init__(self):
-        self.interrupted = False
-        self.stopping_generation = False
-        self.job_count = 0
-        self.sampling_step = self.sampling_steps = 0
-        self.textinfo = ""
-        self.begun = self.ended = 0
-
-    def begin(self, job=""):
-        self.begun += 1
-
-    def end(self):
-        self.ended += 1
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import webui_stubs  # noqa: E402
 
 
 @pytest.fixture
 def webui(monkeypatch, tmp_path, tiny_sd1_file):
-    """Stand-in `modules` package (shared, sd_models, devices, paths) and extensions-builtin/Lora's `networks`."""
+    """A1111 with the tiny SD1 checkpoint selected and loaded (its state dict is the loaded model's)."""
     from safetensors.torch import load_file
 
-    calls = []
     weights = load_file(str(tiny_sd1_file))
-    sd_model = types.SimpleNamespace(sd_checkpoint_info=types.SimpleNamespace(filename=str(tiny_sd1_file)),
-                                     state_dict=lambda: weights, is_sd2=False)
-    shared = types.SimpleNamespace(cmd_opts=types.SimpleNamespace(lora_dir=str(tmp_path / "Lora"), api_auth=None),
-                                   state=FakeState(), sd_model=sd_model, opts=types.SimpleNamespace())
-    sd_models = types.SimpleNamespace(send_model_to_cpu=lambda m: calls.append(("cpu", m)),
-                                      send_model_to_device=lambda m: calls.append(("gpu", m)))
-    devices = types.SimpleNamespace(torch_gc=lambda: None)
-    paths = types.SimpleNamespace(models_path=str(tmp_path / "models"), data_path=str(tmp_path))
-    networks = types.SimpleNamespace(list_available_networks=lambda: calls.append(("refresh",)))
-    pkg = types.ModuleType("modules")
-    for name, mod in dict(shared=shared, sd_models=sd_models, devices=devices, paths=paths).items():
-        setattr(pkg, name, mod)
-        monkeypatch.setitem(sys.modules, f"modules.{name}", mod)
-    monkeypatch.setitem(sys.modules, "modules", pkg)
-    monkeypatch.setitem(sys.modules, "networks", networks)
+    sd_model = types.SimpleNamespace(state_dict=lambda: weights, is_sd2=False)
     monkeypatch.syspath_prepend(str(ROOT / "scripts"))
-    return types.SimpleNamespace(shared=shared, calls=calls, lora_dir=tmp_path / "Lora", sd_model=sd_model)
+    return webui_stubs.install(monkeypatch, tmp_path, Path(tiny_sd1_file), sd_model)
+
+
+@pytest.fixture
+def tiny_train(monkeypatch, tiny_sd1):
+    """backend.train's call of the core's train() gets a copy of the tiny model instead of loading the file."""
+    import lora_trainer.train as core
+
+    real = core.train
+    monkeypatch.setattr(core, "train", lambda cfg, callbacks=None, host=None: real(
+        cfg, callbacks=callbacks, host=host, components=copy.deepcopy(tiny_sd1)))
+
+
+def _session(backend, cfg, task_id=""):
+    from lora_trainer.ui import TrainSession
+
+    task_id = task_id or backend.new_task_id()
+    return TrainSession(lambda cb: backend.train(cfg, cb, task_id), backend.progress_callbacks(),
+                        task_id=task_id, cfg=cfg)
 
 
 def test_form_maps_to_config(webui, demo_folder, tmp_path):
@@ -62,32 +54,51 @@ def test_form_maps_to_config(webui, demo_folder, tmp_path):
     from lora_trainer.ui import form_to_config
 
     backend = A1111Backend()
-    assert backend.default_base_model() == webui.sd_model.sd_checkpoint_info.filename
-    cfg = form_to_config("my style", str(demo_folder), backend.default_base_model(), "inkwash", "character", True,
-                         {"lora_rank": 16, "epochs": 3, "target_modules": "to_q, to_v"}, backend.output_root())
+    selected = backend.default_base_model()
+    assert selected == webui.checkpoint.title and backend.base_model_choices() == [selected]
+    assert backend.resolve_base_model(selected) == webui.checkpoint.filename  # the dropdown's title → the file
+    assert backend.resolve_base_model("/models/other.safetensors") == "/models/other.safetensors"  # typed path
+    cfg = form_to_config("my style", str(demo_folder), backend.resolve_base_model(selected), "inkwash", "character",
+                         True, {"lora_rank": 16, "epochs": 3, "target_modules": "to_q, to_v"}, backend.output_root())
     assert cfg.output_name == "my style" and cfg.trigger_word == "inkwash"
+    assert cfg.base_model == webui.checkpoint.filename
     assert cfg.lora_rank == 32  # the preset's; 16 is the field default, so the form did not change it
     assert cfg.epochs == 3 and cfg.target_modules == ["to_q", "to_v"]
     assert cfg.gradient_checkpointing and cfg.gradient_accumulation_steps == 4  # low VRAM
     assert Path(cfg.output_dir) == tmp_path / "outputs" / "lora_trainer" / "my style"
 
 
-def test_train_publishes_into_lora_dir_with_card(webui, make_cfg, tiny_sd1):
-    from lora_trainer_a1111.host import A1111Backend, A1111Callbacks
-
-    from lora_trainer.train import train
-    from lora_trainer.ui.session import SessionCallbacks
+def test_run_is_a_webui_job_and_publishes_with_card(webui, make_cfg, tiny_train):
+    from lora_trainer_a1111.host import A1111Backend
 
     backend = A1111Backend()
-    cfg = make_cfg(max_train_steps=2, trigger_word="inkwash", base_model=str(webui.sd_model.sd_checkpoint_info.filename))
-    cb = SessionCallbacks(A1111Callbacks())
-    result = train(cfg, callbacks=cb, host=backend.host(), components=copy.deepcopy(tiny_sd1))
-    assert webui.calls[0][0] == "cpu" and ("gpu", webui.sd_model) in webui.calls  # freed, then restored
+    cfg = make_cfg(max_train_steps=2, trigger_word="inkwash", base_model=webui.checkpoint.filename)
+    seen = []  # after each step: is the queue lock held, and what the WebUI's progress API answers for the task
+    session = _session(backend, cfg)
+    on_progress = session.callbacks.on_progress
+
+    def record(step, total):
+        on_progress(step, total)
+        seen.append((webui.call_queue.queue_lock.locked(), webui.progress.progress_of(session.task_id)))
+
+    session.callbacks.on_progress = record
+    session.start().wait(120)
+    result = session.result
+    assert session.error is None and result is not None and not result.stopped
+
+    task = session.task_id
+    assert task.startswith("task(lora_trainer-")
+    assert webui.progress.log == [("queued", task), ("start", task), ("finish", task)]
+    assert webui.state.log == [("begin", task), ("end", task)]
+    assert seen and all(locked for locked, _ in seen)  # txt2img/img2img wait while it trains
+    assert all(p["active"] and not p["completed"] for _, p in seen)
+    assert seen[-1][1]["progress"] == 1.0 and "step 2/2, loss" in seen[-1][1]["textinfo"]
+    assert webui.progress.progress_of(task)["completed"] and not webui.call_queue.queue_lock.locked()
+
+    assert webui.calls[0] == ("cpu", webui.sd_model) and ("gpu", webui.sd_model) in webui.calls  # freed, restored
     assert webui.calls.index(("gpu", webui.sd_model)) > webui.calls.index(("refresh",))
     assert result.lora_path.parent == webui.lora_dir and result.lora_path.name == "lora.safetensors"
-    assert webui.shared.state.sampling_steps == 2 and webui.shared.state.sampling_step == 2
 
-    session = types.SimpleNamespace(callbacks=cb)
     problem = backend.after_training(cfg, result, session)
     assert problem == ""  # every key matches A1111's naming of the tiny model's modules
     card = json.loads(result.lora_path.with_suffix(".json").read_text())
@@ -96,36 +107,138 @@ def test_train_publishes_into_lora_dir_with_card(webui, make_cfg, tiny_sd1):
     assert webui.calls.count(("refresh",)) == 2  # by the core after publishing, and after the card
 
 
-def test_interrupt_stops_within_a_step_and_restores(webui, make_cfg, tiny_sd1):
-    from lora_trainer_a1111.host import A1111Callbacks, A1111Host
+def test_run_waits_for_the_webuis_current_job(webui, make_cfg, tiny_train):
+    from lora_trainer_a1111.host import A1111Backend
 
-    from lora_trainer.train import train
+    backend = A1111Backend()
+    lock = webui.call_queue.queue_lock
+    lock.acquire()  # a txt2img generation is running
+    try:
+        session = _session(backend, make_cfg(max_train_steps=1)).start()
+        time.sleep(0.5)
+        assert session.running and session.callbacks.step == 0
+        assert "waiting for the WebUI" in session.callbacks.status
+        assert webui.progress.progress_of(session.task_id)["queued"]  # the bar says "In queue"
+    finally:
+        lock.release()
+    session.wait(120)
+    assert session.error is None and session.result.steps == 1
 
-    webui.shared.state.interrupted = True
-    result = train(make_cfg(max_train_steps=5), callbacks=A1111Callbacks(), host=A1111Host(),
-                   components=copy.deepcopy(tiny_sd1))
-    assert result.stopped and result.steps <= 1 and result.state_dir is not None
+
+def test_webui_interrupt_stops_within_a_step_and_resets(webui, make_cfg, tiny_train):
+    from lora_trainer_a1111.host import A1111Backend
+
+    backend = A1111Backend()
+    session = _session(backend, make_cfg(max_train_steps=50))
+    on_progress = session.callbacks.on_progress
+
+    def interrupt_at_step_2(step, total):
+        on_progress(step, total)
+        if step == 2:
+            webui.state.interrupt()  # the WebUI's Interrupt button, or POST /sdapi/v1/interrupt
+
+    session.callbacks.on_progress = interrupt_at_step_2
+    session.start().wait(120)
+    result = session.result
+    assert result.stopped and result.steps == 2 and Path(result.state_dir).is_dir()  # resumable
+    assert webui.calls[-1] == ("gpu", webui.sd_model)  # the model is back
+    assert not list(webui.lora_dir.glob("*.safetensors"))
+    assert not webui.state.interrupted  # the next WebUI job does not inherit the interrupt
+
+
+def test_caption_is_a_webui_job_with_the_model_off_the_gpu(webui, monkeypatch, demo_folder):
+    import lora_trainer.captions as captions
+    from lora_trainer.captions import CaptionResult
+    from lora_trainer_a1111.host import A1111Backend
+
+    seen = []
+
+    def fake_caption_folder(folder, options=None, callbacks=None, **_):  # the captioner's contract, no weights
+        seen.append((webui.call_queue.queue_lock.locked(), list(webui.calls)))
+        yield CaptionResult("a.png", "kept", "old", "old")
+        for i, name in enumerate(["b.png", "c.png"], 1):
+            callbacks.on_progress(i, 2)
+            yield CaptionResult(name, "new", f"{options.trigger}, a house")
+
+    monkeypatch.setattr(captions, "caption_folder", fake_caption_folder)
+    assert A1111Backend().caption(demo_folder, "inkwash", task_id="task(cap)") == 2  # the kept one not counted
+    assert seen == [(True, [("cpu", webui.sd_model)])]  # under the queue lock, the WebUI's model on the CPU
     assert webui.calls[-1] == ("gpu", webui.sd_model)
-    assert not webui.lora_dir.exists() or not list(webui.lora_dir.glob("*.safetensors"))
+    assert webui.progress.log == [("queued", "task(cap)"), ("start", "task(cap)"), ("finish", "task(cap)")]
+    assert webui.state.textinfo == "Captioning: image 2/2"
 
 
-def test_lora_dir_default_and_forge_free(webui, monkeypatch, tmp_path):
+def test_test_grid_through_webui_txt2img(webui, make_cfg, tmp_path):
+    from lora_trainer_a1111.host import A1111Backend
+
+    backend = A1111Backend()
+    cfg = make_cfg(trigger_word="inkwash", resolution=64)
+    grid, infotext = backend.test_grid(cfg, tmp_path / "my-lora.safetensors", "", 1234, "task(grid)")
+    runs = [c for c in webui.calls if c[0] == "txt2img"]
+    assert [r[1]["prompt"] for r in runs] == ["inkwash", "inkwash <lora:my-lora:0.5>", "inkwash <lora:my-lora:0.6>",
+                                              "inkwash <lora:my-lora:0.7>", "inkwash <lora:my-lora:0.8>"]
+    assert {r[1]["seed"] for r in runs} == {1234} and {r[1]["width"] for r in runs} == {64}
+    assert all(r[1]["do_not_save_samples"] and r[1]["do_not_save_grid"] for r in runs)
+    assert runs[0][2] == threading.current_thread().name  # A1111: on the caller's thread
+    assert grid.width == 5 * 64 and grid.height > 64  # one labelled row
+    assert infotext.startswith("inkwash <lora:my-lora:0.8>\n") and "Seed: 1234" in infotext
+    assert webui.progress.log == [("queued", "task(grid)"), ("start", "task(grid)"), ("finish", "task(grid)")]
+    assert webui.state.job_no == 5 and webui.state.log[0] == ("begin", "task(grid)")
+
+
+def test_lora_dir_default(webui, tmp_path):
     from lora_trainer_a1111.host import A1111Host
 
     webui.shared.cmd_opts.lora_dir = None
     assert A1111Host().lora_dir() == tmp_path / "models" / "Lora"
-    # Forge has no send_model_to_cpu: its memory manager unloads instead; nothing to restore by hand.
-    forge = types.SimpleNamespace(unload_all_models=lambda: webui.calls.append(("unload",)))
-    backend_pkg = types.ModuleType("backend")
-    backend_pkg.memory_management = forge
-    monkeypatch.setitem(sys.modules, "backend", backend_pkg)
-    monkeypatch.setitem(sys.modules, "backend.memory_management", forge)
-    monkeypatch.setitem(sys.modules, "modules.sd_models", types.SimpleNamespace())
-    sys.modules["modules"].sd_models = sys.modules["modules.sd_models"]
+
+
+def test_no_model_loaded_is_left_unloaded(webui):
+    from lora_trainer_a1111.host import A1111Host
+
+    webui.sd_models.model_data.sd_model = None  # nothing loaded yet: do not make the WebUI load one
     host = A1111Host()
     host.free_gpu()
     host.restore_gpu()
-    assert webui.calls == [("unload",)]
+    assert webui.calls == []
+
+
+def test_forge_unloads_through_its_memory_manager_and_renders_on_its_main_thread(monkeypatch, tmp_path,
+                                                                                  tiny_sd1_file, make_cfg):
+    monkeypatch.syspath_prepend(str(ROOT / "scripts"))
+    forge = webui_stubs.install(monkeypatch, tmp_path, Path(tiny_sd1_file), types.SimpleNamespace(), forge=True)
+    from lora_trainer_a1111.host import A1111Backend, A1111Host, is_forge
+
+    assert is_forge()
+    host = A1111Host()
+    host.free_gpu()
+    host.restore_gpu()  # nothing by hand: Forge loads the model again at the next generation
+    assert forge.calls == [("unload",)]
+
+    A1111Backend().test_grid(make_cfg(trigger_word="inkwash", resolution=64), tmp_path / "x.safetensors", "", 1, "t")
+    threads = {c[2] for c in forge.calls if c[0] == "txt2img"}
+    assert threads == {"forge-main-thread"}
+
+
+def test_forge_key_check_uses_forges_loader(monkeypatch, tmp_path, tiny_sd1_file):
+    import torch
+    from safetensors.torch import save_file
+
+    monkeypatch.syspath_prepend(str(ROOT / "scripts"))
+    model = types.SimpleNamespace(forge_objects=types.SimpleNamespace(
+        unet=types.SimpleNamespace(model=object()), clip=types.SimpleNamespace(cond_stage_model=object())))
+    webui_stubs.install(monkeypatch, tmp_path, Path(tiny_sd1_file), model, forge=True)
+    webui_stubs.install_forge_lora(monkeypatch, {"lora_unet_a": "unet.a"}, {"lora_te_b": "clip.b"})
+    from lora_trainer_a1111.host import check_against_host
+
+    path = tmp_path / "l.safetensors"
+    save_file({k: torch.zeros(2, 2) for k in ("lora_unet_a.lora_up.weight", "lora_te_b.alpha",
+                                              "lora_unet_gone.lora_up.weight")}, str(path))
+    message = check_against_host(path)
+    assert message.startswith("Error:") and "1 layer(s)" in message and "lora_unet_gone" in message
+
+    model.forge_objects = None  # before Forge's first generation there is no model to check against
+    assert "Not checked" in check_against_host(path)
 
 
 def test_key_check_flags_a_peft_format_file(webui, tmp_path):
@@ -143,6 +256,7 @@ def test_key_check_flags_a_peft_format_file(webui, tmp_path):
     known = module_names_from_state_dict(webui.sd_model.state_dict().keys())
     message = check_against_host(peft, known)
     assert message.startswith("Error:") and "1 layer" in message
+    assert check_against_host(peft).startswith("Error:")  # the same against the loaded model itself
 
 
 @pytest.mark.parametrize("bad", ["../evil", "a/b", "..", "", "x\\y", "/abs", "name."])

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 from ..callbacks import Callbacks, HostInterface
 from ..errors import LoraTrainerError
@@ -23,9 +23,19 @@ class Backend:
 
     title = "Train LoRA"
     refresh_js: Optional[str] = None  # client-side code run after a run ends (A1111: refresh the LoRA list)
+    # Client-side code run when Caption, Train or Test is clicked: it gets the handler's inputs and returns them with a
+    # task id first (A1111: starts the WebUI's own progress bar for that id). None: no task id.
+    job_js: Optional[str] = None
 
     def default_base_model(self) -> str:
         return ""
+
+    def base_model_choices(self) -> List[str]:
+        return []
+
+    def resolve_base_model(self, value: str) -> str:
+        """The base model's path from what the form holds (A1111: a checkpoint title)."""
+        return value
 
     def output_root(self) -> Path:
         return Path("output")
@@ -36,7 +46,18 @@ class Backend:
     def progress_callbacks(self) -> Optional[Callbacks]:
         return None
 
-    def train(self, cfg: Any, callbacks: Callbacks) -> Any:
+    def new_task_id(self) -> str:
+        """An id for a run started without one from the page (API calls); '' where the host has no queue."""
+        return ""
+
+    def caption(self, folder: Path, trigger: str, callbacks: Optional[Callbacks] = None, task_id: str = "") -> int:
+        """Caption the folder's images that have none (trigger word first); returns how many got one."""
+        from ..captions import CaptionOptions, caption_folder
+
+        results = caption_folder(folder, options=CaptionOptions(trigger=trigger), callbacks=callbacks)
+        return sum(1 for r in results if r.status == "new")
+
+    def train(self, cfg: Any, callbacks: Callbacks, task_id: str = "") -> Any:
         from ..train import train
 
         return train(cfg, callbacks=callbacks, host=self.host())
@@ -45,8 +66,12 @@ class Backend:
         """Register the finished LoRA with the host; returns an error message to show, or ''."""
         return ""
 
-    def test_grid(self, cfg: Any, lora_path: Path, prompt: str, seed: int) -> Any:
+    def test_grid(self, cfg: Any, lora_path: Path, prompt: str, seed: int, task_id: str = "") -> Tuple[Any, str]:
+        """(grid image, infotext of the preferred-strength picture for "send to txt2img", or '')."""
         raise LoraTrainerError("This host cannot render a test grid.")
+
+    def add_send_buttons(self, gr: Any, infotext: Any) -> None:
+        """Buttons that take the test's generation parameters to the host's own tabs (A1111: Send to txt2img)."""
 
 
 def _js_kwargs(gr: Any, js: Optional[str]) -> Dict[str, str]:
@@ -88,7 +113,6 @@ def build_blocks(backend: Backend) -> Any:
     import gradio as gr
 
     fields = advanced_fields()
-    state: Dict[str, Any] = {}
     with gr.Blocks(analytics_enabled=False, title=backend.title) as blocks:
         with gr.Row():
             folder = gr.Textbox(label="Image folder", elem_id="lora_trainer_folder")
@@ -102,7 +126,9 @@ def build_blocks(backend: Backend) -> Any:
             save_btn = gr.Button("Save captions", elem_id="lora_trainer_save_captions")
         with gr.Row():
             name = gr.Textbox(label="LoRA name", elem_id="lora_trainer_name")
-            base = gr.Textbox(label="Base model", value=backend.default_base_model(), elem_id="lora_trainer_base")
+            # A callable value is re-read at every page load: the checkpoint selected in the WebUI right now.
+            base = gr.Dropdown(label="Base model", choices=backend.base_model_choices(), value=backend.default_base_model,
+                               allow_custom_value=True, elem_id="lora_trainer_base")
             preset = gr.Dropdown(choices=list(PRESETS), value="style", label="Preset", elem_id="lora_trainer_preset")
             low_vram = gr.Checkbox(label="Low VRAM", value=False)
         adv = []
@@ -110,6 +136,7 @@ def build_blocks(backend: Backend) -> Any:
             for key, info in fields.items():
                 adv.append(_field_component(gr, key, info))
         with gr.Row():
+            task_id = gr.Textbox(visible=False, elem_id="lora_trainer_task_id")  # filled by job_js
             train_btn = gr.Button("Train", variant="primary", elem_id="lora_trainer_train")
             stop_btn = gr.Button("Interrupt", elem_id="lora_trainer_interrupt")
         status = gr.Textbox(label="Status", interactive=False, elem_id="lora_trainer_status")
@@ -122,6 +149,9 @@ def build_blocks(backend: Backend) -> Any:
             test_btn = gr.Button("Test", elem_id="lora_trainer_test")
         grid = gr.Image(label="Test grid (strengths 0, 0.5, 0.6, 0.7, 0.8)", type="pil", interactive=False,
                         elem_id="lora_trainer_grid")
+        infotext = gr.Textbox(visible=False, elem_id="lora_trainer_infotext")  # the test's generation parameters
+        with gr.Row():
+            backend.add_send_buttons(gr, infotext)
 
         def on_load(folder_value):
             try:
@@ -141,25 +171,25 @@ def build_blocks(backend: Backend) -> Any:
                 return str(e)
             return f"saved {len(captions)} captions to {path}"
 
-        def on_caption(folder_value, trigger_value):
-            from ..captions import CaptionOptions, caption_folder
-
+        def on_caption(task, folder_value, trigger_value):
             try:
-                done = sum(1 for _ in caption_folder(Path(folder_value), options=CaptionOptions(trigger=trigger_value)))
+                done = backend.caption(Path(folder_value), trigger_value, task_id=task or backend.new_task_id())
             except LoraTrainerError as e:
                 return *on_load(folder_value)[:2], str(e)
             pics, rows, _ = on_load(folder_value)
             return pics, rows, f"captioned {done} images"
 
-        def on_train(folder_value, trigger_value, name_value, base_value, preset_value, low, *adv_values):
+        def on_train(task, folder_value, trigger_value, name_value, base_value, preset_value, low, *adv_values):
             try:
-                cfg = form_to_config(name_value, folder_value, base_value, trigger_value, preset_value, low,
-                                     dict(zip(fields, adv_values)), backend.output_root())
-                session = TrainSession(lambda cb: backend.train(cfg, cb), backend.progress_callbacks()).start()
+                base_model = backend.resolve_base_model(base_value or backend.default_base_model())
+                cfg = form_to_config(name_value, folder_value, base_model, trigger_value, preset_value, low, dict(zip(fields, adv_values)),
+                                     backend.output_root())
+                task = task or backend.new_task_id()
+                session = TrainSession(lambda cb: backend.train(cfg, cb, task), backend.progress_callbacks(),
+                                       task_id=task, cfg=cfg).start()
             except LoraTrainerError as e:
                 yield str(e), loss_plot([]), None
                 return
-            state["session"], state["cfg"] = session, cfg
             while session.running:
                 time.sleep(POLL_SECONDS)
                 cb = session.callbacks
@@ -172,27 +202,29 @@ def build_blocks(backend: Backend) -> Any:
             yield message, loss_plot(cb.losses), str(cb.sample) if cb.sample else None
 
         def on_stop():
-            session = state.get("session")
+            session = TrainSession.current  # the tab's run or one started through the API
             if session is not None and session.running:
                 session.stop()
                 return "stopping after this step…"
             return "nothing is training"
 
-        def on_test(prompt_value, seed_value):
-            session = state.get("session")
+        def on_test(task, prompt_value, seed_value):
+            session = TrainSession.current
             if session is None or session.result is None or session.result.lora_path is None:
-                return None, "Train a LoRA first."
+                return None, "", "Train a LoRA first."
             try:
-                image = backend.test_grid(state["cfg"], session.result.lora_path, prompt_value, int(seed_value or 1))
+                image, info = backend.test_grid(session.cfg, session.result.lora_path, prompt_value,
+                                                int(seed_value or 1), task or backend.new_task_id())
             except LoraTrainerError as e:
-                return None, str(e)
-            return image, f"grid at strengths {', '.join(f'{s:g}' for s in TEST_STRENGTHS)}"
+                return None, "", str(e)
+            return image, info, f"grid at strengths {', '.join(f'{s:g}' for s in TEST_STRENGTHS)}"
 
         load.click(on_load, [folder], [gallery, table, status])
         save_btn.click(on_save, [folder, table], [status])
-        caption_btn.click(on_caption, [folder, trigger], [gallery, table, status])
-        train_btn.click(on_train, [folder, trigger, name, base, preset, low_vram, *adv], [status, plot, sample]).then(
-            None, None, None, **_js_kwargs(gr, backend.refresh_js))
+        caption_btn.click(on_caption, [task_id, folder, trigger], [gallery, table, status],
+                          **_js_kwargs(gr, backend.job_js))
+        train_btn.click(on_train, [task_id, folder, trigger, name, base, preset, low_vram, *adv], [status, plot, sample],
+                        **_js_kwargs(gr, backend.job_js)).then(None, None, None, **_js_kwargs(gr, backend.refresh_js))
         stop_btn.click(on_stop, None, [status])
-        test_btn.click(on_test, [prompt, seed], [grid, status])
+        test_btn.click(on_test, [task_id, prompt, seed], [grid, infotext, status], **_js_kwargs(gr, backend.job_js))
     return blocks

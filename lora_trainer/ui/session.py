@@ -146,8 +146,11 @@ class TrainSession:
     _lock = threading.Lock()
     current: Optional["TrainSession"] = None
 
-    def __init__(self, run: Callable[[Callbacks], Any], extra: Optional[Callbacks] = None) -> None:
+    def __init__(self, run: Callable[[Callbacks], Any], extra: Optional[Callbacks] = None, task_id: str = "",
+                 cfg: Any = None) -> None:
         self.callbacks = SessionCallbacks(extra)
+        self.task_id = task_id  # the host's id for the run (A1111: its progress API's id_task), or ''
+        self.cfg = cfg
         self._run = run
         self.result: Any = None
         self.error: Optional[str] = None

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Tuple
 
 from .blocks import Backend, build_blocks
 from .session import TEST_STRENGTHS
@@ -29,13 +29,13 @@ class StandaloneBackend(Backend):
     def output_root(self) -> Path:
         return self._root
 
-    def train(self, cfg: Any, callbacks: Any) -> Any:
+    def train(self, cfg: Any, callbacks: Any, task_id: str = "") -> Any:
         from ..train import train
 
         comps = copy.deepcopy(self.components) if self.components is not None else None
         return train(cfg, callbacks=callbacks, host=self.host(), components=comps)
 
-    def test_grid(self, cfg: Any, lora_path: Path, prompt: str, seed: int) -> Any:
+    def test_grid(self, cfg: Any, lora_path: Path, prompt: str, seed: int, task_id: str = "") -> Tuple[Any, str]:
         import torch
 
         from ..lora import load_lora_file
@@ -47,8 +47,9 @@ class StandaloneBackend(Backend):
         device = "cuda" if torch.cuda.is_available() else "cpu"
         prompt = prompt or cfg.trigger_word or "a picture"
         out = Path(lora_path).with_suffix(".grid.png")
-        return render_grid(comps, [prompt], list(TEST_STRENGTHS), out, seed=seed, steps=self.sample_steps,
+        grid = render_grid(comps, [prompt], list(TEST_STRENGTHS), out, seed=seed, steps=self.sample_steps,
                            device=device, size=self.sample_size or cfg.resolution)
+        return grid, ""  # no txt2img tab to send parameters to
 
 
 def serve(host: str = "127.0.0.1", port: int = 7861, output_root: str = "output", base_model: str = "",

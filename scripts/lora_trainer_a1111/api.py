@@ -33,12 +33,13 @@ def check_auth(api_auth: Optional[str], username: str, password: str) -> bool:
 
 def start_training(body: Dict[str, Any], backend: Any) -> Dict[str, Any]:
     """Start a run from a JSON body: name, folder, base_model (default: the selected checkpoint), options."""
-    cfg = form_to_config(body.get("name", ""), body.get("folder", ""), body.get("base_model") or
-                         backend.default_base_model(), body.get("trigger_word", ""), body.get("preset", "style"),
-                         bool(body.get("low_vram", False)), body.get("options", {}), backend.output_root())
-    session = TrainSession(lambda cb: backend.train(cfg, cb), backend.progress_callbacks())
-    session.start()
-    session.cfg = cfg
+    base_model = backend.resolve_base_model(body.get("base_model") or backend.default_base_model())
+    cfg = form_to_config(body.get("name", ""), body.get("folder", ""), base_model, body.get("trigger_word", ""),
+                         body.get("preset", "style"), bool(body.get("low_vram", False)), body.get("options", {}),
+                         backend.output_root())
+    task_id = backend.new_task_id()
+    TrainSession(lambda cb: backend.train(cfg, cb, task_id), backend.progress_callbacks(), task_id=task_id,
+                 cfg=cfg).start()
     return status()
 
 
@@ -47,8 +48,8 @@ def status() -> Dict[str, Any]:
     if s is None:
         return {"running": False, "message": "no run yet"}
     r = s.result
-    return {"running": s.running, "message": s.summary(), "step": s.callbacks.step, "total": s.callbacks.total,
-            "losses": s.callbacks.losses[-200:], "error": s.error,
+    return {"running": s.running, "task_id": s.task_id, "message": s.summary(), "step": s.callbacks.step,
+            "total": s.callbacks.total, "losses": s.callbacks.losses[-200:], "error": s.error,
             "lora_path": str(r.lora_path) if r is not None and r.lora_path else None,
             "stopped": bool(r.stopped) if r is not None else False}
 

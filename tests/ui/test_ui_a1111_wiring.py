@@ -1,5 +1,6 @@
 """The WebUI side under the installed gradio: the entry script registers its callbacks, on_ui_tabs builds the tab
-with the A1111 backend, and the API routes start / report / cancel a run behind --api-auth."""
+with the A1111 backend (selected checkpoint, Send to txt2img, the WebUI's progress bar on Train and Test), and the
+API routes start / report / cancel a run behind --api-auth."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ from pathlib import Path
 
 import pytest
 from test_a1111_adapter import webui  # noqa: F401 - the stand-in modules.* fixture
+
+from lora_trainer.ui import Backend
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -35,13 +38,33 @@ def test_entry_registers_and_builds_the_tab(entry, webui):  # noqa: F811
     assert set(registered) == {"on_ui_tabs", "on_ui_settings", "on_app_started"}
     [(blocks, title, elem_id)] = registered["on_ui_tabs"]()
     assert isinstance(blocks, gr.Blocks) and title == "Train LoRA" and elem_id == "lora_trainer"
-    base = [b for b in blocks.blocks.values() if getattr(b, "label", None) == "Base model"][0]
-    assert base.value == webui.sd_model.sd_checkpoint_info.filename  # the checkpoint selected in the WebUI
+    by_id = {getattr(b, "elem_id", None): b for b in blocks.blocks.values()}
+    base = by_id["lora_trainer_base"]
+    assert base.value == webui.checkpoint.title and webui.checkpoint.title in str(base.choices)  # selected one
+
+    # "Send to txt2img": registered for the WebUI to bind after all tabs exist, fed by the test's infotext.
+    [binding] = webui.infotext_utils.registered_param_bindings
+    assert binding.tabname == "txt2img" and binding.paste_button is by_id["lora_trainer_send_to_txt2img"]
+    assert binding.source_text_component is by_id["lora_trainer_infotext"]
+
+    # Train and Test start the WebUI's progress bar (javascript/lora_trainer.js) and get its task id first.
+    config = blocks.get_config_file()
+    ids = {c["id"]: c.get("props", {}).get("elem_id") for c in config["components"]}
+    jobs = [d for d in config["dependencies"] if d.get("js") == "loraTrainerStartJob"]
+    assert {ids[t[0] if isinstance(t, (list, tuple)) else t] for d in jobs for t in d["targets"]} == \
+        {"lora_trainer_train", "lora_trainer_test"}
+    assert all(ids[d["inputs"][0]] == "lora_trainer_task_id" for d in jobs)
+    js = (ROOT / "javascript" / "lora_trainer.js").read_text()
+    assert "function loraTrainerStartJob(" in js and "requestProgress(id, gradioApp().getElementById(" \
+        "'lora_trainer_status')" in js
 
 
-class _Backend:
+class _Backend(Backend):
     def __init__(self, tmp):
         self.tmp = tmp
+
+    def new_task_id(self):
+        return "task(api-1)"
 
     def default_base_model(self):
         return "model.safetensors"
@@ -52,7 +75,7 @@ class _Backend:
     def progress_callbacks(self):
         return None
 
-    def train(self, cfg, callbacks):
+    def train(self, cfg, callbacks, task_id=""):
         for step in range(1, 200):
             if callbacks.should_stop():
                 return types.SimpleNamespace(lora_path=None, stopped=True, steps=step, state_dir=self.tmp)
@@ -87,6 +110,7 @@ def test_api_routes_behind_auth(tmp_path, demo_folder):
             break
         time.sleep(0.05)
     assert status["stopped"] is True and status["losses"] and status["step"] >= 1
+    assert status["task_id"] == "task(api-1)"  # for the WebUI's POST /internal/progress
 
 
 def test_api_open_without_api_auth(tmp_path):

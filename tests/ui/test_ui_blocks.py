@@ -54,14 +54,15 @@ def test_folder_captions_train_and_grid(built, demo_folder):
     from lora_trainer.ui import advanced_fields
 
     adv = [field_help()[k]["default"] for k in advanced_fields()]
-    updates = list(h["on_train"](str(demo_folder), "inkwash", "tiny-lora", "", "style", False, *adv))
+    updates = list(h["on_train"]("", str(demo_folder), "inkwash", "tiny-lora", "", "style", False, *adv))
     message, plot, sample = updates[-1]
     assert message.startswith("Done: 3 steps"), message
     assert plot.size == (480, 220) and sample and Path(sample).is_file()
     assert (tmp_path / "runs" / "tiny-lora" / "tiny-lora.safetensors").is_file()
 
-    grid, status = h["on_test"]("inkwash house", 1)
+    grid, infotext, status = h["on_test"]("", "inkwash house", 1)
     assert grid is not None and grid.width > grid.height and "0.5, 0.6, 0.7, 0.8" in status
+    assert infotext == ""  # standalone: no txt2img to send parameters to
 
 
 def test_bad_name_is_shown_not_raised(built, demo_folder):
@@ -70,5 +71,5 @@ def test_bad_name_is_shown_not_raised(built, demo_folder):
     from lora_trainer.ui import advanced_fields
 
     adv = [field_help()[k]["default"] for k in advanced_fields()]
-    message, _, _ = next(h["on_train"](str(demo_folder), "", "../escape", "", "style", False, *adv))
+    message, _, _ = next(h["on_train"]("", str(demo_folder), "", "../escape", "", "style", False, *adv))
     assert "LoRA name" in message

@@ -25,7 +25,7 @@ def _free_port() -> int:
 
 def _fake_caption_folder(folder, options=None, **_):
     """The captioner's contract (one result per newly captioned image, written to metadata.csv), no weights."""
-    from lora_trainer.captions import read_captions, write_captions
+    from lora_trainer.captions import CaptionResult, read_captions, write_captions
     from lora_trainer.images import list_images
 
     folder = Path(folder)
@@ -33,7 +33,9 @@ def _fake_caption_folder(folder, options=None, **_):
     for p in list_images(folder):
         if p.name not in captions:
             captions[p.name] = f"{options.trigger}, a small painted house"
-            yield p.name
+            yield CaptionResult(p.name, "new", captions[p.name])
+        else:
+            yield CaptionResult(p.name, "kept", captions[p.name], captions[p.name])
     write_captions(folder, captions, fmt="csv")
 
 
