@@ -47,12 +47,12 @@ def test_entry_registers_and_builds_the_tab(entry, webui):  # noqa: F811
     assert binding.tabname == "txt2img" and binding.paste_button is by_id["lora_trainer_send_to_txt2img"]
     assert binding.source_text_component is by_id["lora_trainer_infotext"]
 
-    # Train and Test start the WebUI's progress bar (javascript/lora_trainer.js) and get its task id first.
+    # Caption, Train and Test start the WebUI's progress bar (javascript/lora_trainer.js) and get its task id first.
     config = blocks.get_config_file()
     ids = {c["id"]: c.get("props", {}).get("elem_id") for c in config["components"]}
     jobs = [d for d in config["dependencies"] if d.get("js") == "loraTrainerStartJob"]
     assert {ids[t[0] if isinstance(t, (list, tuple)) else t] for d in jobs for t in d["targets"]} == \
-        {"lora_trainer_train", "lora_trainer_test"}
+        {"lora_trainer_caption", "lora_trainer_train", "lora_trainer_test"}
     assert all(ids[d["inputs"][0]] == "lora_trainer_task_id" for d in jobs)
     js = (ROOT / "javascript" / "lora_trainer.js").read_text()
     assert "function loraTrainerStartJob(" in js and "requestProgress(id, gradioApp().getElementById(" \
