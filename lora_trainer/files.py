@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
+import secrets
 from pathlib import Path
 from typing import Callable, Iterator, Union
 
@@ -23,9 +23,7 @@ def atomic_path(target: PathLike) -> Iterator[Path]:
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
+    tmp_path = _new_temp_file(target)
     try:
         yield tmp_path
         with open(tmp_path, "rb+") as fh:  # make the bytes durable before they become visible
@@ -34,6 +32,18 @@ def atomic_path(target: PathLike) -> Iterator[Path]:
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+def _new_temp_file(target: Path) -> Path:
+    """An empty, new file beside `target`, created with the usual 0666 & ~umask mode (mkstemp's is 0600,
+    which would leave a published LoRA unreadable to a WebUI running as another user)."""
+    while True:
+        tmp = target.with_name(f".{target.name}.{secrets.token_hex(6)}.tmp")
+        try:
+            os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+            return tmp
+        except FileExistsError:
+            continue
 
 
 def atomic_write_bytes(target: PathLike, data: bytes) -> Path:

@@ -40,12 +40,20 @@ def tiny_train(monkeypatch, tiny_sd1):
         cfg, callbacks=callbacks, host=host, components=copy.deepcopy(tiny_sd1)))
 
 
-def _session(backend, cfg, task_id=""):
-    from lora_trainer.ui import TrainSession
+def _start(backend, cfg, after_step=None):
+    """A run as the tab and the API start it (ui.start_run); `after_step(step)` is called after each step."""
+    from lora_trainer_a1111.host import A1111Callbacks
 
-    task_id = task_id or backend.new_task_id()
-    return TrainSession(lambda cb: backend.train(cfg, cb, task_id), backend.progress_callbacks(),
-                        task_id=task_id, cfg=cfg)
+    from lora_trainer.ui import start_run
+
+    class Watched(A1111Callbacks):
+        def on_progress(self, step, total):
+            super().on_progress(step, total)
+            if after_step is not None:
+                after_step(step)
+
+    backend.progress_callbacks = Watched
+    return start_run(backend, cfg)
 
 
 def test_form_maps_to_config(webui, demo_folder, tmp_path):
@@ -74,15 +82,9 @@ def test_run_is_a_webui_job_and_publishes_with_card(webui, make_cfg, tiny_train)
     backend = A1111Backend()
     cfg = make_cfg(max_train_steps=2, trigger_word="inkwash", base_model=webui.checkpoint.filename)
     seen = []  # after each step: is the queue lock held, and what the WebUI's progress API answers for the task
-    session = _session(backend, cfg)
-    on_progress = session.callbacks.on_progress
-
-    def record(step, total):
-        on_progress(step, total)
-        seen.append((webui.call_queue.queue_lock.locked(), webui.progress.progress_of(session.task_id)))
-
-    session.callbacks.on_progress = record
-    session.start().wait(120)
+    session = _start(backend, cfg, lambda step: seen.append(
+        (webui.call_queue.queue_lock.locked(), webui.progress.progress_of(session.task_id))))
+    session.wait(120)
     result = session.result
     assert session.error is None and result is not None and not result.stopped
 
@@ -99,8 +101,9 @@ def test_run_is_a_webui_job_and_publishes_with_card(webui, make_cfg, tiny_train)
     assert webui.calls.index(("gpu", webui.sd_model)) > webui.calls.index(("refresh",))
     assert result.lora_path.parent == webui.lora_dir and result.lora_path.name == "lora.safetensors"
 
-    problem = backend.after_training(cfg, result, session)
-    assert problem == ""  # every key matches A1111's naming of the tiny model's modules
+    # Registered by the run itself (so also for runs started through the API): card, preview, refresh, key check.
+    assert session.notice == ""  # every key matches A1111's naming of the tiny model's modules
+    assert session.summary().startswith("Done: 2 steps.")
     card = json.loads(result.lora_path.with_suffix(".json").read_text())
     assert card["activation text"] == "inkwash" and card["preferred weight"] == 0.8 and card["sd version"] == "SD1"
     assert result.lora_path.with_suffix(".preview.png").is_file()  # the card's picture
@@ -114,7 +117,7 @@ def test_run_waits_for_the_webuis_current_job(webui, make_cfg, tiny_train):
     lock = webui.call_queue.queue_lock
     lock.acquire()  # a txt2img generation is running
     try:
-        session = _session(backend, make_cfg(max_train_steps=1)).start()
+        session = _start(backend, make_cfg(max_train_steps=1))
         time.sleep(0.5)
         assert session.running and session.callbacks.step == 0
         assert "waiting for the WebUI" in session.callbacks.status
@@ -129,21 +132,15 @@ def test_webui_interrupt_stops_within_a_step_and_resets(webui, make_cfg, tiny_tr
     from lora_trainer_a1111.host import A1111Backend
 
     backend = A1111Backend()
-    session = _session(backend, make_cfg(max_train_steps=50))
-    on_progress = session.callbacks.on_progress
-
-    def interrupt_at_step_2(step, total):
-        on_progress(step, total)
-        if step == 2:
-            webui.state.interrupt()  # the WebUI's Interrupt button, or POST /sdapi/v1/interrupt
-
-    session.callbacks.on_progress = interrupt_at_step_2
-    session.start().wait(120)
+    # at step 2: the WebUI's Interrupt button, or POST /sdapi/v1/interrupt
+    session = _start(backend, make_cfg(max_train_steps=50), lambda step: step == 2 and webui.state.interrupt())
+    session.wait(120)
     result = session.result
     assert result.stopped and result.steps == 2 and Path(result.state_dir).is_dir()  # resumable
     assert webui.calls[-1] == ("gpu", webui.sd_model)  # the model is back
     assert not list(webui.lora_dir.glob("*.safetensors"))
     assert not webui.state.interrupted  # the next WebUI job does not inherit the interrupt
+    assert not list(webui.lora_dir.glob("*.json"))  # nothing registered for a stopped run
 
 
 def test_caption_is_a_webui_job_with_the_model_off_the_gpu(webui, monkeypatch, demo_folder):
@@ -181,7 +178,8 @@ def test_test_grid_through_webui_txt2img(webui, make_cfg, tmp_path):
     assert all(r[1]["do_not_save_samples"] and r[1]["do_not_save_grid"] for r in runs)
     assert runs[0][2] == threading.current_thread().name  # A1111: on the caller's thread
     assert grid.width == 5 * 64 and grid.height > 64  # one labelled row
-    assert infotext.startswith("inkwash <lora:my-lora:0.8>\n") and "Seed: 1234" in infotext
+    # what Send to txt2img pastes: the prompt with its <lora:…> tag (the WebUI's own infotext drops it)
+    assert infotext.startswith("inkwash <lora:my-lora:0.8>\nSteps: 20") and "Seed: 1234" in infotext
     assert webui.progress.log == [("queued", "task(grid)"), ("start", "task(grid)"), ("finish", "task(grid)")]
     assert webui.state.job_no == 5 and webui.state.log[0] == ("begin", "task(grid)")
 

@@ -9,7 +9,8 @@
 - `sd_models`: model_data.sd_model (peek), select_checkpoint(), checkpoint_tiles(), checkpoint_aliases,
   send_model_to_cpu/device (A1111) or unload_model_weights (Forge, where the former are no-ops);
 - `processing`: StableDiffusionProcessingTxt2Img(**kw) + process_images(p) → Processed(images, infotexts);
-  process_images sets state.job_count only while it is -1 and calls state.nextjob() per picture;
+  process_images sets state.job_count only while it is -1 and calls state.nextjob() per picture; its
+  infotext's prompt line lacks the <lora:...> tags (seen in a real A1111 1.10.1 run), "Lora hashes" has them;
 - `infotext_utils`: ParamBinding + register_paste_params_button (bound later by ui.py);
 - Forge only: `modules_forge.main_thread.run_and_wait_result(fn)` (runs fn on its one worker thread) and
   `backend.patcher.lora` (model_lora_keys_unet/clip give {file key: model key}; load_lora → (taken, rest)).
@@ -20,6 +21,7 @@
 from __future__ import annotations
 
 import random
+import re
 import string
 import sys
 import threading
@@ -114,8 +116,9 @@ def _processing_module(state: State, calls: list) -> types.ModuleType:
         state.nextjob()
         shade = (hash(p.prompt) % 200) + 20
         image = Image.new("RGB", (p.width, p.height), (shade, shade, shade))
-        info = f"{p.prompt}\nSteps: {p.steps}, Sampler: {p.sampler_name}, CFG scale: {p.cfg_scale}, Seed: {p.seed}, " \
-               f"Size: {p.width}x{p.height}"
+        prompt = re.sub(r"<lora:[^>]+>", "", p.prompt)  # as A1111 1.10.1 writes it here: tags gone, hashes kept
+        info = f"{prompt}\nSteps: {p.steps}, Sampler: {p.sampler_name}, CFG scale: {p.cfg_scale}, Seed: {p.seed}, " \
+               f"Size: {p.width}x{p.height}" + (', Lora hashes: "x: 0123456789ab"' if "<lora:" in p.prompt else "")
         return types.SimpleNamespace(images=[image], infotexts=[info], info=info)
 
     m.StableDiffusionProcessingTxt2Img, m.process_images = StableDiffusionProcessingTxt2Img, process_images

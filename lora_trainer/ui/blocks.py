@@ -74,6 +74,20 @@ class Backend:
         """Buttons that take the test's generation parameters to the host's own tabs (A1111: Send to txt2img)."""
 
 
+def start_run(backend: Backend, cfg: Any, task_id: str = "") -> TrainSession:
+    """Train `cfg` in the background, then register the finished LoRA with the host (the tab and the API)."""
+    task_id = task_id or backend.new_task_id()
+
+    def run(callbacks: Callbacks) -> Any:
+        result = backend.train(cfg, callbacks, task_id)
+        if result is not None and not result.stopped:
+            session.notice = backend.after_training(cfg, result, session)
+        return result
+
+    session = TrainSession(run, backend.progress_callbacks(), task_id=task_id, cfg=cfg)
+    return session.start()
+
+
 def _js_kwargs(gr: Any, js: Optional[str]) -> Dict[str, str]:
     if not js:
         return {}
@@ -184,9 +198,7 @@ def build_blocks(backend: Backend) -> Any:
                 base_model = backend.resolve_base_model(base_value or backend.default_base_model())
                 cfg = form_to_config(name_value, folder_value, base_model, trigger_value, preset_value, low, dict(zip(fields, adv_values)),
                                      backend.output_root())
-                task = task or backend.new_task_id()
-                session = TrainSession(lambda cb: backend.train(cfg, cb, task), backend.progress_callbacks(),
-                                       task_id=task, cfg=cfg).start()
+                session = start_run(backend, cfg, task)
             except LoraTrainerError as e:
                 yield str(e), loss_plot([]), None
                 return
@@ -194,12 +206,8 @@ def build_blocks(backend: Backend) -> Any:
                 time.sleep(POLL_SECONDS)
                 cb = session.callbacks
                 yield session.summary(), loss_plot(cb.losses), str(cb.sample) if cb.sample else None
-            message = session.summary()
-            if session.result is not None and not session.result.stopped:
-                problem = backend.after_training(cfg, session.result, session)
-                message += f"\n{problem}" if problem else ""
             cb = session.callbacks
-            yield message, loss_plot(cb.losses), str(cb.sample) if cb.sample else None
+            yield session.summary(), loss_plot(cb.losses), str(cb.sample) if cb.sample else None
 
         def on_stop():
             session = TrainSession.current  # the tab's run or one started through the API

@@ -151,6 +151,7 @@ class TrainSession:
         self.callbacks = SessionCallbacks(extra)
         self.task_id = task_id  # the host's id for the run (A1111: its progress API's id_task), or ''
         self.cfg = cfg
+        self.notice = ""  # what registering the LoRA with the host had to say (e.g. the key check)
         self._run = run
         self.result: Any = None
         self.error: Optional[str] = None
@@ -196,4 +197,4 @@ class TrainSession:
             return cb.status
         if r.stopped:
             return f"Stopped at step {r.steps}; the state in {r.state_dir} resumes it."
-        return f"Done: {r.steps} steps. LoRA: {r.lora_path}"
+        return f"Done: {r.steps} steps. LoRA: {r.lora_path}" + (f"\n{self.notice}" if self.notice else "")

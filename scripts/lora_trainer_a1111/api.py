@@ -10,6 +10,7 @@ import secrets
 from typing import Any, Dict, Optional
 
 from lora_trainer.errors import LoraTrainerError
+from lora_trainer.ui.blocks import start_run
 from lora_trainer.ui.session import TrainSession, form_to_config
 
 
@@ -37,9 +38,7 @@ def start_training(body: Dict[str, Any], backend: Any) -> Dict[str, Any]:
     cfg = form_to_config(body.get("name", ""), body.get("folder", ""), base_model, body.get("trigger_word", ""),
                          body.get("preset", "style"), bool(body.get("low_vram", False)), body.get("options", {}),
                          backend.output_root())
-    task_id = backend.new_task_id()
-    TrainSession(lambda cb: backend.train(cfg, cb, task_id), backend.progress_callbacks(), task_id=task_id,
-                 cfg=cfg).start()
+    start_run(backend, cfg)
     return status()
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, List, Optional, Tuple
 
 from lora_trainer.callbacks import Callbacks, HostInterface
-from lora_trainer.files import atomic_write_text
+from lora_trainer.files import atomic_write_text, atomic_write_with
 from lora_trainer.ui.blocks import Backend
 from lora_trainer.ui.session import TEST_STRENGTHS
 
@@ -150,7 +150,7 @@ def write_card(lora_path: Path, trigger_word: str, family: str, preview: Any = N
         from PIL import Image
 
         image = preview if isinstance(preview, Image.Image) else Image.open(preview)
-        image.save(lora_path.with_suffix(".preview.png"))
+        atomic_write_with(lora_path.with_suffix(".preview.png"), lambda tmp: image.save(tmp, format="PNG"))
     return path
 
 
@@ -312,5 +312,13 @@ def txt2img_pictures(lora_name: str, prompt: str, seed: int, size: int, steps: i
             processed = processing.process_images(p)
         pictures.append(processed.images[0])
         if w == PREFERRED_WEIGHT:
-            infotext = processed.infotexts[0]
+            infotext = with_prompt(processed.infotexts[0], text)
     return pictures, infotext
+
+
+def with_prompt(infotext: str, prompt: str) -> str:
+    """`infotext` with `prompt` as its prompt. The WebUI writes the prompt without its <lora:…> tags here (seen
+    in A1111 1.10.1: only "Lora hashes" names the LoRA), and "Send to txt2img" must bring the tag along."""
+    lines = infotext.split("\n")
+    rest = [line for i, line in enumerate(lines) if i == len(lines) - 1 or line.startswith("Negative prompt:")]
+    return "\n".join([prompt, *rest])
