@@ -1,6 +1,6 @@
 """The standalone UI in headless Chromium (Debian's chromium via Playwright; gradio4 stage): caption a folder,
 edit nothing else, train the tiny model for 3 steps, see the loss plot and samples, render the test grid,
-take a screenshot (LORA_TRAINER_SCREENSHOT=path also keeps it, e.g. docs/a1111_tab.png)."""
+take a screenshot (LORA_TRAINER_SCREENSHOT=path also keeps it, e.g. docs/standalone_ui.png)."""
 
 from __future__ import annotations
 
