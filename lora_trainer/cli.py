@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
-from .callbacks import Callbacks, MultiCallbacks
+from .callbacks import Callbacks
 from .errors import LoraTrainerError
 
 
@@ -123,12 +123,10 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 def run_training(cfg, resume: Optional[str] = None, components=None):
-    """Train with the console bar and the log files attached (shared by `train` and `demo`)."""
-    from .monitor import log_callbacks
+    """Train with the console bar and Ctrl-C handling (shared by `train` and `demo`)."""
     from .train import train
 
     console = ConsoleCallbacks()
-    loggers = log_callbacks(Path(cfg.output_dir), console)
     previous = signal.getsignal(signal.SIGINT)
 
     def on_interrupt(signum, frame):
@@ -139,12 +137,10 @@ def run_training(cfg, resume: Optional[str] = None, components=None):
 
     signal.signal(signal.SIGINT, on_interrupt)
     try:
-        return train(cfg, MultiCallbacks(console, *loggers), resume=resume, components=components)
+        return train(cfg, console, resume=resume, components=components)
     finally:
         signal.signal(signal.SIGINT, previous)
         console.close()
-        for logger in loggers:
-            logger.close()
 
 
 def _train(args) -> int:

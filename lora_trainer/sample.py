@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, List, Optional, Sequence
+from typing import Any, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -97,19 +97,40 @@ def render_grid(components: Any, prompts: Sequence[str], strengths: Sequence[flo
 
 def label_grid(rows: List[List[Any]], column_labels: List[str], row_labels: List[str], seed: int) -> Any:
     """Paste images into a grid with a header row of column labels and a label under each row."""
-    from PIL import Image, ImageDraw, ImageFont
+    from PIL import Image, ImageDraw
 
-    font = ImageFont.load_default()
     w, h = rows[0][0].size
-    header, footer = 18, 16
+    font, size = _label_font(max(10, w // 40))  # readable on 1024 px pictures as on 64 px ones
+    header, footer = size + 8, size + 6
     grid = Image.new("RGB", (w * len(column_labels), header + (h + footer) * len(rows)), "white")
     draw = ImageDraw.Draw(grid)
     for c, label in enumerate(column_labels):
-        draw.text((c * w + 4, 3), label, fill="black", font=font)
+        draw.text((c * w + 4, 3), _fit(draw, font, label, w - 8, drop_words=True), fill="black", font=font)
     for r, row in enumerate(rows):
         top = header + r * (h + footer)
         for c, image in enumerate(row):
             grid.paste(image.convert("RGB"), (c * w, top))
-        text = f"{row_labels[r]}  (seed {seed})"
-        draw.text((4, top + h + 2), text[: max(8, grid.width // 6)], fill="black", font=font)
+        text = _fit(draw, font, f"{row_labels[r]}  (seed {seed})", grid.width - 8, drop_words=False)
+        draw.text((4, top + h + 2), text, fill="black", font=font)
     return grid
+
+
+def _label_font(size: int) -> Tuple[Any, int]:
+    """Pillow's built-in font at `size` px; Pillow < 10.1 (A1111 pins 9.5) only has a fixed ~11 px bitmap font."""
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.load_default(size=size), size
+    except (TypeError, ImportError, OSError):
+        return ImageFont.load_default(), 11
+
+
+def _fit(draw: Any, font: Any, text: str, width: int, drop_words: bool) -> str:
+    """`text` cut to `width` px; column labels lose leading words first ("strength 0.5" → "0.5")."""
+    words = text.split(" ")
+    while drop_words and len(words) > 1 and draw.textlength(" ".join(words), font=font) > width:
+        words = words[1:]
+    text = " ".join(words)
+    while len(text) > 1 and draw.textlength(text, font=font) > width:
+        text = text[:-1]
+    return text

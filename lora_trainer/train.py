@@ -18,7 +18,7 @@ from typing import Any, List, Mapping, Optional
 import torch
 import torch.nn.functional as F
 
-from .callbacks import Callbacks, HostInterface
+from .callbacks import Callbacks, HostInterface, MultiCallbacks
 from .config import TrainConfig
 from .dataset import epoch_batches, plan_crop, prepare_image, process_caption
 from .errors import TrainingError
@@ -39,12 +39,18 @@ class TrainResult:
 def train(cfg: TrainConfig, callbacks: Optional[Callbacks] = None, host: Optional[HostInterface] = None,
           base_weights: Optional[Mapping[str, torch.Tensor]] = None, base_name: Optional[str] = None,
           resume: Optional[str] = None, components: Any = None) -> TrainResult:
-    """Train a LoRA as `cfg` says. `base_weights` is a host's in-memory state dict (original layout)."""
+    """Train a LoRA as `cfg` says. `base_weights` is a host's in-memory state dict (original layout).
+
+    Every run writes `output_dir/logs` (TensorBoard + train.jsonl), whichever front end started it.
+    """
     from .checkpoints import Checkpointer
+    from .monitor import log_callbacks
 
     cb = callbacks or Callbacks()
     host = host or HostInterface()
     inputs = check_inputs(cfg, cb, resume)  # bad images or a foreign resume folder: the host keeps its GPU
+    loggers = log_callbacks(Path(cfg.output_dir), cb)
+    cb = MultiCallbacks(cb, *loggers)
     host.free_gpu()
     run = None
     try:
@@ -68,6 +74,8 @@ def train(cfg: TrainConfig, callbacks: Optional[Callbacks] = None, host: Optiona
         if run is not None:
             _release(run)
         host.restore_gpu()
+        for logger in loggers:
+            logger.close()
 
 
 def _loop(run: Run, cb: Callbacks, checkpointer: Any) -> "tuple[List[float], bool]":

@@ -108,6 +108,9 @@ def test_run_is_a_webui_job_and_publishes_with_card(webui, make_cfg, tiny_train)
     assert card["activation text"] == "inkwash" and card["preferred weight"] == 0.8 and card["sd version"] == "SD1"
     assert result.lora_path.with_suffix(".preview.png").is_file()  # the card's picture
     assert webui.calls.count(("refresh",)) == 2  # by the core after publishing, and after the card
+    log = [json.loads(x) for x in (Path(cfg.output_dir) / "logs" / "train.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in log if x["event"] == "loss"] == [1, 2]  # tab and API runs log like the CLI
+    assert list((Path(cfg.output_dir) / "logs").glob("events.out.tfevents.*"))
 
 
 def test_run_waits_for_the_webuis_current_job(webui, make_cfg, tiny_train):

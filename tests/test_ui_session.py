@@ -24,7 +24,7 @@ def test_form_errors_are_user_messages(demo_folder, tmp_path):
 
     with pytest.raises(ConfigError, match="image folder"):
         form_to_config("a", " ", "", "", "style", False, {}, tmp_path)
-    with pytest.raises(ConfigError, match="lora_ran"):
+    with pytest.raises(ConfigError, match="Unknown config key 'lora_ran'. Did you mean 'lora_rank'"):
         form_to_config("a", str(demo_folder), "", "", "style", False, {"lora_ran": 3}, tmp_path)
 
 

@@ -57,10 +57,8 @@ def form_to_config(name: str, folder: str, base_model: str, trigger_word: str, p
     for key, value in advanced.items():
         if key in MAIN_FIELDS:
             continue
-        if key not in defaults:
-            raise ConfigError(f"Unknown option {key!r}.")
-        if _differs(value, defaults[key]["default"]):
-            data[key] = value
+        if key not in defaults or _differs(value, defaults[key]["default"]):
+            data[key] = value  # an unknown key is refused by config_from_dict, naming the nearest valid one
     data.update(train_data_dir=str(folder).strip(), base_model=(base_model or "").strip(),
                 trigger_word=(trigger_word or "").strip(), output_name=name,
                 output_dir=str(Path(output_root) / name))

@@ -100,6 +100,8 @@ def test_api_routes_behind_auth(tmp_path, demo_folder):
     assert client.post("/lora_trainer/train", json=body, auth=("alice", "wrong")).status_code == 401
     bad = client.post("/lora_trainer/train", json={**body, "name": "../x"}, auth=("alice", "secret"))
     assert bad.status_code == 400 and "LoRA name" in bad.json()["detail"]
+    typo = client.post("/lora_trainer/train", json={**body, "options": {"lerning_rate": 1e-4}}, auth=("alice", "secret"))
+    assert typo.status_code == 400 and "Did you mean 'learning_rate'?" in typo.json()["detail"]
     started = client.post("/lora_trainer/train", json=body, auth=("alice", "secret")).json()
     assert started["running"] is True
     time.sleep(0.2)
