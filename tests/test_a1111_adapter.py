@@ -67,10 +67,10 @@ def test_form_maps_to_config(webui, demo_folder, tmp_path):
     assert backend.resolve_base_model(selected) == webui.checkpoint.filename  # the dropdown's title → the file
     assert backend.resolve_base_model("/models/other.safetensors") == "/models/other.safetensors"  # typed path
     cfg = form_to_config("my style", str(demo_folder), backend.resolve_base_model(selected), "inkwash", "character",
-                         True, {"lora_rank": 16, "epochs": 3, "target_modules": "to_q, to_v"}, backend.output_root())
+                         True, {"lora_alpha": 16, "epochs": 3, "target_modules": "to_q, to_v"}, backend.output_root())
     assert cfg.output_name == "my style" and cfg.trigger_word == "inkwash"
     assert cfg.base_model == webui.checkpoint.filename
-    assert cfg.lora_rank == 32  # the preset's; 16 is the field default, so the form did not change it
+    assert cfg.lora_rank == 32  # the preset's, as the form shows it (not sent: kept)
     assert cfg.epochs == 3 and cfg.target_modules == ["to_q", "to_v"]
     assert cfg.gradient_checkpointing and cfg.gradient_accumulation_steps == 4  # low VRAM
     assert Path(cfg.output_dir) == tmp_path / "outputs" / "lora_trainer" / "my style"

@@ -18,6 +18,21 @@ def test_presets_then_user_changes(demo_folder, tmp_path):
     assert all(getattr(cfg, k) == v for k, v in LOW_VRAM.items())
 
 
+def test_the_form_shows_the_preset_and_a_value_set_back_to_the_plain_default_wins(demo_folder, tmp_path):
+    from lora_trainer.config import field_help
+    from lora_trainer.ui import PRESETS, form_to_config, preset_values
+
+    shown = preset_values("style", False)
+    assert shown["lora_alpha"] == PRESETS["style"]["lora_alpha"] != field_help()["lora_alpha"]["default"]
+    assert preset_values("style", True)["gradient_checkpointing"] is True
+    cfg = form_to_config("a", str(demo_folder), "m.safetensors", "", "style", False, shown, tmp_path)
+    assert cfg.lora_alpha == PRESETS["style"]["lora_alpha"] and cfg.flip_aug is True  # the form as shown
+    # The user types 32 (the config's default) over the preset's 16: 32 is what they get.
+    cfg = form_to_config("a", str(demo_folder), "m.safetensors", "", "style", False,
+                         {**shown, "lora_alpha": 32.0, "flip_aug": False}, tmp_path)
+    assert cfg.lora_alpha == 32.0 and cfg.flip_aug is False
+
+
 def test_form_errors_are_user_messages(demo_folder, tmp_path):
     from lora_trainer.errors import ConfigError
     from lora_trainer.ui import form_to_config

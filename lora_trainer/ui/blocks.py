@@ -13,7 +13,8 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from ..callbacks import Callbacks, HostInterface
 from ..errors import LoraTrainerError
-from .session import PRESETS, TEST_STRENGTHS, TrainSession, advanced_fields, form_to_config, loss_plot
+from .session import (LOW_VRAM, PRESETS, TEST_STRENGTHS, TrainSession, advanced_fields, form_to_config, loss_plot,
+                      preset_values)
 
 POLL_SECONDS = 1.0
 
@@ -94,16 +95,20 @@ def _js_kwargs(gr: Any, js: Optional[str]) -> Dict[str, str]:
     return {"js": js} if int(gr.__version__.split(".")[0]) >= 4 else {"_js": js}
 
 
-def _field_component(gr: Any, name: str, info: Dict[str, Any]) -> Any:
-    label, help_text, default = name, info.get("help", ""), info["default"]
+def _field_component(gr: Any, name: str, info: Dict[str, Any], value: Any) -> Any:
+    common = dict(label=name, info=info.get("help", ""), elem_id=f"lora_trainer_opt_{name}")
     if info.get("choices"):
-        return gr.Dropdown(choices=list(info["choices"]), value=default, label=label, info=help_text)
+        return gr.Dropdown(choices=list(info["choices"]), value=value, **common)
     if info["type"] == "bool":
-        return gr.Checkbox(value=default, label=label, info=help_text)
+        return gr.Checkbox(value=value, **common)
     if info["type"] in ("int", "float"):
-        return gr.Number(value=default, label=label, info=help_text, precision=0 if info["type"] == "int" else None)
-    value = ", ".join(map(str, default)) if isinstance(default, list) else default
-    return gr.Textbox(value=value, label=label, info=help_text)
+        return gr.Number(value=value, precision=0 if info["type"] == "int" else None, **common)
+    return gr.Textbox(value=_shown(value), **common)
+
+
+def _shown(value: Any) -> Any:
+    """A config value as its form field holds it (lists as comma-separated text)."""
+    return ", ".join(map(str, value)) if isinstance(value, list) else value
 
 
 def read_rows(folder: str) -> List[List[str]]:
@@ -144,11 +149,12 @@ def build_blocks(backend: Backend) -> Any:
             base = gr.Dropdown(label="Base model", choices=backend.base_model_choices(), value=backend.default_base_model,
                                allow_custom_value=True, elem_id="lora_trainer_base")
             preset = gr.Dropdown(choices=list(PRESETS), value="style", label="Preset", elem_id="lora_trainer_preset")
-            low_vram = gr.Checkbox(label="Low VRAM", value=False)
-        adv = []
-        with gr.Accordion("Advanced options", open=False):
-            for key, info in fields.items():
-                adv.append(_field_component(gr, key, info))
+            low_vram = gr.Checkbox(label="Low VRAM", value=False, elem_id="lora_trainer_low_vram")
+        shown = preset_values(preset.value, low_vram.value)
+        with gr.Accordion("Advanced options", open=False, elem_id="lora_trainer_advanced"):
+            adv = {key: _field_component(gr, key, info, shown[key]) for key, info in fields.items()}
+        # The fields a preset or Low VRAM sets follow them, so the form always shows what a run will use.
+        synced = [key for key in fields if key in LOW_VRAM or any(key in p for p in PRESETS.values())]
         with gr.Row():
             task_id = gr.Textbox(visible=False, elem_id="lora_trainer_task_id")  # filled by job_js
             train_btn = gr.Button("Train", variant="primary", elem_id="lora_trainer_train")
@@ -209,6 +215,10 @@ def build_blocks(backend: Backend) -> Any:
             cb = session.callbacks
             yield session.summary(), loss_plot(cb.losses), str(cb.sample) if cb.sample else None
 
+        def on_preset(preset_value, low):
+            values = preset_values(preset_value, low)
+            return [gr.update(value=_shown(values[key])) for key in synced]
+
         def on_stop():
             session = TrainSession.current  # the tab's run or one started through the API
             if session is not None and session.running:
@@ -231,8 +241,10 @@ def build_blocks(backend: Backend) -> Any:
         save_btn.click(on_save, [folder, table], [status])
         caption_btn.click(on_caption, [task_id, folder, trigger], [gallery, table, status],
                           **_js_kwargs(gr, backend.job_js))
-        train_btn.click(on_train, [task_id, folder, trigger, name, base, preset, low_vram, *adv], [status, plot, sample],
+        train_btn.click(on_train, [task_id, folder, trigger, name, base, preset, low_vram, *adv.values()], [status, plot, sample],
                         **_js_kwargs(gr, backend.job_js)).then(None, None, None, **_js_kwargs(gr, backend.refresh_js))
         stop_btn.click(on_stop, None, [status])
+        for control in (preset, low_vram):
+            control.change(on_preset, [preset, low_vram], [adv[key] for key in synced])
         test_btn.click(on_test, [task_id, prompt, seed], [grid, infotext, status], **_js_kwargs(gr, backend.job_js))
     return blocks

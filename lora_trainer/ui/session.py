@@ -44,20 +44,27 @@ def advanced_fields() -> Dict[str, Dict[str, Any]]:
     return {k: v for k, v in field_help().items() if k not in MAIN_FIELDS}
 
 
+def preset_values(preset: str, low_vram: bool) -> Dict[str, Any]:
+    """Each advanced option's value under a preset: what the tab's form shows, what the API's options go over."""
+    values = {key: info["default"] for key, info in advanced_fields().items()}
+    values.update(PRESETS.get(preset, {}))
+    if low_vram:
+        values.update(LOW_VRAM)
+    return values
+
+
 def form_to_config(name: str, folder: str, base_model: str, trigger_word: str, preset: str, low_vram: bool,
                    advanced: Mapping[str, Any], output_root: str | Path) -> TrainConfig:
-    """Build the validated config of a run from the tab's fields (advanced: only values the user changed win)."""
+    """Build the validated config of a run from the tab's fields (advanced: values that differ from the preset win)."""
     name = safe_lora_name(name)
     if not (folder or "").strip():
         raise ConfigError("Pick the image folder first.")
-    data: Dict[str, Any] = dict(PRESETS.get(preset, {}))
-    if low_vram:
-        data.update(LOW_VRAM)
-    defaults = field_help()
+    baseline = preset_values(preset, low_vram)
+    data: Dict[str, Any] = dict(baseline)
     for key, value in advanced.items():
         if key in MAIN_FIELDS:
             continue
-        if key not in defaults or _differs(value, defaults[key]["default"]):
+        if key not in baseline or _differs(value, baseline[key]):
             data[key] = value  # an unknown key is refused by config_from_dict, naming the nearest valid one
     data.update(train_data_dir=str(folder).strip(), base_model=(base_model or "").strip(),
                 trigger_word=(trigger_word or "").strip(), output_name=name,

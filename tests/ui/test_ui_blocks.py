@@ -42,6 +42,22 @@ def test_blocks_build_with_generated_advanced_form():
     assert isinstance(blocks, gr.Blocks)
 
 
+def test_advanced_form_shows_and_follows_the_preset():
+    from lora_trainer.ui import LOW_VRAM, PRESETS, advanced_fields, build_blocks, preset_values
+
+    blocks = build_blocks(TinyBackend())
+    by_label = {getattr(b, "label", None): b for b in blocks.blocks.values()}
+    assert by_label["lora_alpha"].value == PRESETS["style"]["lora_alpha"]  # the initial preset's, not the config's 32
+    assert by_label["flip_aug"].value is True
+    # Changing the preset or Low VRAM sets every field they touch, in form order.
+    touched = [k for k in advanced_fields() if k in LOW_VRAM or any(k in p for p in PRESETS.values())]
+    assert {"lora_rank", "lora_alpha", "flip_aug", "gradient_checkpointing"} <= set(touched)
+    updates = _handlers(blocks)["on_preset"]("character", True)
+    shown = preset_values("character", True)
+    assert [u["value"] for u in updates] == [shown[k] for k in touched]
+    assert shown["lora_rank"] == 32 and shown["gradient_checkpointing"] is True
+
+
 def test_folder_captions_train_and_grid(built, demo_folder):
     h, tmp_path = built
     pics, rows, status = h["on_load"](str(demo_folder))
@@ -50,10 +66,9 @@ def test_folder_captions_train_and_grid(built, demo_folder):
     assert "saved 8 captions" in h["on_save"](str(demo_folder), rows)
     assert h["on_load"](str(demo_folder))[1][0][1] == "inkwash, a red house"
 
-    from lora_trainer.config import field_help
-    from lora_trainer.ui import advanced_fields
+    from lora_trainer.ui import preset_values
 
-    adv = [field_help()[k]["default"] for k in advanced_fields()]
+    adv = list(preset_values("style", False).values())  # what the form shows
     updates = list(h["on_train"]("", str(demo_folder), "inkwash", "tiny-lora", "", "style", False, *adv))
     message, plot, sample = updates[-1]
     assert message.startswith("Done: 3 steps"), message
@@ -67,9 +82,8 @@ def test_folder_captions_train_and_grid(built, demo_folder):
 
 def test_bad_name_is_shown_not_raised(built, demo_folder):
     h, _ = built
-    from lora_trainer.config import field_help
-    from lora_trainer.ui import advanced_fields
+    from lora_trainer.ui import preset_values
 
-    adv = [field_help()[k]["default"] for k in advanced_fields()]
+    adv = list(preset_values("style", False).values())
     message, _, _ = next(h["on_train"]("", str(demo_folder), "", "../escape", "", "style", False, *adv))
     assert "LoRA name" in message

@@ -1,5 +1,5 @@
 """The standalone UI in headless Chromium (Debian's chromium via Playwright; gradio4 stage): caption a folder,
-edit nothing else, train the tiny model for 3 steps, see the loss plot and samples, render the test grid,
+see the advanced form follow Low VRAM, train the tiny model for 3 steps, see the loss plot and samples, render the test grid,
 take a screenshot (LORA_TRAINER_SCREENSHOT=path also keeps it, e.g. docs/standalone_ui.png)."""
 
 from __future__ import annotations
@@ -69,6 +69,15 @@ def test_standalone_ui_in_chromium(tmp_path, tiny_sd1, demo_folder, monkeypatch)
             page.locator("#lora_trainer_caption").click()
             expect(status).to_have_value("captioned 4 images", timeout=30_000)
             assert "inkwash, a small painted house" in (folder / "metadata.csv").read_text()
+
+            # The advanced form follows Low VRAM (and the preset): it shows what the run will use.
+            accumulation = page.locator("#lora_trainer_opt_gradient_accumulation_steps input")
+            page.locator("#lora_trainer_advanced").get_by_text("Advanced options").click()
+            expect(accumulation).to_have_value("1")
+            page.locator("#lora_trainer_low_vram input").check()
+            expect(accumulation).to_have_value("4")
+            page.locator("#lora_trainer_low_vram input").uncheck()
+            expect(accumulation).to_have_value("1")
 
             page.locator("#lora_trainer_name textarea").fill("tiny-lora")
             page.locator("#lora_trainer_train").click()
