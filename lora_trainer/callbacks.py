@@ -52,7 +52,7 @@ class HostInterface:
 
 
 class MultiCallbacks(Callbacks):
-    """Fan one event out to several callbacks (the CLI bar plus the log writers)."""
+    """Fan one event out to several callbacks (a front end's plus the log writers)."""
 
     def __init__(self, *callbacks: Callbacks) -> None:
         self.callbacks = [c for c in callbacks if c is not None]

@@ -68,7 +68,7 @@ class TensorBoardLogger(Callbacks):
 
 
 def log_callbacks(output_dir: Path, status: Optional[Callbacks] = None) -> list:
-    """The loggers every front end attaches: JSON lines always, TensorBoard when installed."""
+    """The loggers `train()` attaches to every run: JSON lines always, TensorBoard when installed."""
     log_dir = Path(output_dir) / "logs"
     loggers: list = [JsonlLogger(log_dir)]
     try:

@@ -13,8 +13,8 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from ..callbacks import Callbacks, HostInterface
 from ..errors import LoraTrainerError
-from .session import (LOW_VRAM, PRESETS, TEST_STRENGTHS, TrainSession, advanced_fields, form_to_config, loss_plot,
-                      preset_values)
+from .session import (PRESET_FIELDS, PRESETS, TEST_STRENGTHS, TrainSession, advanced_fields, form_to_config,
+                      loss_plot, preset_values)
 
 POLL_SECONDS = 1.0
 
@@ -153,8 +153,7 @@ def build_blocks(backend: Backend) -> Any:
         shown = preset_values(preset.value, low_vram.value)
         with gr.Accordion("Advanced options", open=False, elem_id="lora_trainer_advanced"):
             adv = {key: _field_component(gr, key, info, shown[key]) for key, info in fields.items()}
-        # The fields a preset or Low VRAM sets follow them, so the form always shows what a run will use.
-        synced = [key for key in fields if key in LOW_VRAM or any(key in p for p in PRESETS.values())]
+        synced = [key for key in fields if key in PRESET_FIELDS]  # they follow the preset: the form shows the run
         with gr.Row():
             task_id = gr.Textbox(visible=False, elem_id="lora_trainer_task_id")  # filled by job_js
             train_btn = gr.Button("Train", variant="primary", elem_id="lora_trainer_train")

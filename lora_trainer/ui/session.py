@@ -23,6 +23,8 @@ PRESETS: Dict[str, Dict[str, Any]] = {
 }
 LOW_VRAM = {"batch_size": 1, "gradient_accumulation_steps": 4, "gradient_checkpointing": True,
             "cache_latents": True}
+# The options a preset or Low VRAM sets: the tab's form updates these when either changes.
+PRESET_FIELDS = frozenset(LOW_VRAM).union(*PRESETS.values())
 # Fields that have their own place in the tab rather than in the generated advanced form.
 MAIN_FIELDS = ("train_data_dir", "base_model", "trigger_word", "output_name", "output_dir")
 TEST_STRENGTHS = (0.0, 0.5, 0.6, 0.7, 0.8)

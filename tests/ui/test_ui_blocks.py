@@ -43,14 +43,14 @@ def test_blocks_build_with_generated_advanced_form():
 
 
 def test_advanced_form_shows_and_follows_the_preset():
-    from lora_trainer.ui import LOW_VRAM, PRESETS, advanced_fields, build_blocks, preset_values
+    from lora_trainer.ui import PRESET_FIELDS, PRESETS, advanced_fields, build_blocks, preset_values
 
     blocks = build_blocks(TinyBackend())
     by_label = {getattr(b, "label", None): b for b in blocks.blocks.values()}
     assert by_label["lora_alpha"].value == PRESETS["style"]["lora_alpha"]  # the initial preset's, not the config's 32
     assert by_label["flip_aug"].value is True
     # Changing the preset or Low VRAM sets every field they touch, in form order.
-    touched = [k for k in advanced_fields() if k in LOW_VRAM or any(k in p for p in PRESETS.values())]
+    touched = [k for k in advanced_fields() if k in PRESET_FIELDS]
     assert {"lora_rank", "lora_alpha", "flip_aug", "gradient_checkpointing"} <= set(touched)
     updates = _handlers(blocks)["on_preset"]("character", True)
     shown = preset_values("character", True)
