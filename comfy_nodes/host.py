@@ -11,6 +11,7 @@ from typing import Any, Dict, Iterable, List, Optional
 
 from ..lora_trainer.callbacks import Callbacks, HostInterface
 from ..lora_trainer.errors import LoraTrainerError
+from ..lora_trainer.model.loader import HandedOver
 
 
 class ComfyCallbacks(Callbacks):
@@ -24,6 +25,7 @@ class ComfyCallbacks(Callbacks):
         self.node_id = node_id
         self.bar: Any = None
         self.stopped = False
+        self.plan = ""
 
     def on_progress(self, step: int, total: int) -> None:
         import comfy.model_management as mm
@@ -39,6 +41,8 @@ class ComfyCallbacks(Callbacks):
             self.stopped = True
 
     def on_status(self, message: str) -> None:
+        if message.startswith("memory plan"):
+            self.plan = message  # shown on the node with the result
         print(f"[LoRA Trainer] {message}", flush=True)  # flushed: the log is how a user follows a run
 
     def should_stop(self) -> bool:
@@ -83,7 +87,7 @@ class ComfyHost(HostInterface):
         getattr(folder_paths, "filename_list_cache", {}).pop("loras", None)
 
 
-def graph_weights(model: Any, clip: Any = None, vae: Any = None) -> Dict[str, Any]:
+def graph_weights(model: Any, clip: Any = None, vae: Any = None) -> HandedOver:
     """The graph's weights as one original-layout state dict, the way CheckpointSave builds it.
 
     Call under `torch.inference_mode(False)`: the copies are then ordinary tensors that autograd
@@ -100,7 +104,8 @@ def graph_weights(model: Any, clip: Any = None, vae: Any = None) -> Dict[str, An
         vae_sd = vae.get_sd()
     mm.load_models_gpu(load, force_patch_weights=True)  # bakes in any LoRA applied upstream, as CheckpointSave
     sd = model.model.state_dict_for_saving(clip_sd, vae_sd, None)
-    return {k: v.detach().to("cpu", copy=True) for k, v in sd.items()}
+    # Handed over: the loader turns these copies into the training copy tensor by tensor, never a second one.
+    return HandedOver((k, v.detach().to("cpu", copy=True)) for k, v in sd.items())
 
 
 def lora_module_names(keys: Iterable[str]) -> List[str]:

@@ -15,6 +15,7 @@ import torch
 
 from ..lora_trainer.config import load_config
 from ..lora_trainer.errors import ConfigError
+from ..lora_trainer.memory import budget_is_set
 from ..lora_trainer.train import TrainResult, train
 from .fingerprint import folder_fingerprint
 from .host import ComfyCallbacks, ComfyHost, check_lora_keys, graph_weights, load_lora_file
@@ -87,7 +88,7 @@ class TrainLoRA:
             import nodes
 
             model, clip = nodes.CheckpointLoaderSimple().load_checkpoint(ckpt_name)[:2]
-        return apply_result(result, model, clip)
+        return apply_result(result, model, clip, callbacks.plan)
 
 
 def node_config(dataset_path: str, lora_name: str, rank: int, alpha: float, steps: int, learning_rate: float,
@@ -102,7 +103,10 @@ def node_config(dataset_path: str, lora_name: str, rank: int, alpha: float, step
                  seed=seed, output_dir=str(Path(folder_paths.get_output_directory()) / "lora_trainer" / lora_name))
     if ckpt_name != FROM_GRAPH:
         extra["base_model"] = folder_paths.get_full_path_or_raise("checkpoints", ckpt_name)
-    return load_config(config_file.strip() or None, **extra)
+    cfg = load_config(config_file.strip() or None, **extra)
+    if torch.cuda.is_available() and not budget_is_set(cfg.memory_budget_gb):
+        cfg = cfg.replace(memory_budget_gb="auto")  # fit what is free once ComfyUI's models are unloaded
+    return cfg
 
 
 def run_training(cfg: Any, callbacks: ComfyCallbacks, model: Any, clip: Any, vae: Any, ckpt_name: str,
@@ -119,7 +123,7 @@ def run_training(cfg: Any, callbacks: ComfyCallbacks, model: Any, clip: Any, vae
                  resume=cfg.output_dir if resume else None)
 
 
-def apply_result(result: TrainResult, model: Any, clip: Any) -> dict:
+def apply_result(result: TrainResult, model: Any, clip: Any, plan: str = "") -> dict:
     """Check the file against ComfyUI's key map, apply it to the graph's MODEL/CLIP, draw the loss curve."""
     import comfy.sd
 
@@ -127,5 +131,5 @@ def apply_result(result: TrainResult, model: Any, clip: Any) -> dict:
     check_lora_keys(lora, model, clip)
     model_lora, clip_lora = comfy.sd.load_lora_for_models(model, clip, lora, 1.0, 1.0)
     curve = loss_curve(result.losses)
-    return {"ui": {"text": [f"saved {result.lora_path} after {result.steps} steps"]},
+    return {"ui": {"text": [f"saved {result.lora_path} after {result.steps} steps", *([plan] if plan else [])]},
             "result": (model_lora, clip_lora, result.lora_path.name, curve)}

@@ -1,57 +1,18 @@
-"""`python -m lora_trainer …`: train, sample, demo, convert and caption from the command line.
+"""`python -m lora_trainer …`: train, plan, sample, demo, convert and caption from the command line.
 
 Errors the user can fix are printed as one line (exit code 2); Ctrl-C stops training after the
-current step and leaves a resumable state (a second Ctrl-C aborts).
+current step and leaves a resumable state (a second Ctrl-C aborts; see console.py).
 """
 
 from __future__ import annotations
 
 import argparse
-import signal
 import sys
 from pathlib import Path
 from typing import List, Optional
 
-from .callbacks import Callbacks
+from .console import ConsoleCallbacks, run_training
 from .errors import LoraTrainerError
-
-
-class ConsoleCallbacks(Callbacks):
-    """A tqdm bar with the loss, status lines above it, and Ctrl-C as a graceful stop."""
-
-    def __init__(self, unit: str = "step") -> None:
-        self.unit = unit
-        self.bar = None
-        self.stop_requested = False
-
-    def on_progress(self, step: int, total: int) -> None:
-        from tqdm import tqdm
-
-        if self.bar is None:
-            self.bar = tqdm(total=total, initial=step, unit=self.unit, dynamic_ncols=True)
-        self.bar.n = step
-        self.bar.refresh()
-
-    def on_status(self, message: str) -> None:
-        if message:
-            (self.bar.write if self.bar is not None else print)(message)
-
-    def on_loss(self, step: int, loss: float, lr: float) -> None:
-        if self.bar is not None:
-            self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", refresh=False)
-
-    def on_saved(self, path: Path, final: bool) -> None:
-        self.on_status(f"{'LoRA' if final else 'checkpoint'} saved: {path}")
-
-    def on_sample(self, step: int, path: Path, image=None) -> None:
-        self.on_status(f"samples: {path}")
-
-    def should_stop(self) -> bool:
-        return self.stop_requested
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -62,6 +23,14 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--config", help="YAML config (see configs/)")
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     t.add_argument("--resume", metavar="DIR", help="continue from a run's output_dir or state folder")
+
+    m = sub.add_parser("plan", help="predict a run's peak memory before loading anything, and what fits a budget")
+    m.add_argument("--config", help="YAML config (see configs/)")
+    m.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    m.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: the config's device)")
+    m.add_argument("--budget-gb", default=None, metavar="X",
+                   help="a number of GB, or auto (free memory now); default: the config's memory_budget_gb")
+    m.add_argument("--json", action="store_true", help="print the plan as JSON")
 
     s = sub.add_parser("sample", help="render a labelled strength grid of a LoRA")
     s.add_argument("--base-model", required=True)
@@ -115,32 +84,11 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Optional[List[str]] = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        return {"train": _train, "sample": _sample, "demo": _demo, "convert": _convert,
+        return {"train": _train, "plan": _plan, "sample": _sample, "demo": _demo, "convert": _convert,
                 "caption": _caption, "ui": _ui}[args.command](args)
     except LoraTrainerError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-
-
-def run_training(cfg, resume: Optional[str] = None, components=None):
-    """Train with the console bar and Ctrl-C handling (shared by `train` and `demo`)."""
-    from .train import train
-
-    console = ConsoleCallbacks()
-    previous = signal.getsignal(signal.SIGINT)
-
-    def on_interrupt(signum, frame):
-        if console.stop_requested:
-            raise KeyboardInterrupt
-        console.stop_requested = True
-        console.on_status("stopping after this step (Ctrl-C again to abort)…")
-
-    signal.signal(signal.SIGINT, on_interrupt)
-    try:
-        return train(cfg, console, resume=resume, components=components)
-    finally:
-        signal.signal(signal.SIGINT, previous)
-        console.close()
 
 
 def _train(args) -> int:
@@ -152,6 +100,17 @@ def _train(args) -> int:
         print(f"stopped at step {result.steps}; continue with: --resume {cfg.output_dir}")
         return 1
     print(f"LoRA: {result.lora_path}")
+    return 0
+
+
+def _plan(args) -> int:
+    from .config import load_config
+    from .plan import plan_memory
+
+    cfg = load_config(args.config, args.set)
+    budget = args.budget_gb if args.budget_gb is not None else cfg.memory_budget_gb
+    plan = plan_memory(cfg, args.device, budget)
+    print(plan.to_json() if args.json else plan.summary())
     return 0
 
 

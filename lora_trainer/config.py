@@ -29,6 +29,7 @@ def _f(default: Any, help: str, group: str, choices: Optional[Iterable[Any]] = N
 
 
 PRECISIONS = ("auto", "no", "fp16", "bf16")
+BASE_PRECISIONS = ("auto", "fp32", "fp16", "bf16", "fp8")
 OPTIMIZERS = ("adamw", "adamw8bit")
 SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 
@@ -91,7 +92,18 @@ class TrainConfig:
     gradient_accumulation_steps: int = _f(1, "Micro-batches per optimizer step (a larger batch on less VRAM).", "training")
     mixed_precision: str = _f("auto", "auto: bf16 on GPUs that have it, else fp16 on GPU, fp32 on CPU.", "training",
                               PRECISIONS)
+    base_precision: str = _f(
+        "auto", "Precision the frozen base weights are kept in: auto (the GPU's half precision, fp32 on CPU), fp32, "
+        "fp16, bf16, or fp8 (float8 storage, each layer computed in the training precision: about half the "
+        "memory of fp16 for the weights). LoRA weights always train in fp32.", "training", BASE_PRECISIONS)
     gradient_checkpointing: bool = _f(False, "Recompute activations to save VRAM (slower).", "training")
+    offload: str = _f("none", "blocks: the UNet's layer weights stay in CPU RAM and visit the GPU one layer at a "
+                      "time in forward and backward (for SDXL on 6-8 GB cards; slower). No effect on CPU.",
+                      "training", ("none", "blocks"))
+    memory_budget_gb: str = _f(
+        "0", "Memory the run may use: 0 (off), a number of GB, or auto (free VRAM or RAM now, less a margin). When "
+        "set, the settings that make the plan fit are applied before loading (see `python -m lora_trainer plan`).",
+        "training")
     optimizer: str = _f("adamw", "adamw (fused on CUDA) or adamw8bit (needs bitsandbytes).", "training", OPTIMIZERS)
     weight_decay: float = _f(0.01, "AdamW weight decay.", "training")
     max_grad_norm: float = _f(1.0, "Clip gradients to this norm; 0 disables clipping.", "training")
@@ -144,6 +156,13 @@ class TrainConfig:
             raise ConfigError(f"resolution must be a multiple of 8 and at least 64 (got {self.resolution}).")
         if self.min_bucket_reso > self.max_bucket_reso:
             raise ConfigError("min_bucket_reso is larger than max_bucket_reso: swap them.")
+        budget = self.memory_budget_gb.strip().lower()
+        try:
+            ok = budget in ("auto", "off") or float(budget) >= 0
+        except ValueError:
+            ok = False
+        if not ok:
+            raise ConfigError(f"memory_budget_gb must be a number of GB, auto or off (got {self.memory_budget_gb!r}).")
         if not self.target_modules:
             raise ConfigError("target_modules is empty: list at least one, e.g. [q_proj, v_proj].")
 

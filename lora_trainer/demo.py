@@ -37,7 +37,7 @@ def demo_config(output: Path, steps: int) -> TrainConfig:
 
 
 def run_demo(output: Path, steps: int = 30) -> Any:
-    from .cli import run_training
+    from .console import run_training
     from .demo_data import make_demo_images
     from .model import build_tiny_components
 

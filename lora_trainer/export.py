@@ -77,7 +77,7 @@ def build_metadata(cfg: Any, components: Any, info: Mapping[str, Any]) -> Dict[s
         "ss_network_args": json.dumps({"conv_dim": cfg.conv_rank, "conv_alpha": cfg.conv_alpha}
                                       if cfg.conv_rank else {}),
         "ss_sd_model_name": components.name,
-        "ss_new_sd_model_hash": components.model_hash,
+        "ss_new_sd_model_hash": components.resolved_hash(),
         "ss_resolution": f"({res[0]}, {res[1]})",
         "ss_enable_bucket": cfg.enable_bucket,
         "ss_min_bucket_reso": cfg.min_bucket_reso,
@@ -94,6 +94,8 @@ def build_metadata(cfg: Any, components: Any, info: Mapping[str, Any]) -> Dict[s
         "ss_total_batch_size": cfg.batch_size * cfg.gradient_accumulation_steps,
         "ss_gradient_checkpointing": cfg.gradient_checkpointing,
         "ss_mixed_precision": info.get("mixed_precision", cfg.mixed_precision),
+        "lora_trainer.base_precision": info.get("base_precision", cfg.base_precision),
+        "lora_trainer.memory_changes": info.get("memory_changes", []),  # step-downs after running out of memory
         "ss_seed": cfg.seed,
         "ss_noise_offset": cfg.noise_offset,
         "ss_min_snr_gamma": cfg.min_snr_gamma,

@@ -89,7 +89,7 @@ def add_lora(
 ) -> List[nn.Parameter]:
     """Wrap `targets` of `model` with LoRA adapters and return the trainable parameters.
 
-    Every base weight is frozen; only the LoRA A/B matrices train. B starts at zero, so the
+    Every base weight is frozen; only the LoRA A/B matrices train, in fp32 whatever the base's dtype. B starts at zero, so the
     wrapped model computes exactly what the base model did until the first step. ResNet convs
     take `conv_rank`/`conv_alpha` (peft's rank_pattern, keyed by the conv's own short name,
     which every peft version matches the same way).
@@ -111,6 +111,8 @@ def add_lora(
     inject_adapter_in_model(config, model, adapter_name=ADAPTER)
     params = lora_parameters(model)
     for p in params:
+        if p.dtype != torch.float32:  # peft gives the adapter the base layer's dtype; updates need fp32
+            p.data = p.data.float()
         p.requires_grad_(True)
     return params
 
@@ -131,14 +133,6 @@ def set_lora_scale(models: Iterable[nn.Module], scale: float) -> None:
     for model in models:
         for layer in lora_layers(model).values():
             layer.scaling[ADAPTER] = scale * layer.lora_alpha[ADAPTER] / layer.r[ADAPTER]
-
-
-def cast_base(models: Iterable[nn.Module], dtype: torch.dtype) -> None:
-    """Cast the frozen base weights to `dtype`, keeping LoRA weights in fp32 for stable updates."""
-    for model in models:
-        for name, p in model.named_parameters():
-            if "lora_" not in name:
-                p.data = p.data.to(dtype)
 
 
 def add_lora_to_components(components, cfg) -> Tuple[List[nn.Parameter], List[nn.Parameter]]:

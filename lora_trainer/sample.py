@@ -17,6 +17,7 @@ import torch
 
 from .files import atomic_write_with
 from .lora import set_lora_scale
+from .model.precision import compute_dtype_of, is_offloaded
 
 
 @torch.no_grad()
@@ -61,9 +62,11 @@ def render_images(components: Any, prompts: Sequence[str], strengths: Sequence[f
     places = [(m, next(m.parameters()).device, m.training) for m in modules]
     factor = 2 ** (len(components.vae.config.block_out_channels) - 1)
     size = size or components.unet.config.sample_size * factor
-    dtype = next(components.unet.parameters()).dtype
+    dtype = compute_dtype_of(components.unet)
     for m in modules:
-        m.to(device).eval()
+        if not is_offloaded(m):  # an offloaded UNet fetches its weights layer by layer already
+            m.to(device)
+        m.eval()
     # Half-precision base weights next to an fp32 VAE: autocast reconciles them.
     autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
     cuda_devices = [device.index or 0] if device.type == "cuda" else []
@@ -80,7 +83,9 @@ def render_images(components: Any, prompts: Sequence[str], strengths: Sequence[f
     finally:
         set_lora_scale(modules, 1.0)
         for m, where, training in places:
-            m.to(where).train(training)
+            if not is_offloaded(m):
+                m.to(where)
+            m.train(training)
     return rows
 
 

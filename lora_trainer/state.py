@@ -29,7 +29,7 @@ RESUMABLE_CHANGES = {
     "epochs", "max_train_steps", "save_steps", "save_last_n", "save_precision", "sample_prompts",
     "sample_every_steps", "sample_strengths", "sample_steps", "output_dir", "output_name", "device",
     "base_model", "init_lora", "train_data_dir", "metadata_path", "gradient_checkpointing", "cache_latents",
-    "cache_text_embeddings", "allow_ckpt",
+    "cache_text_embeddings", "allow_ckpt", "base_precision", "offload", "memory_budget_gb",
 }
 
 

@@ -23,6 +23,7 @@ from .config import TrainConfig
 from .dataset import epoch_batches, plan_crop, prepare_image, process_caption
 from .errors import TrainingError
 from .latents import encode_pixels
+from .memory import back_off, fit_budget, forget_frames, release, start_of_step
 from .train_setup import Run, check_inputs, prepare_run
 
 
@@ -52,17 +53,12 @@ def train(cfg: TrainConfig, callbacks: Optional[Callbacks] = None, host: Optiona
     loggers = log_callbacks(Path(cfg.output_dir), cb)
     cb = MultiCallbacks(cb, *loggers)
     host.free_gpu()
-    run = None
+    run = checkpointer = None
     try:
+        cfg = fit_budget(cfg, cb, base_weights, components)  # after free_gpu: "auto" counts what the host freed
         run = prepare_run(cfg, cb, base_weights, base_name, resume, components, inputs)
         checkpointer = Checkpointer(run, cb, host)
-        try:
-            losses, stopped = _loop(run, cb, checkpointer)
-        except torch.cuda.OutOfMemoryError:
-            raise TrainingError(
-                f"Out of GPU memory at step {run.position.step}. Set gradient_checkpointing: true and "
-                f"--resume {cfg.output_dir} to continue from the last checkpoint, or start a new run with a "
-                "smaller batch_size (plus gradient_accumulation_steps) or resolution.") from None
+        losses, stopped = _loop(run, cb, checkpointer)
         if stopped:
             state = checkpointer.save_checkpoint(final=False)
             cb.on_status(f"stopped at step {run.position.step}; resume with --resume {cfg.output_dir}")
@@ -70,9 +66,14 @@ def train(cfg: TrainConfig, callbacks: Optional[Callbacks] = None, host: Optiona
         lora_path = checkpointer.save_final()
         return TrainResult(lora_path, checkpointer.last_file, checkpointer.last_state, run.position.step, False,
                            losses)
+    except BaseException as err:
+        forget_frames(err)  # whoever keeps the error must not keep the run's models and activations
+        raise
     finally:
         if run is not None:
             _release(run)
+        run = checkpointer = None
+        release(cuda=True)  # before the host's model goes back: it gets the memory the run freed
         host.restore_gpu()
         for logger in loggers:
             logger.close()
@@ -80,7 +81,6 @@ def train(cfg: TrainConfig, callbacks: Optional[Callbacks] = None, host: Optiona
 
 def _loop(run: Run, cb: Callbacks, checkpointer: Any) -> "tuple[List[float], bool]":
     cfg, pos = run.cfg, run.position
-    accum = cfg.gradient_accumulation_steps
     losses: List[float] = []
     if run.latent_cache is not None:
         _fill_latent_cache(run, cb)
@@ -93,26 +93,34 @@ def _loop(run: Run, cb: Callbacks, checkpointer: Any) -> "tuple[List[float], boo
     while pos.step < run.total_steps:
         batches = epoch_batches(run.records, cfg, pos.epoch, cfg.seed)
         while pos.batch < len(batches) and pos.step < run.total_steps:
-            if micro == 0 and cb.should_stop():  # only between optimizer steps: the state stays exact
-                return losses, True
-            loss = _micro_step(run, batches[pos.batch], pos.epoch, pos.batch) / accum
-            _backward(run, loss)
-            step_loss += loss.item()
-            micro += 1
-            pos.batch += 1
-            if micro == accum or pos.batch == len(batches):
-                if not math.isfinite(step_loss):  # before the update: the weights and checkpoints stay clean
-                    raise TrainingError(f"The loss became {step_loss} at step {pos.step + 1}. Lower learning_rate "
-                                        "or use mixed_precision: bf16 / no instead of fp16, and start again "
-                                        "(init_lora: <the last checkpoint> keeps what was learned).")
-                _optimizer_step(run)
-                pos.step += 1
-                losses.append(step_loss)
-                cb.on_loss(pos.step, step_loss, run.lr_scheduler.get_last_lr()[0])
-                cb.on_progress(pos.step, run.total_steps)
-                run.info["step_time"] = time.perf_counter() - t0
+            if micro == 0:
+                if cb.should_stop():  # only between optimizer steps: the state stays exact
+                    return losses, True
+                step_start = start_of_step(run)
+            try:
+                loss = _micro_step(run, batches[pos.batch], pos.epoch, pos.batch) / cfg.gradient_accumulation_steps
+                _backward(run, loss)
+                step_loss += loss.item()
+                micro += 1
+                pos.batch += 1
+                if micro == cfg.gradient_accumulation_steps or pos.batch == len(batches):
+                    if not math.isfinite(step_loss):  # before the update: the weights and checkpoints stay clean
+                        raise TrainingError(f"The loss became {step_loss} at step {pos.step + 1}. Lower learning_rate "
+                                            "or use mixed_precision: bf16 / no instead of fp16, and start again "
+                                            "(init_lora: <the last checkpoint> keeps what was learned).")
+                    _optimizer_step(run)
+                    pos.step += 1
+                    losses.append(step_loss)
+                    cb.on_loss(pos.step, step_loss, run.lr_scheduler.get_last_lr()[0])
+                    cb.on_progress(pos.step, run.total_steps)
+                    run.info["step_time"] = time.perf_counter() - t0
+                    step_loss, micro, t0 = 0.0, 0, time.perf_counter()
+                    checkpointer.after_step()
+            except torch.cuda.OutOfMemoryError as err:  # step down a setting and redo this step exactly
+                loss = None  # the failed step's graph
+                back_off(run, cb, step_start, err)
                 step_loss, micro, t0 = 0.0, 0, time.perf_counter()
-                checkpointer.after_step()
+                continue
         if pos.batch >= len(batches):
             pos.epoch, pos.batch = pos.epoch + 1, 0
     return losses, False
@@ -193,7 +201,7 @@ def _fill_latent_cache(run: Run, cb: Callbacks) -> None:
             _latent(run, record, bucket, plan_crop(record, bucket, flip, _crop_rng(cfg, record, 0, index, i)))
         if done == len(todo) or done % 25 == 0:
             cb.on_status(f"caching latents {done}/{len(todo)}")
-    run.components.vae.to("cpu")  # every latent is cached now: the VAE's VRAM goes to training
+    _discard_after_caching(run, run.components.vae)  # every latent is cached now: its memory goes to training
     if run.device.type == "cuda":
         torch.cuda.empty_cache()
 
@@ -208,7 +216,7 @@ def _fill_text_cache(run: Run, cb: Callbacks) -> None:
             run.text_cache(captions[start:start + 16])
     cb.on_status(f"cached {len(captions)} text embeddings")
     for te in run.components.text_encoders:
-        te.to("cpu")
+        _discard_after_caching(run, te)
     if run.device.type == "cuda":
         torch.cuda.empty_cache()
 
@@ -270,10 +278,20 @@ def _set_train_mode(run: Run, training: bool) -> None:
 
 
 def _release(run: Run) -> None:
-    """Give the GPU memory back: the host gets its VRAM as it was before training."""
+    """Give back what the run holds. Models the run loaded are emptied (their storage freed even if something
+    still refers to them); models a caller passed in go back to the CPU for the caller to keep using."""
     comps = run.components
-    for module in [comps.unet, comps.vae, *comps.text_encoders]:
-        module.to("cpu")
+    for module in comps.models():
+        module.to("meta" if run.owns_components else "cpu")
     run.optimizer.state.clear()
-    if run.device.type == "cuda":
-        torch.cuda.empty_cache()
+    for cache in (run.latent_cache, run.text_cache):
+        if cache is not None:
+            cache.memory.clear()
+
+
+def _discard_after_caching(run: Run, module: torch.nn.Module) -> None:
+    """Once its cache is filled, a VAE or text encoder is only needed again for sample grids."""
+    if run.owns_components and not run.cfg.sample_prompts:
+        module.to("meta")  # frees its weights now: the rest of the run never calls it
+    else:
+        module.to("cpu")

@@ -21,6 +21,7 @@ from .config import TrainConfig
 from .dataset import epoch_batches, scan_images
 from .errors import ConfigError, TrainingError
 from .latents import LatentCache, TextEmbeddingCache, vae_fingerprint
+from .model.precision import load_dtype, place_base_weights, storage_dtype, store_base_weights
 from .state import LoadedState, Position, dataset_hash, load_state
 
 
@@ -47,6 +48,7 @@ class Run:
     position: Position = field(default_factory=Position)
     started_at: float = field(default_factory=time.time)
     info: Dict[str, Any] = field(default_factory=dict)
+    owns_components: bool = False  # loaded by the run (not passed in): it may free them as it goes
 
     @property
     def params(self) -> List[torch.nn.Parameter]:
@@ -67,7 +69,7 @@ def pick_device(cfg: TrainConfig) -> torch.device:
 
 
 def pick_precision(cfg: TrainConfig, device: torch.device) -> Tuple[Optional[torch.dtype], torch.dtype]:
-    """(autocast dtype or None, dtype of the frozen base weights). LoRA weights stay fp32."""
+    """(autocast dtype or None, the dtype layers compute in). LoRA weights stay fp32."""
     mode = cfg.mixed_precision
     if mode == "auto":
         if device.type != "cuda":
@@ -107,22 +109,29 @@ def prepare_run(cfg: TrainConfig, callbacks: Callbacks, base_weights: Optional[M
     torch.manual_seed(cfg.seed)
 
     device = pick_device(cfg)
-    autocast_dtype, weight_dtype = pick_precision(cfg, device)
-    if components is None:
+    autocast_dtype, compute_dtype = pick_precision(cfg, device)
+    storage = storage_dtype(cfg.base_precision, compute_dtype, device)
+    owns_components = components is None
+    if owns_components:
         callbacks.on_status("loading the base model")
         source = base_weights if base_weights is not None else cfg.base_model
         if source is None or source == "":
             raise ConfigError("base_model is empty: give the path of a .safetensors checkpoint or a diffusers folder.")
+        # Read straight into the dtype it trains in (fp32 VAE: it only encodes, and fp16 VAEs overflow).
         components = load_components(source, family=cfg.model_family, prediction_type=cfg.prediction_type,
-                                     allow_ckpt=cfg.allow_ckpt, name=base_name)
+                                     allow_ckpt=cfg.allow_ckpt, name=base_name,
+                                     dtype=load_dtype(storage, compute_dtype), vae_dtype=torch.float32)
 
     unet_params, te_params = _attach_lora(components, cfg, loaded)
     if cfg.gradient_checkpointing:
         components.unet.enable_gradient_checkpointing()
         for te in components.text_encoders if te_params else []:
             te.gradient_checkpointing_enable()
-    lora_mod.cast_base([components.unet, *components.text_encoders], weight_dtype)  # on CPU: no fp32 peak on GPU
-    for module in [components.unet, *components.text_encoders]:
+    offload = cfg.offload == "blocks" and device.type == "cuda"  # on the CPU the weights are in RAM anyway
+    # Cast on the CPU before moving (no full-precision peak on the GPU); offloaded weights never go there whole.
+    store_base_weights([components.unet, *components.text_encoders], storage, compute_dtype, offload=offload)
+    place_base_weights(components.unet, device, offload)
+    for module in components.text_encoders:
         module.to(device)
     components.vae.to(device)
     if next(components.vae.parameters()).dtype != torch.float32:
@@ -154,8 +163,9 @@ def prepare_run(cfg: TrainConfig, callbacks: Callbacks, base_weights: Optional[M
 
     run = Run(cfg, components, records, device, autocast_dtype, unet_params, te_params, optimizer, lr_scheduler,
               scaler, generator, py_rng, latent_cache, text_cache, data_hash, total_steps, batches_per_epoch,
-              output_dir)
+              output_dir, owns_components=owns_components)
     run.info.update(_run_info(cfg, records, batches_per_epoch, total_steps, autocast_dtype))
+    run.info["base_precision"] = str(storage).removeprefix("torch.")  # what was really used (auto resolved)
     if loaded is not None:
         _restore(run, loaded)
         callbacks.on_status(f"resumed from {loaded.folder} at step {run.position.step}")

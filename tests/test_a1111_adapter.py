@@ -283,3 +283,26 @@ def test_key_check_sdxl_and_sd2_text_encoders():
         "model_transformer_resblocks_3_mlp_c_proj"
     assert unmatched_keys(["lora_te_text_model_encoder_layers_3_mlp_fc2.alpha"],
                           {"model_transformer_resblocks_3_mlp_c_proj"}) == []
+
+
+def test_test_grid_hands_back_what_the_webui_kept(webui, make_cfg, tmp_path, monkeypatch):
+    """A1111's Lora extension keeps a backup of every weight the LoRA touched and the last conds: after the Test
+    grid the weights are restored from the backups, the backups and caches dropped."""
+    from lora_trainer_a1111.host import A1111Backend
+
+    log = []
+    layers = {"a": types.SimpleNamespace(network_weights_backup="w"), "b": types.SimpleNamespace()}
+    webui.sd_model.network_layer_mapping = layers
+    networks = types.SimpleNamespace(
+        list_available_networks=lambda: None, loaded_networks=["net"], networks_in_memory={"x": "net"},
+        network_restore_weights_from_backup=lambda layer: log.append(("restore", layer)),
+        network_reset_cached_weight=lambda layer: log.append(("reset", layer)))
+    monkeypatch.setitem(sys.modules, "networks", networks)
+    conds = [("key", "cond")]
+    monkeypatch.setattr(webui.processing, "StableDiffusionProcessing",
+                        types.SimpleNamespace(cached_c=conds, cached_uc=[("k", "uc")]), raising=False)
+    webui.state.current_latent = "latent"
+    A1111Backend().test_grid(make_cfg(resolution=64), tmp_path / "my-lora.safetensors", "", 1, "task(g)")
+    assert log == [("restore", layers["a"]), ("reset", layers["a"]), ("restore", layers["b"]), ("reset", layers["b"])]
+    assert networks.loaded_networks == [] and networks.networks_in_memory == {}
+    assert conds == [None] and webui.state.current_latent is None

@@ -80,7 +80,7 @@ def test_file_state_dict_and_folder_load_the_same_model(family, tiny, tiny_file,
         assert_same_outputs(expected, outputs(loaded))
         if source is file:
             assert (loaded.name, loaded.source) == (f"tiny-{family}", str(file))
-            assert loaded.model_hash == hashlib.sha256(file.read_bytes()).hexdigest()
+            assert loaded.resolved_hash() == hashlib.sha256(file.read_bytes()).hexdigest()
 
 
 def test_host_state_dict_is_copied_not_shared(tiny_sd1):

@@ -17,7 +17,8 @@ class Components:
     text_encoders / tokenizers: one CLIPTextModel for sd1/sd2; [CLIPTextModel,
     CLIPTextModelWithProjection] for sdxl, with a CLIPTokenizer each.
     noise_scheduler: the DDPMScheduler to train with; its prediction_type equals `prediction_type`.
-    model_hash: sha256 of the file for a file, a fingerprint of the weights otherwise.
+    model_hash: sha256 of the file for a file, a fingerprint of the weights otherwise; while a file is still
+    being hashed (in a background thread, beside loading and training), a Future of it: read `resolved_hash()`.
     source: the path given, or "<in-memory>".
     """
 
@@ -29,13 +30,18 @@ class Components:
     noise_scheduler: Any
     prediction_type: str
     name: str
-    model_hash: str
+    model_hash: Any
     source: str
     variant: str = "base"  # which shipped architecture ("tiny" for test models); "diffusers" for folders
 
     @property
     def is_sdxl(self) -> bool:
         return self.family == "sdxl"
+
+    def resolved_hash(self) -> str:
+        """The model hash, waiting for the background hash of the file if it is still running."""
+        result = getattr(self.model_hash, "result", None)
+        return result() if callable(result) else self.model_hash
 
     def models(self) -> list:
         """UNet, VAE and text encoders, in that order."""

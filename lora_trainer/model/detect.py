@@ -20,12 +20,21 @@ TEXT_ENCODERS = {
 T = TypeVar("T")
 
 
-def normalize_keys(sd: Mapping[str, T]) -> dict[str, T]:
-    """Undo the wrappers A1111 puts around its text encoders (`cond_stage_model.wrapped.…`)."""
-    if not any(".wrapped." in k for k in sd):
-        return dict(sd)
-    return {k.replace(".wrapped.", ".", 1) if k.startswith(("cond_stage_model.", "conditioner.")) else k: v
-            for k, v in sd.items()}
+def normalize_keys(sd: Mapping[str, T]) -> Mapping[str, T]:
+    """Undo the wrappers A1111 puts around its text encoders (`cond_stage_model.wrapped.…`).
+
+    Without wrappers `sd` itself comes back (a handed-over dict must be consumed, not a copy of it); a
+    `CheckpointFile` is renamed in place (nothing is read); a wrapped dict gets a new dict of the same tensors.
+    """
+    def fix(key: str) -> str:
+        return key.replace(".wrapped.", ".", 1) if key.startswith(("cond_stage_model.", "conditioner.")) else key
+
+    wrapped = any(".wrapped." in k for k in sd)
+    if not wrapped:
+        return sd
+    if hasattr(sd, "rename"):
+        return sd.rename(fix)
+    return {fix(k): v for k, v in sd.items()}
 
 
 def detect_family(keys: Iterable[str]) -> str:

@@ -51,8 +51,10 @@ def _variant(sub: Path) -> str | None:
     return "fp16" if any(".fp16." in n for n in names) else None
 
 
-def models_from_folder(path: Path, family: str, dtype: torch.dtype) -> dict:
-    """{"unet", "vae", "text_encoders", "tokenizer_dirs"} loaded with local_files_only (never the network)."""
+def models_from_folder(path: Path, family: str, dtype: torch.dtype, vae_dtype: torch.dtype | None = None) -> dict:
+    """{"unet", "vae", "text_encoders", "tokenizer_dirs"} loaded with local_files_only (never the network).
+
+    UNet and text encoders in `dtype`, the VAE in `vae_dtype` (default: `dtype`)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
@@ -66,7 +68,7 @@ def models_from_folder(path: Path, family: str, dtype: torch.dtype) -> dict:
         unet = UNet2DConditionModel.from_pretrained(str(path / "unet"), local_files_only=True,
                                                     variant=_variant(path / "unet"), torch_dtype=dtype)
         vae = AutoencoderKL.from_pretrained(str(path / "vae"), local_files_only=True, variant=_variant(path / "vae"),
-                                            torch_dtype=dtype)
+                                            torch_dtype=vae_dtype or dtype)
         encoders = []
         for part in parts:
             config = _read_json(path / part / "config.json")
@@ -76,6 +78,7 @@ def models_from_folder(path: Path, family: str, dtype: torch.dtype) -> dict:
     except (OSError, ValueError, RuntimeError) as err:
         raise ModelError(f"Cannot load the diffusers folder {path}: {err}") from err
     # transformers 5 keeps the file's dtype unless told, and is told differently than 4.x: cast after
-    models = [cast(m, dtype).eval() for m in (unet, vae, *encoders)]
+    models = [cast(m, dtype).eval() for m in (unet, *encoders)]
+    models.insert(1, cast(vae, vae_dtype or dtype).eval())
     tokenizer_dirs = [path / name for name in (["tokenizer", "tokenizer_2"][: len(parts)])]
     return {"unet": models[0], "vae": models[1], "text_encoders": models[2:], "tokenizer_dirs": tokenizer_dirs}

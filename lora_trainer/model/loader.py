@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Union
 
@@ -23,6 +24,12 @@ if TYPE_CHECKING:
 
 BaseModel = Union[str, "os.PathLike[str]", Mapping[str, "torch.Tensor"]]
 
+
+class HandedOver(dict):
+    """A state dict whose tensors were made for the trainer (e.g. CPU copies of a host's GPU weights): the
+    loader consumes it tensor by tensor instead of copying it, so the copy becomes the training copy."""
+
+
 WHERE_TO_PUT = (
     "Put the checkpoint in models/Stable-diffusion/ (A1111/Forge) or models/checkpoints/ (ComfyUI), "
     "or give the full path to a .safetensors file or a diffusers folder."
@@ -34,11 +41,13 @@ _SCHEDULER_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedu
 
 def load_components(base_model: BaseModel, family: str = "auto", prediction_type: str = "auto",
                     allow_ckpt: bool = False, name: str | None = None,
-                    dtype: torch.dtype | None = None) -> Components:
-    """Load a Stable Diffusion base model for training, on the CPU, every model in `dtype` (float32 default).
+                    dtype: torch.dtype | None = None, vae_dtype: torch.dtype | None = None) -> Components:
+    """Load a Stable Diffusion base model for training, on the CPU: UNet and text encoders in `dtype` (float32
+    default), the VAE in `vae_dtype` (default: `dtype`). A file is read tensor by tensor, each cast as it is read.
 
     base_model: a single-file checkpoint (.safetensors; .ckpt only with allow_ckpt) in the original
-    layout, a diffusers folder, or a state dict in the original layout (what A1111/Forge hold).
+    layout, a diffusers folder, or a state dict in the original layout (what A1111/Forge hold; left
+    untouched unless it is a `HandedOver`, which is consumed).
     family: "auto" detects sd1/sd2/sdxl from the keys (or the folder's configs).
     prediction_type: "auto" reads a `v_pred` marker or the folder's scheduler, and probes SD2 UNets
     the way A1111 does; else "epsilon" or "v_prediction".
@@ -50,9 +59,10 @@ def load_components(base_model: BaseModel, family: str = "auto", prediction_type
     check_prediction_type(prediction_type)
     if family not in ("auto", *FAMILIES):
         raise ModelError(f"model_family must be auto, sd1, sd2 or sdxl, not {family!r}.")
+    vae_dtype = vae_dtype or dtype
     if isinstance(base_model, Mapping):
         return _from_state_dict(base_model, family, prediction_type, name or "in-memory", "<in-memory>",
-                                None, dtype, copy=True)
+                                None, dtype, vae_dtype, copy=not isinstance(base_model, HandedOver))
     if not isinstance(base_model, (str, os.PathLike)):
         raise ModelError(f"base_model must be a path or a state dict, not {type(base_model).__name__}.")
     if not os.fspath(base_model).strip():
@@ -63,20 +73,21 @@ def load_components(base_model: BaseModel, family: str = "auto", prediction_type
     if path.is_dir():
         if not is_diffusers_folder(path):
             raise ModelError(f"{path} is a folder but not a diffusers model (no model_index.json). {WHERE_TO_PUT}")
-        return _from_folder(path, family, prediction_type, name or path.name, dtype)
+        return _from_folder(path, family, prediction_type, name or path.name, dtype, vae_dtype)
     return _from_state_dict(read_checkpoint(path, allow_ckpt), family, prediction_type, name or path.stem,
-                            str(path), path, dtype, copy=False)
+                            str(path), path, dtype, vae_dtype, copy=False)
 
 
 def _from_state_dict(sd: Mapping, family: str, prediction_type: str, name: str, source: str,
-                     path: Path | None, dtype: torch.dtype, copy: bool) -> Components:
-    """copy=False: `sd` is ours (read from a file) and is consumed; copy=True: a host's, left untouched."""
+                     path: Path | None, dtype: torch.dtype, vae_dtype: torch.dtype, copy: bool) -> Components:
+    """copy=False: `sd` is ours (a file, or handed over) and is consumed; copy=True: a host's, left untouched."""
     sd = normalize_keys(sd)
     if family == "auto":
         family = detect_family(sd.keys())
     markers = {k for k in ("v_pred", "ztsnr") if k in sd}
-    model_hash = file_sha256(path) if path is not None else state_dict_fingerprint([sd])
-    models = models_from_ldm(sd, family, dtype, copy)
+    # A file's sha256 reads every byte: on another core, while the models load and train (metadata waits for it).
+    model_hash = _hasher().submit(file_sha256, path) if path is not None else state_dict_fingerprint([sd])
+    models = models_from_ldm(sd, family, dtype, copy, vae_dtype)
     if prediction_type == "auto":
         prediction_type = guess_from_checkpoint(markers, family, models["unet"])
     configs = models["configs"]
@@ -91,13 +102,21 @@ def _from_state_dict(sd: Mapping, family: str, prediction_type: str, name: str, 
     )
 
 
-def _from_folder(path: Path, family: str, prediction_type: str, name: str, dtype: torch.dtype) -> Components:
+@lru_cache(maxsize=1)
+def _hasher():
+    from concurrent.futures import ThreadPoolExecutor
+
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="lora-trainer-hash")
+
+
+def _from_folder(path: Path, family: str, prediction_type: str, name: str, dtype: torch.dtype,
+                 vae_dtype: torch.dtype) -> Components:
     detected = folder_family(path)
     if family == "auto":
         family = detected
     elif family != detected:
         raise ModelError(f"{path} holds an {detected} model, but model_family is {family}: set it to auto.")
-    models = models_from_folder(path, family, dtype)
+    models = models_from_folder(path, family, dtype, vae_dtype)
     folder_scheduler = folder_scheduler_config(path)
     if prediction_type == "auto":
         prediction_type = folder_scheduler.get("prediction_type") or guess_from_checkpoint((), family, models["unet"])

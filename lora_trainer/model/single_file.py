@@ -8,12 +8,13 @@ table in `text_convert`.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, MutableMapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..errors import ModelError
 from . import factory
+from .checkpoint_file import CheckpointFile
 from .detect import TEXT_ENCODERS, UNET_PREFIX, VAE_PREFIX
 from .shipped import FAMILY_NAMES, load_configs, text_encoder_parts, variants
 from .text_convert import clip_l_from_ldm, match_model_layout, open_clip_from_ldm
@@ -24,17 +25,11 @@ if TYPE_CHECKING:
 CKPT_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 
 
-def read_checkpoint(path: Path, allow_ckpt: bool) -> dict[str, torch.Tensor]:
-    """The state dict of a `.safetensors` file, or of a pickle when the user opted in."""
+def read_checkpoint(path: Path, allow_ckpt: bool) -> Mapping[str, torch.Tensor]:
+    """The tensors of a `.safetensors` file (read one by one when taken), or of a pickle when the user opted in."""
     suffix = path.suffix.lower()
     if suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        try:
-            return load_file(str(path), device="cpu")
-        except Exception as err:  # safetensors raises its own error types for damaged files
-            raise ModelError(f"Cannot read {path}: {err}. The file is damaged or incomplete; download it again.") \
-                from err
+        return CheckpointFile(path)
     if suffix in CKPT_SUFFIXES:
         if not allow_ckpt:
             raise ModelError(
@@ -85,17 +80,27 @@ def select_variant(family: str, sd: Mapping[str, torch.Tensor]) -> str:
     )
 
 
-def _part(sd: dict, prefix: str, take: bool) -> dict:
-    """The entries under `prefix`; removed from `sd` when we own it, so each part's source is freed once loaded."""
+def _part(sd: MutableMapping, prefix: str, take: bool, dtype: torch.dtype) -> dict:
+    """The entries under `prefix`. When we own `sd` they are removed from it and cast one by one as they are
+    taken, so a part never exists twice (its source and its cast copy) and each source tensor is freed at once."""
     keys = [k for k in sd if k.startswith(prefix)]
-    return {k: (sd.pop(k) if take else sd[k]) for k in keys}
+    if not take:
+        return {k: sd[k] for k in keys}
+    out = {}
+    for key in keys:
+        tensor = sd.pop(key)
+        out[key] = tensor.to(dtype) if tensor.is_floating_point() else tensor
+    return out
 
 
-def models_from_ldm(sd: dict[str, torch.Tensor], family: str, dtype: torch.dtype, copy: bool) -> dict:
+def models_from_ldm(sd: MutableMapping[str, torch.Tensor], family: str, dtype: torch.dtype, copy: bool,
+                    vae_dtype: torch.dtype | None = None) -> dict:
     """{"unet", "vae", "text_encoders", "configs", "variant"} built from an original-layout state dict.
 
-    copy=False means the caller hands `sd` over: its entries are consumed part by part (an SDXL
-    file in fp16 is 7 GB; its float32 models another 14). copy=True leaves `sd` and its tensors alone.
+    copy=False means the caller hands `sd` over (a `CheckpointFile`, or tensors made for us): its
+    entries are consumed tensor by tensor, so loading holds the models plus one tensor (an SDXL file
+    in fp16 is 7 GB; its float32 models another 14). copy=True leaves `sd` and its tensors alone.
+    The VAE is built in `vae_dtype` (default: `dtype`).
     """
     from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
 
@@ -106,21 +111,22 @@ def models_from_ldm(sd: dict[str, torch.Tensor], family: str, dtype: torch.dtype
         for key in [k for k in sd if not k.startswith(used)]:
             del sd[key]
     unet = factory.build_unet(configs["unet"], empty=True)
-    converted = convert_ldm_unet_checkpoint(_part(sd, UNET_PREFIX, not copy), configs["unet"])
+    converted = convert_ldm_unet_checkpoint(_part(sd, UNET_PREFIX, not copy, dtype), configs["unet"])
     factory.load_weights(unet, converted, "UNet", dtype, copy)
     del converted
 
-    vae_sd = _part(sd, VAE_PREFIX, not copy)
+    vae_dtype = vae_dtype or dtype
+    vae_sd = _part(sd, VAE_PREFIX, not copy, vae_dtype)
     if not vae_sd:
         raise ModelError("The checkpoint has no VAE weights (first_stage_model.*): give a full checkpoint.")
     vae = factory.build_vae(configs["vae"], empty=True)
-    factory.load_weights(vae, convert_ldm_vae_checkpoint(vae_sd, configs["vae"]), "VAE", dtype, copy)
+    factory.load_weights(vae, convert_ldm_vae_checkpoint(vae_sd, configs["vae"]), "VAE", vae_dtype, copy)
     del vae_sd
 
     encoders = []
     for part, (prefix, layout) in zip(text_encoder_parts(family), TEXT_ENCODERS[family]):
         config = configs[part]
-        source = _part(sd, prefix, not copy)
+        source = _part(sd, prefix, not copy, dtype)
         if layout == "clip_l":
             hf_sd = clip_l_from_ldm(source, prefix)
         else:

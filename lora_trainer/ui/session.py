@@ -22,7 +22,7 @@ PRESETS: Dict[str, Dict[str, Any]] = {
     "object": {"lora_rank": 16, "lora_alpha": 8, "learning_rate": 1e-4, "epochs": 10, "flip_aug": True},
 }
 LOW_VRAM = {"batch_size": 1, "gradient_accumulation_steps": 4, "gradient_checkpointing": True,
-            "cache_latents": True}
+            "cache_latents": True, "base_precision": "fp8"}
 # The options a preset or Low VRAM sets: the tab's form updates these when either changes.
 PRESET_FIELDS = frozenset(LOW_VRAM).union(*PRESETS.values())
 # Fields that have their own place in the tab rather than in the generated advanced form.
@@ -46,9 +46,17 @@ def advanced_fields() -> Dict[str, Dict[str, Any]]:
     return {k: v for k, v in field_help().items() if k not in MAIN_FIELDS}
 
 
+def device_defaults() -> Dict[str, Any]:
+    """On a GPU the tab plans memory by default: the run is fitted to what is free once the WebUI's model is off."""
+    import torch
+
+    return {"memory_budget_gb": "auto"} if torch.cuda.is_available() else {}  # "off" turns it off
+
+
 def preset_values(preset: str, low_vram: bool) -> Dict[str, Any]:
     """Each advanced option's value under a preset: what the tab's form shows, what the API's options go over."""
     values = {key: info["default"] for key, info in advanced_fields().items()}
+    values.update(device_defaults())
     values.update(PRESETS.get(preset, {}))
     if low_vram:
         values.update(LOW_VRAM)
@@ -122,6 +130,7 @@ class SessionCallbacks(Callbacks):
         self.sample: Optional[Path] = None
         self.step = 0
         self.total = 0
+        self.plan = ""  # the memory plan's line, shown above the progress
         self.stop_event = threading.Event()
 
     def on_progress(self, step: int, total: int) -> None:
@@ -130,6 +139,8 @@ class SessionCallbacks(Callbacks):
 
     def on_status(self, message: str) -> None:
         self.status = message
+        if message.startswith("memory plan"):
+            self.plan = message
         self.extra.on_status(message)
 
     def on_loss(self, step: int, loss: float, lr: float) -> None:
@@ -198,7 +209,7 @@ class TrainSession:
         if self.error:
             return f"Error: {self.error}"
         if self.running:
-            return f"step {cb.step}/{cb.total} — {cb.status}"
+            return (f"{cb.plan}\n" if cb.plan else "") + f"step {cb.step}/{cb.total} — {cb.status}"
         r = self.result
         if r is None:
             return cb.status

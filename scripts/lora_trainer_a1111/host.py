@@ -272,8 +272,11 @@ class A1111Backend(Backend):
 
         prompt = prompt or cfg.trigger_word
         with webui_job(task_id or self.new_task_id()):
-            pictures, infotext = on_main_thread(
-                lambda: txt2img_pictures(Path(lora_path).stem, prompt, seed, cfg.resolution))
+            try:
+                pictures, infotext = on_main_thread(
+                    lambda: txt2img_pictures(Path(lora_path).stem, prompt, seed, cfg.resolution))
+            finally:
+                on_main_thread(release_test_memory)
         grid = label_grid([pictures], [f"strength {w:g}" for w in TEST_STRENGTHS], [prompt], seed)
         return grid, infotext
 
@@ -314,6 +317,44 @@ def txt2img_pictures(lora_name: str, prompt: str, seed: int, size: int, steps: i
         if w == PREFERRED_WEIGHT:
             infotext = with_prompt(processed.infotexts[0], text)
     return pictures, infotext
+
+
+def release_test_memory() -> None:
+    """Hand back what the WebUI keeps because of the Test generations (read in A1111 1.10.1 and Forge's code).
+
+    A1111's Lora extension keeps a CPU copy of every weight a LoRA touched (`network_weights_backup`, about the
+    size of the UNet and text encoder in fp16) until a checkpoint is loaded again, and the last conds in class
+    attributes of `processing`. The weights are restored from those copies first, so no LoRA stays merged. Forge
+    keeps the last five LoRA files' tensors in an lru_cache. Then the freed pages go back to the system.
+    """
+    from lora_trainer.memory import release
+
+    networks = sys.modules.get("networks")
+    if networks is not None and is_forge():
+        getattr(getattr(networks, "load_lora_state_dict", None), "cache_clear", lambda: None)()
+    elif networks is not None:
+        restore = getattr(networks, "network_restore_weights_from_backup", None)
+        reset = getattr(networks, "network_reset_cached_weight", None)
+        model = loaded_model()
+        if model is not None and restore is not None and reset is not None:
+            for layer in (getattr(model, "network_layer_mapping", None) or {}).values():
+                restore(layer)  # no-op for a layer without backups
+                reset(layer)    # backups dropped; the next <lora:...> re-applies from the restored weights
+        for cache in (getattr(networks, "loaded_networks", None), getattr(networks, "networks_in_memory", None)):
+            if cache is not None:
+                cache.clear()
+    processing = sys.modules.get("modules.processing")
+    for cls_name in ("StableDiffusionProcessing", "StableDiffusionProcessingTxt2Img"):
+        cls = getattr(processing, cls_name, None)
+        for attr in ("cached_c", "cached_uc", "cached_hr_c", "cached_hr_uc"):
+            cache = getattr(cls, attr, None)
+            if isinstance(cache, list):
+                cache[:] = [None] * len(cache)  # in place: every instance holds the same list
+    state = _modules()[0].state
+    for attr in ("current_latent", "current_image"):
+        if hasattr(state, attr):
+            setattr(state, attr, None)
+    release()
 
 
 def with_prompt(infotext: str, prompt: str) -> str:

@@ -1,0 +1,143 @@
+"""Giving memory back when a run ends, so that a host process does not grow from run to run.
+
+Dropping the last reference to a tensor frees it, but not always back to the operating system:
+glibc's malloc keeps freed heap pages for reuse (large tensors freed by a worker thread stay in
+that thread's arena), and CUDA's caching allocator keeps freed blocks. A WebUI that trains three
+times in one session then holds three runs' worth of freed memory. `release()` collects reference
+cycles, hands CUDA's cached blocks back and asks malloc to return its free pages (`malloc_trim`).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import gc
+import sys
+import traceback
+from functools import lru_cache
+from typing import Any, Callable, Optional
+
+
+def release(cuda: bool = True) -> None:
+    """Collect garbage, empty CUDA's cache and trim malloc's free pages (each where it applies)."""
+    gc.collect()
+    if cuda:
+        import torch
+
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.cuda.empty_cache()
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+@lru_cache(maxsize=1)
+def _malloc_trim() -> Optional[Callable[[int], int]]:
+    """glibc's malloc_trim, or None (macOS, Windows, musl: their allocators return memory by themselves)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return libc.malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+def forget_frames(err: BaseException) -> None:
+    """Clear the local variables of the finished frames in `err`'s traceback (and its causes'): a front end that
+    keeps the error (to show it, or in a log handler) must not keep the run's models and activations alive."""
+    seen = set()
+    current: Any = err
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        traceback.clear_frames(current.__traceback__)
+        current = current.__cause__ or current.__context__
+
+
+# -- fitting a budget and stepping down after an out-of-memory ---------------------------------------
+
+MAX_BACK_OFFS = 3
+
+
+def budget_is_set(budget: str) -> bool:
+    """False for off, 0 and empty (the front ends turn the default 0 into auto on a GPU; off stays off)."""
+    return str(budget).strip().lower() not in ("", "0", "0.0", "off")
+
+
+def fit_budget(cfg: Any, callbacks: Any, base_weights: Any = None, components: Any = None) -> Any:
+    """`cfg` with the memory plan's changes applied when `memory_budget_gb` is set; says which."""
+    if not budget_is_set(cfg.memory_budget_gb):
+        return cfg
+    from .model.detect import detect_family
+    from .plan import apply_plan, plan_memory
+
+    family = components.family if components is not None else \
+        detect_family(list(base_weights)) if base_weights is not None else None
+    plan = plan_memory(cfg, None, cfg.memory_budget_gb, family=family)
+    said = ", ".join(f"{k}: {v}" for change in plan.changes for k, v in change["set"].items())
+    callbacks.on_status(f"memory plan on {plan.device}: predicted peak {plan.peak_bytes / 2**30:.1f} GB, budget "
+                        f"{plan.budget_bytes / 2**30:.1f} GB" + (f"; changed {said} → {plan.final_peak / 2**30:.1f} GB"
+                                                                 if said else "; no change needed"))
+    return apply_plan(cfg, plan)
+
+
+def start_of_step(run: Any) -> tuple:
+    """What redoing the coming optimizer step needs: the position and every RNG state."""
+    from .state import Position, rng_state
+
+    pos = run.position
+    return Position(pos.step, pos.epoch, pos.batch), rng_state(run.generator, run.py_rng)
+
+
+def back_off(run: Any, callbacks: Any, step_start: tuple, err: BaseException) -> None:
+    """After CUDA ran out of memory mid-step: free the step, apply the plan's next change to the run in place and
+    rewind to the step's start, so the run goes on exactly as if the step had begun with the new setting.
+    The changes are recorded in `run.info["memory_changes"]` (and so in the LoRA's metadata)."""
+    from .errors import TrainingError
+    from .plan import next_change
+    from .state import restore_rng
+
+    forget_frames(err)  # the failed step's activations live in its frames
+    run.optimizer.zero_grad(set_to_none=True)
+    release()
+    done = run.info.setdefault("memory_changes", [])
+    position, rng = step_start
+    change = next_change(run.cfg, run.device.type, batch=False) if len(done) < MAX_BACK_OFFS else None
+    if change is None:
+        raise TrainingError(
+            f"Out of GPU memory at step {position.step + 1}" + (f" even after {_said(done)}" if done else "") +
+            f". Continue with --resume {run.cfg.output_dir} (from the last checkpoint) and a smaller batch_size (with "
+            "more gradient_accumulation_steps) or resolution, or run `python -m lora_trainer plan` with "
+            "--budget-gb to see what fits.") from None
+    apply_in_place(run, change)
+    run.position.step, run.position.epoch, run.position.batch = position.step, position.epoch, position.batch
+    restore_rng(rng, run.generator, run.py_rng)
+    done.append(change)
+    callbacks.on_status(f"out of GPU memory at step {position.step + 1}: continuing with {_said([change])} "
+                        f"(step-down {len(done)} of at most {MAX_BACK_OFFS})")
+
+
+def apply_in_place(run: Any, change: dict) -> None:
+    """Apply a memory setting to a running run's models (no reload)."""
+    from .model.precision import place_base_weights, storage_dtype, store_base_weights
+    from .train_setup import pick_precision
+
+    comps = run.components
+    if change.get("gradient_checkpointing"):
+        comps.unet.enable_gradient_checkpointing()
+        for te in comps.text_encoders if run.te_params else []:
+            te.gradient_checkpointing_enable()
+    cfg = run.cfg.replace(**change)
+    if "base_precision" in change or "offload" in change:
+        _, compute = pick_precision(cfg, run.device)
+        storage = storage_dtype(cfg.base_precision, compute, run.device)
+        offload = cfg.offload == "blocks" and run.device.type == "cuda"
+        models = [comps.unet, *comps.text_encoders]
+        store_base_weights(models, storage, compute, offload=offload)
+        place_base_weights(comps.unet, run.device, offload)
+        run.info["base_precision"] = str(storage).removeprefix("torch.")
+    run.cfg = cfg
+
+
+def _said(changes: list) -> str:
+    return "; ".join(", ".join(f"{k}: {v}" for k, v in c.items()) for c in changes)
