@@ -77,7 +77,8 @@ def count_saved(family: str, variant: str, targets: List[str], rank: int, conv_r
     inputs: Dict[int, int] = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
-        if id(t) not in weights and id(t) not in kept:
+        base = t if t._base is None else t._base  # linear keeps a transposed view of its weight
+        if id(base) not in weights and id(t) not in kept:
             kept[id(t)] = (t, stack[0] if stack else None)  # the outermost block recomputes it
         return t
 
