@@ -15,7 +15,7 @@ import torch
 
 from ..lora_trainer.config import load_config
 from ..lora_trainer.errors import ConfigError
-from ..lora_trainer.memory import budget_is_set
+from ..lora_trainer.memory import budget_left_at_default
 from ..lora_trainer.train import TrainResult, train
 from .fingerprint import folder_fingerprint
 from .host import ComfyCallbacks, ComfyHost, check_lora_keys, graph_weights, load_lora_file
@@ -104,7 +104,7 @@ def node_config(dataset_path: str, lora_name: str, rank: int, alpha: float, step
     if ckpt_name != FROM_GRAPH:
         extra["base_model"] = folder_paths.get_full_path_or_raise("checkpoints", ckpt_name)
     cfg = load_config(config_file.strip() or None, **extra)
-    if torch.cuda.is_available() and not budget_is_set(cfg.memory_budget_gb):
+    if torch.cuda.is_available() and budget_left_at_default(cfg.memory_budget_gb):
         cfg = cfg.replace(memory_budget_gb="auto")  # fit what is free once ComfyUI's models are unloaded
     return cfg
 

@@ -64,6 +64,11 @@ def budget_is_set(budget: str) -> bool:
     return str(budget).strip().lower() not in ("", "0", "0.0", "off")
 
 
+def budget_left_at_default(budget: str) -> bool:
+    """The default 0, not an explicit off or number: the tab and the ComfyUI node make it auto on a GPU."""
+    return str(budget).strip() in ("", "0", "0.0")
+
+
 def fit_budget(cfg: Any, callbacks: Any, base_weights: Any = None, components: Any = None) -> Any:
     """`cfg` with the memory plan's changes applied when `memory_budget_gb` is set; says which."""
     if not budget_is_set(cfg.memory_budget_gb):

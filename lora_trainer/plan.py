@@ -26,11 +26,17 @@ from .config import TrainConfig
 from .errors import ConfigError
 
 GB = 1 << 30
-# Measured constants (bench/memory.py on the CPU, torch 2.14): transient working memory of a training
-# step as a multiple of its largest saved activation; of one VAE encode as float32 copies of its first
-# feature map (channels x pixels); the size of a Python process with torch, diffusers, transformers and
-# peft imported (used when it cannot be read).
+# Measured constants (bench/memory.py on the CPU, torch 2.14, SD1.5 at 256 and 512 px; README "Memory").
+# What a step holds per byte autograd keeps (gradients of activations in backward, temporaries, allocator
+# slack), counted over the kept bytes plus STEP_TRANSIENT times the largest kept tensor; copies of the largest
+# layer weight alive at once when weights are cast or fetched per layer; what a run adds to the process beyond
+# the imports the plan itself already made (TensorBoard, image decoding, thread pools); VAE encode as float32
+# copies of its first feature map; a typical process size when it cannot be read. On CUDA the same factors are
+# used until a GPU run (bench/gpu_check.sh) measures them.
+ACTIVATION_FACTOR = 1.67
 STEP_TRANSIENT = 6.0
+STORED_COPIES = 2
+RUN_OVERHEAD = {"cpu": 295 << 20, "cuda": 0}
 VAE_ENCODE_COPIES = {"cpu": 4.5, "cuda": 3.0}
 PROCESS_BASE = 700 << 20
 MARGIN = {"cpu": 1 * GB, "cuda": GB // 2}  # what `memory_budget_gb: auto` leaves free for everything else
@@ -254,13 +260,15 @@ def predict_peak(cfg: TrainConfig, dev: Any, family: str, variant: str,
     vae_w = counts["vae"] * 4
     offloaded = dev.type == "cuda" and cfg.offload == "blocks"
     if offloaded:  # matrices stay in CPU RAM and visit the GPU one layer at a time
-        unet_w = counts["unet_other"] * size + counts["largest_matrix"] * (store + size)
+        unet_w = counts["unet_other"] * size  # (the layer weights in flight are counted with the activations)
     optimizer_bytes = 8 if cfg.optimizer == "adamw" else 2
     lora = counts["lora"] * (4 + 4 + optimizer_bytes)  # fp32 weights, gradients, optimizer states
     saved, largest = _activations(family, variant, tuple(cfg.target_modules), cfg.lora_rank, cfg.conv_rank,
                                   cfg.resolution, cfg.batch_size, str(compute), cfg.gradient_checkpointing,
                                   cfg.lora_dropout > 0)
-    activations = saved + int(STEP_TRANSIENT * largest)
+    activations = int(ACTIVATION_FACTOR * (saved + STEP_TRANSIENT * largest))
+    if storage != compute or offloaded:  # a layer's weight cast (or fetched) in forward and again in backward
+        activations += STORED_COPIES * counts["largest_matrix"] * size
     pixels = cfg.resolution * cfg.resolution
     vae_encode = int(VAE_ENCODE_COPIES["cuda" if dev.type == "cuda" else "cpu"] * counts["vae_channels"] * pixels * 4)
     load_w = counts["unet_matrix"] + counts["te_matrix"]
@@ -278,8 +286,8 @@ def predict_peak(cfg: TrainConfig, dev: Any, family: str, variant: str,
              "activations": activations, f"largest phase: {phase}": phases[phase]}
     peak = phases[phase]
     if dev.type != "cuda":
-        parts["process itself"] = process_base
-        peak += process_base
+        parts["process itself"] = process_base + RUN_OVERHEAD["cpu"]
+        peak += process_base + RUN_OVERHEAD["cpu"]
     return int(peak), {k: int(v) for k, v in parts.items()}
 
 

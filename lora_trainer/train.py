@@ -101,29 +101,34 @@ def _loop(run: Run, cb: Callbacks, checkpointer: Any) -> "tuple[List[float], boo
                 loss = _micro_step(run, batches[pos.batch], pos.epoch, pos.batch) / cfg.gradient_accumulation_steps
                 _backward(run, loss)
                 step_loss += loss.item()
-                micro += 1
-                pos.batch += 1
-                if micro == cfg.gradient_accumulation_steps or pos.batch == len(batches):
-                    if not math.isfinite(step_loss):  # before the update: the weights and checkpoints stay clean
-                        raise TrainingError(f"The loss became {step_loss} at step {pos.step + 1}. Lower learning_rate "
-                                            "or use mixed_precision: bf16 / no instead of fp16, and start again "
-                                            "(init_lora: <the last checkpoint> keeps what was learned).")
+                micro, pos.batch = micro + 1, pos.batch + 1
+                step_done = micro == cfg.gradient_accumulation_steps or pos.batch == len(batches)
+                if step_done:
+                    _check_finite(step_loss, pos.step + 1)  # before the update: weights and checkpoints stay clean
                     _optimizer_step(run)
-                    pos.step += 1
-                    losses.append(step_loss)
-                    cb.on_loss(pos.step, step_loss, run.lr_scheduler.get_last_lr()[0])
-                    cb.on_progress(pos.step, run.total_steps)
-                    run.info["step_time"] = time.perf_counter() - t0
-                    step_loss, micro, t0 = 0.0, 0, time.perf_counter()
-                    checkpointer.after_step()
             except torch.cuda.OutOfMemoryError as err:  # step down a setting and redo this step exactly
                 loss = None  # the failed step's graph
                 back_off(run, cb, step_start, err)
                 step_loss, micro, t0 = 0.0, 0, time.perf_counter()
                 continue
+            if step_done:
+                pos.step += 1
+                losses.append(step_loss)
+                cb.on_loss(pos.step, step_loss, run.lr_scheduler.get_last_lr()[0])
+                cb.on_progress(pos.step, run.total_steps)
+                run.info["step_time"] = time.perf_counter() - t0
+                step_loss, micro, t0 = 0.0, 0, time.perf_counter()
+                checkpointer.after_step()
         if pos.batch >= len(batches):
             pos.epoch, pos.batch = pos.epoch + 1, 0
     return losses, False
+
+
+def _check_finite(step_loss: float, step: int) -> None:
+    if not math.isfinite(step_loss):
+        raise TrainingError(f"The loss became {step_loss} at step {step}. Lower learning_rate or use mixed_precision: "
+                            "bf16 / no instead of fp16, and start again (init_lora: <the last checkpoint> keeps what "
+                            "was learned).")
 
 
 def _micro_step(run: Run, batch: list, epoch: int, index: int) -> torch.Tensor:

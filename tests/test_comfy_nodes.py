@@ -237,3 +237,29 @@ def test_caption_folder_cancel_keeps_the_captions_written(pack, comfy, demo_fold
     with pytest.raises(comfy_stubs.InterruptProcessingException):
         node.caption(folder=str(demo_folder), trigger_word="xyz", model="coca_ViT-B-32", overwrite=False)
     assert len(read_captions(demo_folder).captions) == 2
+
+
+def test_train_node_plans_memory_on_cuda_and_shows_the_plan(pack, comfy, tiny_sd1, tiny_sd1_file, demo_folder,
+                                                            config_file, monkeypatch, tmp_path):
+    train_node = sys.modules[f"{comfy_stubs.PACK}.comfy_nodes.train_node"]
+    host = sys.modules[f"{comfy_stubs.PACK}.comfy_nodes.host"]
+    args = (str(demo_folder), "village", 4, 4.0, 2, 1e-3, 64, 2, 0)
+    with monkeypatch.context() as patch:  # on a GPU the node fits the run to the free VRAM unless told otherwise
+        patch.setattr(torch.cuda, "is_available", lambda: True)
+        assert train_node.node_config(*args, config_file, train_node.FROM_GRAPH).memory_budget_gb == "auto"
+        off = tmp_path / "off.yaml"
+        off.write_text("memory_budget_gb: 'off'\n", encoding="utf-8")
+        assert train_node.node_config(*args, str(off), train_node.FROM_GRAPH).memory_budget_gb == "off"
+    assert train_node.node_config(*args, config_file, train_node.FROM_GRAPH).memory_budget_gb == "0"  # CPU
+
+    model, clip, vae = comfy_stubs.graph_models(tiny_sd1_file, tiny_sd1)
+    with torch.inference_mode():
+        weights = host.graph_weights(model, clip, vae)
+    assert type(weights).__name__ == "HandedOver"  # the copy becomes the training copy, not copied again
+    budget = tmp_path / "budget.yaml"
+    budget.write_text(open(config_file).read() + "memory_budget_gb: 1000\n", encoding="utf-8")
+    node = pack.NODE_CLASS_MAPPINGS["LoraTrainerTrain"]()
+    with torch.inference_mode():
+        out = node.train(model=model, clip=clip, vae=vae, **train_inputs(demo_folder, str(budget)))
+    plan = [t for t in out["ui"]["text"] if t.startswith("memory plan on cpu")]
+    assert plan and "budget 1000.0 GB; no change needed" in plan[0]

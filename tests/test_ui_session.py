@@ -71,3 +71,21 @@ def test_session_runs_once_and_stops():
     s.stop()
     s.wait(5)
     assert not s.running and s.callbacks.losses and s.error is None
+
+
+def test_the_tab_plans_memory_on_a_gpu_and_shows_the_plan(monkeypatch):
+    import torch
+
+    from lora_trainer.ui import preset_values
+    from lora_trainer.ui.session import TrainSession
+
+    assert preset_values("style", False)["memory_budget_gb"] == "0"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert preset_values("style", True)["memory_budget_gb"] == "auto"
+    session = TrainSession(lambda callbacks: callbacks.on_status("memory plan on cuda: predicted peak 3.1 GB"))
+    session.callbacks.on_status("memory plan on cuda: predicted peak 3.1 GB, budget 7.5 GB; no change needed")
+    session.callbacks.on_status("caching latents 1/4")
+    assert session.summary() == "caching latents 1/4"  # not started: its status
+    session.thread.is_alive = lambda: True  # as while it runs
+    assert session.summary().splitlines() == ["memory plan on cuda: predicted peak 3.1 GB, budget 7.5 GB; no change "
+                                              "needed", "step 0/0 — caching latents 1/4"]

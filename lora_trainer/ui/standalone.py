@@ -39,6 +39,7 @@ class StandaloneBackend(Backend):
         import torch
 
         from ..lora import load_lora_file
+        from ..memory import release
         from ..model import load_components
         from ..sample import render_grid
 
@@ -47,8 +48,12 @@ class StandaloneBackend(Backend):
         device = "cuda" if torch.cuda.is_available() else "cpu"
         prompt = prompt or cfg.trigger_word or "a picture"
         out = Path(lora_path).with_suffix(".grid.png")
-        grid = render_grid(comps, [prompt], list(TEST_STRENGTHS), out, seed=seed, steps=self.sample_steps,
-                           device=device, size=self.sample_size or cfg.resolution)
+        try:
+            grid = render_grid(comps, [prompt], list(TEST_STRENGTHS), out, seed=seed, steps=self.sample_steps,
+                               device=device, size=self.sample_size or cfg.resolution)
+        finally:
+            del comps
+            release()  # the copy the grid was rendered with, handed back to the system
         return grid, ""  # no txt2img tab to send parameters to
 
 
