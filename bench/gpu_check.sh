@@ -25,7 +25,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 status=0
 
 echo "== 1. GPU tests"
-timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests/ 2>&1 | tee "$OUT/tests.log" | tail -5 || status=1
+timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py 2>&1 | tee "$OUT/tests.log" | tail -5 || status=1
 
 echo "== 2. plan vs measured peak VRAM"
 timeout 170 python3 bench/memory.py --device cuda --families sd1 --resolutions 512 --precisions bf16 \

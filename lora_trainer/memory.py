@@ -18,9 +18,10 @@ from functools import lru_cache
 from typing import Any, Callable, Optional
 
 
-def release(cuda: bool = True) -> None:
+def release(cuda: bool = True, collect: bool = True) -> None:
     """Collect garbage, empty CUDA's cache and trim malloc's free pages (each where it applies)."""
-    gc.collect()
+    if collect:
+        gc.collect()
     if cuda:
         import torch
 
@@ -135,7 +136,7 @@ def apply_in_place(run: Any, change: dict) -> None:
     cfg = run.cfg.replace(**change)
     if "base_precision" in change or "offload" in change:
         _, compute = pick_precision(cfg, run.device)
-        storage = storage_dtype(cfg.base_precision, compute, run.device)
+        storage = storage_dtype(cfg.base_precision, compute)
         offload = cfg.offload == "blocks" and run.device.type == "cuda"
         models = [comps.unet, *comps.text_encoders]
         store_base_weights(models, storage, compute, offload=offload)

@@ -173,6 +173,11 @@ def resolve_budget(budget_gb: Any, dev: Any) -> Optional[int]:
     if budget_gb is None or not budget_is_set(budget_gb):
         return None
     if str(budget_gb).strip().lower() == "auto":
+        import torch
+
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise ConfigError("A budget of auto reads the free VRAM of this machine's GPU, and it has none: give "
+                              "the budget in GB to plan for another machine (e.g. --budget-gb 8).")
         return max(0, free_bytes(dev) - MARGIN[dev.type if dev.type in MARGIN else "cpu"])
     try:
         value = float(budget_gb)
@@ -250,7 +255,7 @@ def predict_peak(cfg: TrainConfig, dev: Any, family: str, variant: str,
     from .train_setup import pick_precision
 
     _, compute = pick_precision(cfg.replace(device=str(dev)), dev) if dev.type != "cuda" else _cuda_precision(cfg)
-    storage = storage_dtype(cfg.base_precision, compute, dev)
+    storage = storage_dtype(cfg.base_precision, compute)
     counts = _counts(family, variant, tuple(cfg.target_modules), cfg.lora_rank, cfg.conv_rank,
                      cfg.train_text_encoder)
     size = torch.finfo(compute).bits // 8

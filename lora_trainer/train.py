@@ -207,8 +207,7 @@ def _fill_latent_cache(run: Run, cb: Callbacks) -> None:
         if done == len(todo) or done % 25 == 0:
             cb.on_status(f"caching latents {done}/{len(todo)}")
     _discard_after_caching(run, run.components.vae)  # every latent is cached now: its memory goes to training
-    if run.device.type == "cuda":
-        torch.cuda.empty_cache()
+    release(collect=False)
 
 
 def _fill_text_cache(run: Run, cb: Callbacks) -> None:
@@ -222,8 +221,7 @@ def _fill_text_cache(run: Run, cb: Callbacks) -> None:
     cb.on_status(f"cached {len(captions)} text embeddings")
     for te in run.components.text_encoders:
         _discard_after_caching(run, te)
-    if run.device.type == "cuda":
-        torch.cuda.empty_cache()
+    release(collect=False)  # what the encoders held goes back to the system before the first step
 
 
 def _text(run: Run, captions: List[str]):

@@ -110,7 +110,7 @@ def prepare_run(cfg: TrainConfig, callbacks: Callbacks, base_weights: Optional[M
 
     device = pick_device(cfg)
     autocast_dtype, compute_dtype = pick_precision(cfg, device)
-    storage = storage_dtype(cfg.base_precision, compute_dtype, device)
+    storage = storage_dtype(cfg.base_precision, compute_dtype)
     owns_components = components is None
     if owns_components:
         callbacks.on_status("loading the base model")
@@ -127,7 +127,9 @@ def prepare_run(cfg: TrainConfig, callbacks: Callbacks, base_weights: Optional[M
         components.unet.enable_gradient_checkpointing()
         for te in components.text_encoders if te_params else []:
             te.gradient_checkpointing_enable()
-    offload = cfg.offload == "blocks" and device.type == "cuda"  # on the CPU the weights are in RAM anyway
+    offload = cfg.offload == "blocks" and device.type == "cuda"
+    if cfg.offload == "blocks" and not offload:
+        callbacks.on_status("offload: blocks has no effect on the CPU (the weights are in RAM already)")
     # Cast on the CPU before moving (no full-precision peak on the GPU); offloaded weights never go there whole.
     store_base_weights([components.unet, *components.text_encoders], storage, compute_dtype, offload=offload)
     place_base_weights(components.unet, device, offload)

@@ -127,3 +127,10 @@ def test_out_of_memory_gives_up_after_the_step_downs(make_cfg, tiny_sd1_file, mo
     with pytest.raises(TrainingError, match="Out of GPU memory at step 1 even after gradient_checkpointing: True; "
                                             "base_precision: fp8"):
         train(make_cfg(base_model=str(tiny_sd1_file), max_train_steps=2))
+
+
+def test_auto_budget_for_a_gpu_this_machine_lacks_says_what_to_give(make_cfg, tiny_sd1_file):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: auto reads its free VRAM")  # the CPU-only CI runs it
+    with pytest.raises(ConfigError, match="give the budget in GB"):
+        plan_memory(make_cfg(base_model=str(tiny_sd1_file)), "cuda", "auto")

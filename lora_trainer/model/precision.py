@@ -2,8 +2,9 @@
 
 Each Linear and Conv2d of the frozen UNet and text encoders keeps its weight in the storage dtype
 (float8_e4m3fn for fp8) and, with offload, in CPU RAM, and casts (and copies) it to the compute
-dtype and device only inside its own forward, layer by layer. The cast copy is not kept for the backward pass: the storage weight is saved and cast again
-there, so a training step never holds a full-precision copy of the model. (diffusers'
+dtype and device only inside its own forward, layer by layer. The cast copy is not kept for the
+backward pass: the storage weight is saved and cast again there, so a training step never holds a
+full-precision copy of the model. (diffusers'
 `enable_layerwise_casting` casts the same way, but autograd keeps every upcast weight alive until
 backward: measured on the CPU, 8 fp8 layers of 4096² grew from 0.86 to 1.32 GB after one forward,
 which for training is more than fp32 alone.) LoRA layers, norms, embeddings and biases stay in the
@@ -26,7 +27,7 @@ from ..errors import ConfigError
 STORAGE = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-def storage_dtype(base_precision: str, compute: torch.dtype, device: torch.device) -> torch.dtype:
+def storage_dtype(base_precision: str, compute: torch.dtype) -> torch.dtype:
     """The dtype frozen base weights are kept in. auto: the compute dtype (half on GPU, fp32 on CPU)."""
     if base_precision == "auto":
         return compute
@@ -35,9 +36,7 @@ def storage_dtype(base_precision: str, compute: torch.dtype, device: torch.devic
             raise ConfigError(f"base_precision: fp8 needs torch 2.1 or newer (this is torch {torch.__version__}). "
                               "Use base_precision: auto, fp16 or bf16.")
         return torch.float8_e4m3fn
-    if base_precision == "fp16" and device.type == "cpu" and compute == torch.float32:
-        return torch.float16  # stored only; every layer computes in fp32
-    return STORAGE[base_precision]
+    return STORAGE[base_precision]  # under fp32 compute (the CPU) fp16/bf16 are storage only
 
 
 def load_dtype(storage: torch.dtype, compute: torch.dtype) -> torch.dtype:

@@ -86,6 +86,8 @@ def _part(sd: MutableMapping, prefix: str, take: bool, dtype: torch.dtype) -> di
     keys = [k for k in sd if k.startswith(prefix)]
     if not take:
         return {k: sd[k] for k in keys}
+    if isinstance(sd, CheckpointFile):
+        sd.cast_to = dtype  # converted while read: no second pass over the tensor
     out = {}
     for key in keys:
         tensor = sd.pop(key)
@@ -131,7 +133,7 @@ def models_from_ldm(sd: MutableMapping[str, torch.Tensor], family: str, dtype: t
             hf_sd = clip_l_from_ldm(source, prefix)
         else:
             hf_sd = open_clip_from_ldm(source, prefix, config["num_hidden_layers"],
-                                       factory.text_encoder_has_projection(config))
+                                       factory.text_encoder_has_projection(config), consume=not copy)
         model = factory.build_text_encoder(config, empty=True)
         hf_sd = match_model_layout(hf_sd, model.state_dict().keys())
         encoders.append(factory.load_weights(model, hf_sd, f"text encoder ({prefix}*)", dtype, copy))
