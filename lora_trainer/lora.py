@@ -110,9 +110,12 @@ def add_lora(
     model.requires_grad_(False)
     inject_adapter_in_model(config, model, adapter_name=ADAPTER)
     params = lora_parameters(model)
-    for p in params:
-        if p.dtype != torch.float32:  # peft gives the adapter the base layer's dtype; updates need fp32
+    if any(p.dtype != torch.float32 for p in params):  # peft gives the adapter the base layer's dtype (fp8, half)
+        for p in params:
             p.data = p.data.float()
+        for layer in lora_layers(model).values():  # initialised again in fp32, not rounded to the base's dtype
+            layer.reset_lora_parameters(ADAPTER, True)
+    for p in params:
         p.requires_grad_(True)
     return params
 

@@ -251,7 +251,7 @@ def predict_peak(cfg: TrainConfig, dev: Any, family: str, variant: str,
     on the CPU `process_base` (the process's own size before the run) is added."""
     import torch
 
-    from .model.precision import load_dtype, storage_dtype
+    from .model.precision import load_dtype, quantized_dtype, storage_dtype
     from .train_setup import pick_precision
 
     _, compute = pick_precision(cfg.replace(device=str(dev)), dev) if dev.type != "cuda" else _cuda_precision(cfg)
@@ -276,9 +276,13 @@ def predict_peak(cfg: TrainConfig, dev: Any, family: str, variant: str,
         activations += STORED_COPIES * counts["largest_matrix"] * size
     pixels = cfg.resolution * cfg.resolution
     vae_encode = int(VAE_ENCODE_COPIES["cuda" if dev.type == "cuda" else "cpu"] * counts["vae_channels"] * pixels * 4)
-    load_w = counts["unet_matrix"] + counts["te_matrix"]
-    load_bytes = load_w * (torch.finfo(load_dtype(storage, compute)).bits // 8) + \
-        (counts["unet_other"] + counts["te_other"]) * size + vae_w
+    read = torch.finfo(load_dtype(storage, compute)).bits // 8
+    unet_read = (counts["unet_matrix"] + counts["unet_other"]) * read
+    te_read = (counts["te_matrix"] + counts["te_other"]) * read
+    if quantized_dtype(storage) is not None:  # each part is read in half precision, then quantized
+        load_bytes = max(unet_read, counts["unet_matrix"] * store + counts["unet_other"] * read + vae_w + te_read)
+    else:
+        load_bytes = unet_read + te_read + vae_w
     if dev.type == "cuda":
         phases = {"loading": 0, "caching": unet_w + te_w + vae_w + vae_encode,
                   "training": unet_w + lora + activations}

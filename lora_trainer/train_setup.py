@@ -21,7 +21,7 @@ from .config import TrainConfig
 from .dataset import epoch_batches, scan_images
 from .errors import ConfigError, TrainingError
 from .latents import LatentCache, TextEmbeddingCache, vae_fingerprint
-from .model.precision import load_dtype, place_base_weights, storage_dtype, store_base_weights
+from .model.precision import load_dtype, place_base_weights, quantized_dtype, storage_dtype, store_base_weights
 from .state import LoadedState, Position, dataset_hash, load_state
 
 
@@ -120,7 +120,8 @@ def prepare_run(cfg: TrainConfig, callbacks: Callbacks, base_weights: Optional[M
         # Read straight into the dtype it trains in (fp32 VAE: it only encodes, and fp16 VAEs overflow).
         components = load_components(source, family=cfg.model_family, prediction_type=cfg.prediction_type,
                                      allow_ckpt=cfg.allow_ckpt, name=base_name,
-                                     dtype=load_dtype(storage, compute_dtype), vae_dtype=torch.float32)
+                                     dtype=load_dtype(storage, compute_dtype), vae_dtype=torch.float32,
+                                     matrix_dtype=quantized_dtype(storage))
 
     unet_params, te_params = _attach_lora(components, cfg, loaded)
     if cfg.gradient_checkpointing:

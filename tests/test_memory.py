@@ -149,3 +149,26 @@ def test_fp8_base_trains_and_exports_the_same_keys(make_cfg, tiny_sd1_file, tmp_
     assert meta["lora_trainer.base_precision"] == "float8_e4m3fn"
     assert all(torch.isfinite(t.float()).all() for t in got.values())
     assert any(not torch.equal(got[k].float(), want[k].float()) for k in got if "lora_up" in k)  # it trained
+
+
+def test_fp8_is_quantized_part_by_part_as_it_loads(tiny_sd1_file):
+    loaded = model_stage.load_components(tiny_sd1_file, dtype=torch.bfloat16, vae_dtype=torch.float32,
+                                         matrix_dtype=torch.float8_e4m3fn)
+    unet, te = loaded.unet, loaded.text_encoders[0]
+    assert unet.conv_in.weight.dtype == torch.float8_e4m3fn and unet.conv_in.bias.dtype == torch.bfloat16
+    assert unet.conv_norm_out.weight.dtype == torch.bfloat16 and loaded.vae.encoder.conv_in.weight.dtype == torch.float32
+    named = dict(te.named_modules())  # transformers 4 and 5 name the levels differently
+    assert next(m for n, m in named.items() if n.endswith("q_proj")).weight.dtype == torch.float8_e4m3fn
+    token = next(m for n, m in named.items() if n.endswith("token_embedding"))
+    assert token.weight.dtype == torch.bfloat16  # an embedding, not a matrix
+
+
+def test_lora_on_a_quantized_base_starts_in_fp32_not_rounded(tiny_sd1):
+    from lora_trainer.lora import ADAPTER, add_lora, lora_layers
+
+    unet = copy.deepcopy(tiny_sd1.unet)
+    store_base_weights([unet], torch.float8_e4m3fn, torch.float32)
+    add_lora(unet, ["down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"], 4, 4)
+    a = next(iter(lora_layers(unet).values())).lora_A[ADAPTER].weight
+    assert a.dtype == torch.float32 and a.requires_grad
+    assert not torch.equal(a, a.to(torch.float8_e4m3fn).float())  # a real fp32 init, not fp8 values

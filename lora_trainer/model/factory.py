@@ -77,12 +77,14 @@ def _owns_its_storage(t: torch.Tensor) -> bool:
 
 
 def load_weights(model, state_dict: Mapping[str, torch.Tensor], what: str, dtype: torch.dtype,
-                 copy: bool = False):
+                 copy: bool = False, matrix_dtype: torch.dtype | None = None):
     """Put `state_dict` (already in the model's own key names) into `model`, as `dtype` on the CPU.
 
     `copy=True` guarantees the model shares no memory with the caller's tensors (a host's weights
     handed over in memory must never be changed by training). Views into larger tensors (split
     qkv, squeezed convs) are copied too, so the model can be saved with safetensors.
+    `matrix_dtype` (fp8 base weights): Linear and Conv2d weights are stored in it instead; with
+    copy=False `state_dict` is then emptied as it goes, so each source tensor is freed once cast.
     Raises ModelError for missing weights or wrong shapes, naming the part (`what`).
     """
     import torch
@@ -104,19 +106,30 @@ def load_weights(model, state_dict: Mapping[str, torch.Tensor], what: str, dtype
             f"{want} ({len(wrong)} weights differ). Inpainting, instruct-pix2pix, refiner and other variant "
             "models are not supported: give a standard text-to-image checkpoint, or set model_family."
         )
+    matrices = matrix_weights(model) if matrix_dtype is not None else set()
+    consume = matrix_dtype is not None and not copy and isinstance(state_dict, dict)
     tensors = {}
     for key in own:
         if key not in state_dict:
             continue
-        t = state_dict[key]
-        target = dtype if t.is_floating_point() else t.dtype
+        t = state_dict.pop(key) if consume else state_dict[key]
+        target = (matrix_dtype if key in matrices else dtype) if t.is_floating_point() else t.dtype
         must_copy = copy or not _owns_its_storage(t)
         tensors[key] = t.to(device="cpu", dtype=target, copy=must_copy).contiguous()
+        del t
     model.load_state_dict(tensors, strict=False, assign=True)
     left = [name for name, p in model.named_parameters() if p.device == torch.device("meta")]
     if left:  # cannot happen after the checks above; fail loudly rather than train on empty tensors
         raise ModelError(f"The checkpoint's {what} left {len(left)} weights unset (e.g. {left[:3]}).")
-    return cast(model, dtype).eval()
+    return (model if matrices else cast(model, dtype)).eval()
+
+
+def matrix_weights(model) -> set:
+    """Names of the Linear and Conv2d weights of `model`: what base_precision fp8 stores in float8."""
+    from torch import nn
+
+    return {f"{name}.weight" if name else "weight" for name, m in model.named_modules()
+            if type(m) in (nn.Linear, nn.Conv2d)}
 
 
 def cast(model, dtype: torch.dtype):

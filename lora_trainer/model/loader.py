@@ -41,9 +41,12 @@ _SCHEDULER_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedu
 
 def load_components(base_model: BaseModel, family: str = "auto", prediction_type: str = "auto",
                     allow_ckpt: bool = False, name: str | None = None,
-                    dtype: torch.dtype | None = None, vae_dtype: torch.dtype | None = None) -> Components:
+                    dtype: torch.dtype | None = None, vae_dtype: torch.dtype | None = None,
+                    matrix_dtype: torch.dtype | None = None) -> Components:
     """Load a Stable Diffusion base model for training, on the CPU: UNet and text encoders in `dtype` (float32
     default), the VAE in `vae_dtype` (default: `dtype`). A file is read tensor by tensor, each cast as it is read.
+    `matrix_dtype` (single files and state dicts): the UNet's and text encoders' Linear/Conv2d weights in that
+    dtype (fp8 base weights), the rest in `dtype`.
 
     base_model: a single-file checkpoint (.safetensors; .ckpt only with allow_ckpt) in the original
     layout, a diffusers folder, or a state dict in the original layout (what A1111/Forge hold; left
@@ -62,7 +65,8 @@ def load_components(base_model: BaseModel, family: str = "auto", prediction_type
     vae_dtype = vae_dtype or dtype
     if isinstance(base_model, Mapping):
         return _from_state_dict(base_model, family, prediction_type, name or "in-memory", "<in-memory>",
-                                None, dtype, vae_dtype, copy=not isinstance(base_model, HandedOver))
+                                None, dtype, vae_dtype, copy=not isinstance(base_model, HandedOver),
+                                matrix_dtype=matrix_dtype)
     if not isinstance(base_model, (str, os.PathLike)):
         raise ModelError(f"base_model must be a path or a state dict, not {type(base_model).__name__}.")
     if not os.fspath(base_model).strip():
@@ -75,11 +79,12 @@ def load_components(base_model: BaseModel, family: str = "auto", prediction_type
             raise ModelError(f"{path} is a folder but not a diffusers model (no model_index.json). {WHERE_TO_PUT}")
         return _from_folder(path, family, prediction_type, name or path.name, dtype, vae_dtype)
     return _from_state_dict(read_checkpoint(path, allow_ckpt), family, prediction_type, name or path.stem,
-                            str(path), path, dtype, vae_dtype, copy=False)
+                            str(path), path, dtype, vae_dtype, copy=False, matrix_dtype=matrix_dtype)
 
 
 def _from_state_dict(sd: Mapping, family: str, prediction_type: str, name: str, source: str,
-                     path: Path | None, dtype: torch.dtype, vae_dtype: torch.dtype, copy: bool) -> Components:
+                     path: Path | None, dtype: torch.dtype, vae_dtype: torch.dtype, copy: bool,
+                     matrix_dtype: torch.dtype | None = None) -> Components:
     """copy=False: `sd` is ours (a file, or handed over) and is consumed; copy=True: a host's, left untouched."""
     sd = normalize_keys(sd)
     if family == "auto":
@@ -87,7 +92,7 @@ def _from_state_dict(sd: Mapping, family: str, prediction_type: str, name: str, 
     markers = {k for k in ("v_pred", "ztsnr") if k in sd}
     # A file's sha256 reads every byte: on another core, while the models load and train (metadata waits for it).
     model_hash = _hasher().submit(file_sha256, path) if path is not None else state_dict_fingerprint([sd])
-    models = models_from_ldm(sd, family, dtype, copy, vae_dtype)
+    models = models_from_ldm(sd, family, dtype, copy, vae_dtype, matrix_dtype)
     if prediction_type == "auto":
         prediction_type = guess_from_checkpoint(markers, family, models["unet"])
     configs = models["configs"]

@@ -47,6 +47,12 @@ def load_dtype(storage: torch.dtype, compute: torch.dtype) -> torch.dtype:
     return compute if compute in (torch.float16, torch.bfloat16) else torch.bfloat16
 
 
+def quantized_dtype(storage: torch.dtype) -> Optional[torch.dtype]:
+    """The storage dtype when it is smaller than any compute dtype (fp8): the loader quantizes into it part by
+    part instead of holding the whole model in a half precision first."""
+    return None if storage in STORAGE.values() else storage
+
+
 def store_base_weights(models: Iterable[nn.Module], storage: torch.dtype, compute: torch.dtype,
                        offload: bool = False) -> int:
     """Keep every frozen Linear/Conv2d weight of `models` in `storage`, computing in `compute` (and, with

@@ -96,13 +96,14 @@ def _part(sd: MutableMapping, prefix: str, take: bool, dtype: torch.dtype) -> di
 
 
 def models_from_ldm(sd: MutableMapping[str, torch.Tensor], family: str, dtype: torch.dtype, copy: bool,
-                    vae_dtype: torch.dtype | None = None) -> dict:
+                    vae_dtype: torch.dtype | None = None, matrix_dtype: torch.dtype | None = None) -> dict:
     """{"unet", "vae", "text_encoders", "configs", "variant"} built from an original-layout state dict.
 
     copy=False means the caller hands `sd` over (a `CheckpointFile`, or tensors made for us): its
     entries are consumed tensor by tensor, so loading holds the models plus one tensor (an SDXL file
     in fp16 is 7 GB; its float32 models another 14). copy=True leaves `sd` and its tensors alone.
-    The VAE is built in `vae_dtype` (default: `dtype`).
+    The VAE is built in `vae_dtype` (default: `dtype`); the UNet's and text encoders' Linear/Conv2d
+    weights in `matrix_dtype` when given (fp8 base weights, quantized part by part as they load).
     """
     from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
 
@@ -114,7 +115,7 @@ def models_from_ldm(sd: MutableMapping[str, torch.Tensor], family: str, dtype: t
             del sd[key]
     unet = factory.build_unet(configs["unet"], empty=True)
     converted = convert_ldm_unet_checkpoint(_part(sd, UNET_PREFIX, not copy, dtype), configs["unet"])
-    factory.load_weights(unet, converted, "UNet", dtype, copy)
+    factory.load_weights(unet, converted, "UNet", dtype, copy, matrix_dtype)
     del converted
 
     vae_dtype = vae_dtype or dtype
@@ -136,5 +137,5 @@ def models_from_ldm(sd: MutableMapping[str, torch.Tensor], family: str, dtype: t
                                        factory.text_encoder_has_projection(config), consume=not copy)
         model = factory.build_text_encoder(config, empty=True)
         hf_sd = match_model_layout(hf_sd, model.state_dict().keys())
-        encoders.append(factory.load_weights(model, hf_sd, f"text encoder ({prefix}*)", dtype, copy))
+        encoders.append(factory.load_weights(model, hf_sd, f"text encoder ({prefix}*)", dtype, copy, matrix_dtype))
     return {"unet": unet, "vae": vae, "text_encoders": encoders, "configs": configs, "variant": variant}
