@@ -279,8 +279,9 @@ def predict_peak(cfg: TrainConfig, dev: Any, family: str, variant: str,
     read = torch.finfo(load_dtype(storage, compute)).bits // 8
     unet_read = (counts["unet_matrix"] + counts["unet_other"]) * read
     te_read = (counts["te_matrix"] + counts["te_other"]) * read
-    if quantized_dtype(storage) is not None:  # each part is read in half precision, then quantized
-        load_bytes = max(unet_read, counts["unet_matrix"] * store + counts["unet_other"] * read + vae_w + te_read)
+    if quantized_dtype(storage) is not None:  # layer weights are quantized as they are read
+        load_bytes = (counts["unet_matrix"] + counts["te_matrix"]) * store + \
+            (counts["unet_other"] + counts["te_other"]) * read + vae_w
     else:
         load_bytes = unet_read + te_read + vae_w
     if dev.type == "cuda":

@@ -76,12 +76,16 @@ class CheckpointFile(MutableMapping):
         return tuple(self._entries[self._names[key]]["shape"])
 
     def __getitem__(self, key: str) -> torch.Tensor:
+        return self.read(key, self.cast_to)
+
+    def read(self, key: str, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        """The tensor `key`, a floating-point one converted to `dtype` (when given) as it is read."""
         import torch
 
         entry = self._entries[self._names[key]]
         start, end = entry["data_offsets"]
         stored = _dtypes()[entry["dtype"]]
-        target = self.cast_to if self.cast_to is not None and stored.is_floating_point else stored
+        target = dtype if dtype is not None and stored.is_floating_point else stored
         tensor = torch.empty(entry["shape"], dtype=target)
         with open(self.path, "rb") as fh:
             fh.seek(self._data_start + start)

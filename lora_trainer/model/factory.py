@@ -114,6 +114,9 @@ def load_weights(model, state_dict: Mapping[str, torch.Tensor], what: str, dtype
             continue
         t = state_dict.pop(key) if consume else state_dict[key]
         target = (matrix_dtype if key in matrices else dtype) if t.is_floating_point() else t.dtype
+        if t.dtype == matrix_dtype and key not in matrices:  # quantized while read but not a layer weight
+            raise ModelError(f"The checkpoint's {what} has {key} where a layer weight was expected; set "
+                             "base_precision to auto for this model.")
         must_copy = copy or not _owns_its_storage(t)
         tensors[key] = t.to(device="cpu", dtype=target, copy=must_copy).contiguous()
         del t

@@ -80,19 +80,31 @@ def select_variant(family: str, sd: Mapping[str, torch.Tensor]) -> str:
     )
 
 
-def _part(sd: MutableMapping, prefix: str, take: bool, dtype: torch.dtype) -> dict:
+def _part(sd: MutableMapping, prefix: str, take: bool, dtype: torch.dtype,
+          matrix_dtype: torch.dtype | None = None) -> dict:
     """The entries under `prefix`. When we own `sd` they are removed from it and cast one by one as they are
-    taken, so a part never exists twice (its source and its cast copy) and each source tensor is freed at once."""
+    taken (a file's tensors as they are read), so a part never exists twice and each source tensor is freed
+    at once; with `matrix_dtype`, layer weights (2-D or 4-D `.weight`s that are not embeddings) go straight to
+    it, so an fp8 model never exists in half precision first."""
     keys = [k for k in sd if k.startswith(prefix)]
     if not take:
         return {k: sd[k] for k in keys}
-    if isinstance(sd, CheckpointFile):
-        sd.cast_to = dtype  # converted while read: no second pass over the tensor
     out = {}
     for key in keys:
-        tensor = sd.pop(key)
-        out[key] = tensor.to(dtype) if tensor.is_floating_point() else tensor
+        shape = sd.shape(key) if isinstance(sd, CheckpointFile) else tuple(sd[key].shape)
+        target = matrix_dtype if matrix_dtype is not None and _is_layer_weight(key, shape) else dtype
+        if isinstance(sd, CheckpointFile):
+            tensor = sd.read(key, target)
+            del sd[key]
+        else:
+            tensor = sd.pop(key)
+            tensor = tensor.to(target) if tensor.is_floating_point() else tensor
+        out[key] = tensor
     return out
+
+
+def _is_layer_weight(key: str, shape: tuple) -> bool:
+    return key.endswith(".weight") and len(shape) in (2, 4) and "embedding" not in key
 
 
 def models_from_ldm(sd: MutableMapping[str, torch.Tensor], family: str, dtype: torch.dtype, copy: bool,
@@ -114,7 +126,7 @@ def models_from_ldm(sd: MutableMapping[str, torch.Tensor], family: str, dtype: t
         for key in [k for k in sd if not k.startswith(used)]:
             del sd[key]
     unet = factory.build_unet(configs["unet"], empty=True)
-    converted = convert_ldm_unet_checkpoint(_part(sd, UNET_PREFIX, not copy, dtype), configs["unet"])
+    converted = convert_ldm_unet_checkpoint(_part(sd, UNET_PREFIX, not copy, dtype, matrix_dtype), configs["unet"])
     factory.load_weights(unet, converted, "UNet", dtype, copy, matrix_dtype)
     del converted
 
@@ -129,7 +141,7 @@ def models_from_ldm(sd: MutableMapping[str, torch.Tensor], family: str, dtype: t
     encoders = []
     for part, (prefix, layout) in zip(text_encoder_parts(family), TEXT_ENCODERS[family]):
         config = configs[part]
-        source = _part(sd, prefix, not copy, dtype)
+        source = _part(sd, prefix, not copy, dtype, matrix_dtype)
         if layout == "clip_l":
             hf_sd = clip_l_from_ldm(source, prefix)
         else:
