@@ -290,12 +290,22 @@ def test_test_grid_hands_back_what_the_webui_kept(webui, make_cfg, tmp_path, mon
     grid the weights are restored from the backups, the backups and caches dropped."""
     from lora_trainer_a1111.host import A1111Backend
 
+    import torch
+
     log = []
-    layers = {"a": types.SimpleNamespace(network_weights_backup="w"), "b": types.SimpleNamespace()}
+    merged = torch.nn.Linear(2, 2)  # a layer with a LoRA merged in, and the backup A1111 took of it
+    merged.network_weights_backup = torch.zeros(2, 2)
+    layers = {"a": merged, "b": torch.nn.Linear(2, 2)}
     webui.sd_model.network_layer_mapping = layers
+
+    def restore(layer):  # extensions-builtin/Lora/networks.py: restore_weights_backup copies in place, as here
+        log.append(("restore", layer))
+        if getattr(layer, "network_weights_backup", None) is not None:
+            layer.weight.copy_(layer.network_weights_backup)
+
     networks = types.SimpleNamespace(
         list_available_networks=lambda: None, loaded_networks=["net"], networks_in_memory={"x": "net"},
-        network_restore_weights_from_backup=lambda layer: log.append(("restore", layer)),
+        network_restore_weights_from_backup=restore,
         network_reset_cached_weight=lambda layer: log.append(("reset", layer)))
     monkeypatch.setitem(sys.modules, "networks", networks)
     conds = [("key", "cond")]
@@ -304,5 +314,6 @@ def test_test_grid_hands_back_what_the_webui_kept(webui, make_cfg, tmp_path, mon
     webui.state.current_latent = "latent"
     A1111Backend().test_grid(make_cfg(resolution=64), tmp_path / "my-lora.safetensors", "", 1, "task(g)")
     assert log == [("restore", layers["a"]), ("reset", layers["a"]), ("restore", layers["b"]), ("reset", layers["b"])]
+    assert torch.equal(merged.weight, torch.zeros(2, 2)) and merged.weight.requires_grad  # restored, untouched otherwise
     assert networks.loaded_networks == [] and networks.networks_in_memory == {}
     assert conds == [None] and webui.state.current_latent is None

@@ -276,7 +276,11 @@ class A1111Backend(Backend):
                 pictures, infotext = on_main_thread(
                     lambda: txt2img_pictures(Path(lora_path).stem, prompt, seed, cfg.resolution))
             finally:
-                on_main_thread(release_test_memory)
+                try:
+                    on_main_thread(release_test_memory)
+                except Exception as err:  # memory left to the WebUI must never cost the user the grid
+                    print(f"[LoRA Trainer] could not release the Test grid's memory: {type(err).__name__}: {err}",
+                          flush=True)
         grid = label_grid([pictures], [f"strength {w:g}" for w in TEST_STRENGTHS], [prompt], seed)
         return grid, infotext
 
@@ -327,6 +331,8 @@ def release_test_memory() -> None:
     attributes of `processing`. The weights are restored from those copies first, so no LoRA stays merged. Forge
     keeps the last five LoRA files' tensors in an lru_cache. Then the freed pages go back to the system.
     """
+    import torch
+
     from lora_trainer.memory import release
 
     networks = sys.modules.get("networks")
@@ -337,9 +343,10 @@ def release_test_memory() -> None:
         reset = getattr(networks, "network_reset_cached_weight", None)
         model = loaded_model()
         if model is not None and restore is not None and reset is not None:
-            for layer in (getattr(model, "network_layer_mapping", None) or {}).values():
-                restore(layer)  # no-op for a layer without backups
-                reset(layer)    # backups dropped; the next <lora:...> re-applies from the restored weights
+            with torch.no_grad():  # A1111 restores inside a generation; its weights require grad outside one
+                for layer in (getattr(model, "network_layer_mapping", None) or {}).values():
+                    restore(layer)  # no-op for a layer without backups
+                    reset(layer)    # backups dropped; the next <lora:...> re-applies from the restored weights
         for cache in (getattr(networks, "loaded_networks", None), getattr(networks, "networks_in_memory", None)):
             if cache is not None:
                 cache.clear()
