@@ -6,4 +6,6 @@ package outside ComfyUI works. The trainer itself is `lora_trainer/`; see README
 
 from .comfy_nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
 
-__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]
+WEB_DIRECTORY = "./comfy_nodes/web"  # served as /extensions/<this folder>/; shows results on the nodes
+
+__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "WEB_DIRECTORY"]

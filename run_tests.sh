@@ -15,13 +15,21 @@
 #      gradio4  gradio 4.40.0 on the forge stack, plus the standalone UI driven in
 #               headless Debian chromium (apt-get install -y chromium when missing)
 #
-# 5. install.py into a real host environment (tests/install), once:
+# 5. the pack in a real ComfyUI (tests/comfyui), once:
+#      comfyui ComfyUI 0.8.0 (--cpu) with .ci/envs/comfyui ahead of .venv (.ci/comfyui.txt: the
+#              frontend 1.35.9 and what else ComfyUI needs beyond .venv): the example graph run twice
+#              through the HTTP API (the second from the cache), and loaded in the real frontend in
+#              headless Debian chromium. ComfyUI's source is not on PyPI: .ci/setup.sh comfyui takes it
+#              from COMFYUI_SRC (a git dir or a source tree); without one the stage is "skipped"
+#
+# 6. install.py into a real host environment (tests/install), once:
 #      a1111   a venv with A1111 1.10's pinned set (.ci/a1111-host.txt): install.py run as A1111
 #              and as ComfyUI-Manager run it must add only what is missing and move nothing
 #
 # Arguments go to every main pytest run. STACKS="newest forge" picks stacks; SKIP_RUFF=1
-# skips lint; UI_STAGES="gradio4" picks UI stages ("" skips them); INSTALL_STAGES="" skips step 5. Every stage runs even after a failure; the exit status is 1 if any
-# stage failed, and a pytest run that collects no test (exit 5) counts as failed.
+# skips lint; UI_STAGES="gradio4" picks UI stages ("" skips them); COMFYUI_STAGES="" skips step 5;
+# INSTALL_STAGES="" skips step 6. Every stage runs even after a failure; the exit status is 1 if any
+# stage failed ("skipped" is not a failure), and a pytest run that collects no test (exit 5) counts as failed.
 set -uo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -44,7 +52,13 @@ stage_done() {  # name, status, start-seconds
     line="$(printf '%-16s %-8s %4ds' "$1" "$2" $((SECONDS - $3)))"
     SUMMARY+=("$line")
     echo "==> $line"
-    [[ "$2" == ok ]] || FAILED=1
+    [[ "$2" == ok || "$2" == skipped ]] || FAILED=1
+}
+
+ensure_chromium() {  # Debian's chromium, for the stages that drive a browser
+    command -v chromium >/dev/null && return
+    { apt-get update -qq && apt-get install -y -qq chromium >/dev/null; } ||
+        echo "could not install chromium (needs root and apt)" >&2
 }
 
 # --- setup -------------------------------------------------------------------
@@ -100,14 +114,33 @@ for ui in ${UI_STAGES-gradio3 gradio4}; do
     esac
     echo "==> UI stage $ui (on the $host stack)"
     if ! bash .ci/setup.sh "$host" "$ui"; then stage_done "ui[$ui]" FAIL "$t"; continue; fi
-    if [[ "$ui" == gradio4 ]] && ! command -v chromium >/dev/null; then
-        { apt-get update -qq && apt-get install -y -qq chromium >/dev/null; } ||
-            echo "could not install chromium (needs root and apt)" >&2
-    fi
+    if [[ "$ui" == gradio4 ]]; then ensure_chromium; fi
     env PYTHONPATH="$ROOT/.ci/envs/$host:$ROOT/.ci/envs/$ui${PYTHONPATH:+:$PYTHONPATH}" LORA_TRAINER_STACK="$host" \
         LORA_TRAINER_UI="$ui" "$PY" -m pytest -q -W ignore::DeprecationWarning tests/ui 2>&1 | tee "$LOGS/ui-$ui.log"
     rc=${PIPESTATUS[0]}
     if [[ $rc -eq 0 ]]; then stage_done "ui[$ui]" ok "$t"; else stage_done "ui[$ui]" "FAIL($rc)" "$t"; fi
+done
+
+# --- the pack in a real ComfyUI 0.8.0 and its frontend ------------------------------
+for stage in ${COMFYUI_STAGES-comfyui}; do
+    t=$SECONDS
+    if [[ "$stage" != comfyui ]]; then
+        echo "unknown ComfyUI stage '$stage' (comfyui)" >&2; stage_done "$stage" FAIL "$t"; continue
+    fi
+    echo "==> ComfyUI stage (ComfyUI 0.8.0 --cpu, frontend 1.35.9, on the newest stack)"
+    bash .ci/setup.sh comfyui
+    rc=$?
+    if [[ $rc -eq 3 ]]; then
+        echo "==> ComfyUI stage skipped: no ComfyUI 0.8.0 source (set COMFYUI_SRC to a git dir or source tree)"
+        stage_done comfyui skipped "$t"
+        continue
+    fi
+    if [[ $rc -ne 0 ]]; then stage_done comfyui FAIL "$t"; continue; fi
+    ensure_chromium
+    env PYTHONPATH="$ROOT/.ci/envs/comfyui${PYTHONPATH:+:$PYTHONPATH}" LORA_TRAINER_STACK=newest LORA_TRAINER_COMFYUI=1 \
+        "$PY" -m pytest -q -W ignore::DeprecationWarning tests/comfyui 2>&1 | tee "$LOGS/comfyui.log"
+    rc=${PIPESTATUS[0]}
+    if [[ $rc -eq 0 ]]; then stage_done comfyui ok "$t"; else stage_done comfyui "FAIL($rc)" "$t"; fi
 done
 
 # --- install.py into a real host environment --------------------------------------
@@ -126,10 +159,10 @@ echo "==> summary (total $((SECONDS - T_START))s)"
 printf '    %s\n' "${SUMMARY[@]}"
 # One closing line over all stacks, from each pytest run's own closing line.
 "$PY" - "$LOGS"/*.log <<'PYEOF' || true
-import re, sys
+import os, re, sys
 total = {"passed": 0, "failed": 0, "skipped": 0}
 for path in sys.argv[1:]:
-    if not path.endswith(".log"):
+    if not path.endswith(".log") or not os.path.exists(path):  # no pytest stage ran: the glob stays
         continue
     last = ""
     for line in open(path, encoding="utf-8", errors="replace"):

@@ -6,6 +6,7 @@
 #   .ci/setup.sh a1111 forge  only the named overlays (and .venv first)
 #   .ci/setup.sh gradio3 gradio4  the UI test overlays (gradio with its dependencies)
 #   .ci/setup.sh a1111-host   a real venv with A1111 1.10's pinned set, for install.py's test
+#   .ci/setup.sh comfyui      ComfyUI 0.8.0's source and its overlay, for tests/comfyui
 #
 # .venv        the newest stack: requirements*.txt at their newest releases (pip's
 #              cap on this machine keeps torch at 2.14.1 / torchvision 0.29.1).
@@ -14,6 +15,11 @@
 #              torch and everything else heavy stays shared from .venv.
 # .ci/envs/a1111-host  a venv of its own: .ci/a1111-host.txt installed with dependencies, as
 #              A1111 installs its requirements; .venv's torch is shared into it (.ci/share_torch.py).
+# .ci/envs/comfyui-src  ComfyUI 0.8.0's source (not on PyPI): from COMFYUI_SRC, a git dir (commit
+#              3cd7b32f is archived) or a source tree (copied, without models/, custom_nodes/, ...);
+#              default /work/.mirror/pollockjj+ComfyUI/repo. No source: exit status 3 and one line.
+# .ci/envs/comfyui  an overlay like a1111's: .ci/comfyui.txt (what ComfyUI 0.8.0 needs beyond .venv,
+#              the frontend package 1.35.9 among them; never torch), ahead of .venv on PYTHONPATH.
 #
 # Each step keeps a stamp (sha256 of its inputs) and is skipped when it matches.
 # Environment: PYTHON (default python3) makes the venv; FORCE=1 rebuilds.
@@ -27,6 +33,9 @@ VENV="$ROOT/.venv"
 VPY="$VENV/bin/python"
 ENVS="$ROOT/.ci/envs"
 OVERLAYS=(a1111 forge)
+COMFYUI_COMMIT=3cd7b32f1b7e7e90395cefe7d9f9b1f89276d8ce  # ComfyUI v0.8.0 + its release-workflow fix
+COMFYUI_VERSION=0.8.0
+NO_SOURCE=3  # exit status of `setup.sh comfyui` when no ComfyUI source is found (run_tests.sh: skipped)
 
 log() { printf '[setup] %s\n' "$*"; }
 
@@ -115,6 +124,95 @@ build_host_venv() {
     log "host venv $name ready in $((SECONDS - t0))s"
 }
 
+comfyui_git_dir() {  # prints the git dir holding COMFYUI_COMMIT, if $1 is (or has) one
+    local d
+    for d in "$1" "$1/.git"; do
+        if [[ -e "$d" ]] && git --git-dir="$d" cat-file -e "$COMFYUI_COMMIT^{commit}" 2>/dev/null; then
+            echo "$d"
+            return
+        fi
+    done
+}
+
+COMFYUI_TREE_SKIP=(.git models custom_nodes input output temp user venv .venv)  # a user's, not ComfyUI's
+
+comfyui_tree_files() {  # find over a ComfyUI source tree $1 without COMFYUI_TREE_SKIP; the rest of the args: the action
+    local root="$1" prune=() d
+    shift
+    for d in "${COMFYUI_TREE_SKIP[@]}"; do prune+=(-path "$root/$d" -prune -o); done
+    find "$root" "${prune[@]}" -name __pycache__ -prune -o -type f "$@"
+}
+
+extract_comfyui() {  # source ($1, a git dir or a source tree) -> the folder $2
+    local src="$1" dest="$2" git_dir
+    git_dir="$(comfyui_git_dir "$src")"
+    if [[ -f "$src/main.py" && -f "$src/comfyui_version.py" && -z "$git_dir" ]]; then
+        # A checkout or an unpacked release: its code only, none of a user's models or outputs.
+        local skip=(--exclude=__pycache__) d
+        for d in "${COMFYUI_TREE_SKIP[@]}"; do skip+=("--exclude=./$d"); done
+        tar -C "$src" -cf - "${skip[@]}" . | tar -xf - -C "$dest"
+        mkdir -p "$dest/custom_nodes" "$dest/models"
+        return
+    fi
+    # A partial mirror may lack a blob (this one lacks a large tokenizer.json of an LLM text
+    # encoder): leave such files out, with a line each, rather than fail on them.
+    local missing=() type sha path
+    while IFS=$'\t' read -r type sha path; do
+        if [[ "$type" == blob ]] && ! git --git-dir="$git_dir" cat-file -e "$sha" 2>/dev/null; then
+            missing+=(":(exclude)$path")
+            log "WARNING: $path is missing from $git_dir; left out"
+        fi
+    done < <(git --git-dir="$git_dir" ls-tree -r --format=$'%(objecttype)\t%(objectname)\t%(path)' "$COMFYUI_COMMIT")
+    git --git-dir="$git_dir" archive "$COMFYUI_COMMIT" -- . "${missing[@]}" 2> >(grep -v "^error: invalid object" >&2) |
+        tar -xf - -C "$dest"
+}
+
+setup_comfyui() {
+    local t0=$SECONDS src="${COMFYUI_SRC:-/work/.mirror/pollockjj+ComfyUI/repo}"
+    local dest="$ENVS/comfyui-src" want="" have="" git_dir=""
+    [[ -e "$src" ]] && git_dir="$(comfyui_git_dir "$src")"
+    if [[ -n "$git_dir" ]]; then
+        want="git $COMFYUI_COMMIT"
+    elif [[ -f "$src/main.py" && -f "$src/comfyui_version.py" ]]; then
+        want="tree $(cd "$src" && pwd -P) $(comfyui_tree_files "$src" -printf '%P %s %T@\n' | sort | sha256sum | cut -c1-16)"
+    fi
+    [[ -f "$dest/.ci-stamp" ]] && have="$(cat "$dest/.ci-stamp")"
+    if [[ -z "$want" ]]; then
+        if [[ -n "$have" && -f "$dest/main.py" ]]; then
+            log "no ComfyUI source at ${src}: using the one extracted before ($have)"
+        else
+            echo "no ComfyUI $COMFYUI_VERSION source: set COMFYUI_SRC to a git dir or source tree" >&2
+            exit "$NO_SOURCE"
+        fi
+    elif [[ "${FORCE:-0}" == 1 || "$want" != "$have" || ! -f "$dest/main.py" ]]; then
+        log "extracting ComfyUI $COMFYUI_VERSION from $src into ${dest#"$ROOT/"}"
+        mkdir -p "$ENVS"
+        local tmp="$ENVS/.comfyui-src.tmp.$$"
+        rm -rf "$tmp"
+        mkdir -p "$tmp"
+        extract_comfyui "$src" "$tmp"
+        rm -rf "$dest"
+        mv "$tmp" "$dest"
+        echo "$want" > "$dest/.ci-stamp"
+    else
+        log "ComfyUI source up to date"
+    fi
+    if ! grep -q "__version__ = \"$COMFYUI_VERSION\"" "$dest/comfyui_version.py" 2>/dev/null; then
+        echo "${dest#"$ROOT/"} is not ComfyUI $COMFYUI_VERSION: $(grep -s __version__ "$dest/comfyui_version.py")" >&2
+        rm -f "$dest/.ci-stamp"
+        return 1
+    fi
+    build_overlay comfyui
+    local pkg
+    for pkg in torch torchvision torchaudio; do
+        if [[ -e "$ENVS/comfyui/$pkg" ]]; then
+            echo "the comfyui overlay holds $pkg: it must come from .venv (check .ci/comfyui.txt)" >&2
+            return 1
+        fi
+    done
+    log "ComfyUI $COMFYUI_VERSION ready in $((SECONDS - t0))s (source ${dest#"$ROOT/"}, overlay .ci/envs/comfyui)"
+}
+
 main() {
     local targets=("$@")
     [[ ${#targets[@]} -eq 0 ]] && targets=(venv "${OVERLAYS[@]}")
@@ -124,6 +222,7 @@ main() {
         case "$t" in
             venv) ;;
             *-host) build_host_venv "$t" ;;
+            comfyui) setup_comfyui ;;
             *) build_overlay "$t" ;;
         esac
     done

@@ -14,9 +14,11 @@ NODE_CLASS_MAPPINGS = {
     "LoraTrainerTrain": TrainLoRA,
     "LoraTrainerStrengthGrid": LoRAStrengthGrid,
 }
+# The pack's name in every display name: ComfyUI has its own "Train LoRA" node, and search shows both.
+# The class names (the keys) stay as they are: saved workflows refer to them.
 NODE_DISPLAY_NAME_MAPPINGS = {
-    "LoraTrainerCaptionFolder": "Caption Folder",
-    "LoraTrainerTrain": "Train LoRA",
-    "LoraTrainerStrengthGrid": "LoRA Strength Grid",
+    "LoraTrainerCaptionFolder": "Caption Folder (lora-scripts)",
+    "LoraTrainerTrain": "Train LoRA (lora-scripts)",
+    "LoraTrainerStrengthGrid": "LoRA Strength Grid (lora-scripts)",
 }
 __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]

@@ -43,7 +43,7 @@ class CaptionFolder:
         }
 
     @classmethod
-    def IS_CHANGED(cls, folder: str = "", **_: Any) -> str:
+    def IS_CHANGED(cls, folder: Any = None, **_: Any) -> str:
         return folder_fingerprint(folder)
 
     def caption(self, folder: str, trigger_word: str, model: str, overwrite: bool,
@@ -57,7 +57,8 @@ class CaptionFolder:
                                 captioner=self.captioner):
             pass
         callbacks.raise_if_stopped("the captions written so far are saved; queue again for the rest")
-        return (str(Path(folder)), preview(folder, report))
+        text = preview(folder, report)
+        return {"ui": {"text": [text]}, "result": (str(Path(folder)), text)}  # ui.text: shown on the node
 
 
 def preview(folder: str, report: CaptionReport) -> str:

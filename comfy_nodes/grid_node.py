@@ -14,6 +14,9 @@ from .host import load_lora_file
 from .images import image_to_pil, labelled_grid
 
 
+FROM_INPUT = "(from input)"  # a value the widget always has, even with models/loras empty
+
+
 def parse_strengths(text: str) -> List[float]:
     try:
         values = [float(part) for part in text.replace(";", ",").split(",") if part.strip()]
@@ -56,7 +59,9 @@ class LoRAStrengthGrid:
                 "height": ("INT", {"default": 512, "min": 64, "max": 2048, "step": 8, "tooltip": "Image height."}),
             },
             "optional": {  # optional: an empty loras folder must not make the graph invalid before training
-                "lora_name": (folder_paths.get_filename_list("loras"), {"tooltip": "A LoRA from models/loras."}),
+                "lora_name": ([FROM_INPUT, *folder_paths.get_filename_list("loras")], {
+                    "default": FROM_INPUT, "tooltip": f"A LoRA from models/loras; {FROM_INPUT}: the LoRA "
+                    "connected to trained_lora."}),
                 "trained_lora": ("STRING", {"forceInput": True, "tooltip": "Connect Train LoRA's lora_name output "
                                  "here to test the LoRA just trained (wins over lora_name)."}),
             },
@@ -68,7 +73,7 @@ class LoRAStrengthGrid:
         import nodes
 
         values = parse_strengths(strengths)
-        lora_name = trained_lora or lora_name
+        lora_name = trained_lora or ("" if lora_name == FROM_INPUT else lora_name)
         if not lora_name:
             raise ConfigError("Pick a lora_name, or connect Train LoRA's lora_name output to trained_lora.")
         lora = load_lora_file(folder_paths.get_full_path_or_raise("loras", lora_name))

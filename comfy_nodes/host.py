@@ -45,6 +45,10 @@ class ComfyCallbacks(Callbacks):
             self.plan = message  # shown on the node with the result
         print(f"[LoRA Trainer] {message}", flush=True)  # flushed: the log is how a user follows a run
 
+    def on_saved(self, path: Path, final: bool) -> None:
+        if final:
+            self.on_status(f"saved {path}")
+
     def should_stop(self) -> bool:
         import comfy.model_management as mm
 

@@ -5,13 +5,15 @@ A ComfyUI IMAGE is a float tensor [batch, height, width, 3] in 0..1.
 
 from __future__ import annotations
 
-from typing import List, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-BG, FG, GRID, LINE = (255, 255, 255), (20, 20, 20), (225, 225, 225), (40, 110, 220)
+from ..lora_trainer.loss_plot import loss_image
+
+BG, FG = (255, 255, 255), (20, 20, 20)
 
 
 def pil_to_image(image: Image.Image) -> torch.Tensor:
@@ -24,33 +26,8 @@ def image_to_pil(image: torch.Tensor) -> Image.Image:
 
 
 def loss_curve(losses: Sequence[float], width: int = 512, height: int = 256) -> torch.Tensor:
-    """Loss per step (light) and its moving average (dark), with the min and max written on the axis."""
-    img = Image.new("RGB", (width, height), BG)
-    draw, font = ImageDraw.Draw(img), ImageFont.load_default()
-    left, top, right, bottom = 48, 20, width - 10, height - 24
-    draw.rectangle([left, top, right, bottom], outline=GRID)
-    values = [v for v in losses if np.isfinite(v)]
-    draw.text((left, 4), f"loss, {len(losses)} steps", fill=FG, font=font)
-    if len(values) >= 1:
-        lo, hi = min(values), max(values)
-        span = (hi - lo) or 1.0
-        draw.text((2, top), f"{hi:.3g}", fill=FG, font=font)
-        draw.text((2, bottom - 10), f"{lo:.3g}", fill=FG, font=font)
-
-        def points(series: Sequence[float]) -> List[tuple]:
-            n = max(len(series) - 1, 1)
-            return [(left + (right - left) * i / n, bottom - (bottom - top) * (v - lo) / span)
-                    for i, v in enumerate(series)]
-
-        window = max(1, len(values) // 20)
-        smooth = np.convolve(values, np.ones(window) / window, mode="valid").tolist()
-        if len(values) > 1:
-            draw.line(points(values), fill=(170, 195, 240), width=1)
-        if len(smooth) > 1:
-            draw.line(points(smooth), fill=LINE, width=2)
-    else:
-        draw.text((left + 10, (top + bottom) // 2), "no steps were trained", fill=FG, font=font)
-    return pil_to_image(img)
+    """Loss per step and its smoothed line: the tab's drawing (lora_trainer.loss_plot) as an IMAGE."""
+    return pil_to_image(loss_image(losses, width, height))
 
 
 def labelled_grid(images: Sequence[Image.Image], labels: Sequence[str], band: int = 24) -> torch.Tensor:

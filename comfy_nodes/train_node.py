@@ -22,7 +22,7 @@ from .host import ComfyCallbacks, ComfyHost, check_lora_keys, graph_weights, loa
 from .images import loss_curve
 from .inputs import config_input, tooltip
 
-FROM_GRAPH = "(use the MODEL, CLIP and VAE inputs)"
+FROM_GRAPH = "(from inputs)"  # short: a long value shrinks the widget's label to "…"
 CATEGORY = "LoRA Trainer"
 
 
@@ -31,12 +31,13 @@ class TrainLoRA:
                    "A1111/Forge/ComfyUI metadata) and output the MODEL and CLIP with it applied.")
     CATEGORY = CATEGORY
     FUNCTION = "train"
-    RETURN_TYPES = ("MODEL", "CLIP", "STRING", "IMAGE")
-    RETURN_NAMES = ("MODEL", "CLIP", "lora_name", "loss_curve")
+    RETURN_TYPES = ("MODEL", "CLIP", "STRING", "IMAGE", "STRING")
+    RETURN_NAMES = ("MODEL", "CLIP", "lora_name", "loss_curve", "report")
     OUTPUT_TOOLTIPS = ("The input model with the new LoRA applied (strength 1).",
                        "The input CLIP with the new LoRA applied (strength 1).",
-                       "File name of the LoRA in models/loras, as LoraLoader lists it.",
-                       "Loss per step and its moving average.")
+                       "File name of the LoRA in models/loras, as LoraLoader lists it (with any -v2).",
+                       "Loss per step and its smoothed line.",
+                       "What was trained: the file, the steps, the final loss, where the checkpoints went.")
     OUTPUT_NODE = True
 
     @classmethod
@@ -46,22 +47,30 @@ class TrainLoRA:
         checkpoints = [FROM_GRAPH, *folder_paths.get_filename_list("checkpoints")]
         return {
             "required": {
-                "dataset_path": ("STRING", {"default": "", "tooltip": tooltip("train_data_dir")}),
-                "lora_name": ("STRING", {"default": "my_lora", "tooltip": tooltip("output_name")}),
+                "dataset_path": ("STRING", {"default": "", "tooltip": tooltip("train_data_dir") + " Type a path, or "
+                                            "connect Caption Folder's dataset_path."}),
+                "lora_name": config_input("output_name", default="my_lora", help="File name of the LoRA in "
+                                          "models/loras, without .safetensors; a name already taken gets -v2, -v3 "
+                                          "(nothing is overwritten)."),
                 "rank": config_input("lora_rank", min=1, max=256),
                 "alpha": config_input("lora_alpha", min=0.01, max=1024.0, step=0.5),
-                "steps": config_input("max_train_steps", default=500, min=1, max=100000),
-                "learning_rate": config_input("learning_rate", min=1e-7, max=1.0, step=1e-5, round=False),
+                "steps": config_input("max_train_steps", default=500, min=1, max=100000,
+                                      help="Optimizer steps to train; the node always trains this many (a "
+                                           "config file's epochs are not used)."),
+                # step 1e-7 (ComfyUI's own training node): the frontend rounds to the step, so 0.000025 stays
+                "learning_rate": config_input("learning_rate", min=1e-7, max=1.0, step=1e-7),
                 "resolution": config_input("resolution", min=64, max=2048, step=64),
                 "batch_size": config_input("batch_size", min=1, max=64),
+                # The frontend adds "control after generate" to any INT named seed; web/lora_trainer.js sets a
+                # fresh node's to "fixed": a new seed would train again on every Run.
                 "seed": config_input("seed", min=0, max=2**31 - 1, control_after_generate=True),
             },
             "optional": {
                 "model": ("MODEL", {"tooltip": "The base model from the graph (a checkpoint loader)."}),
                 "clip": ("CLIP", {"tooltip": "The base model's CLIP, from the same loader."}),
                 "vae": ("VAE", {"tooltip": "The base model's VAE (encodes the training images)."}),
-                "ckpt_name": (checkpoints, {"tooltip": "Train on this checkpoint instead of the MODEL/CLIP/VAE "
-                                                       "inputs (it is then read from disk)."}),
+                "ckpt_name": (checkpoints, {"default": FROM_GRAPH, "tooltip": f"{FROM_GRAPH}: train on the "
+                              "MODEL, CLIP and VAE inputs. A checkpoint: train on it instead (read from disk)."}),
                 "config_file": ("STRING", {"default": "", "tooltip": "Optional YAML config (see configs/) for "
                                            "every other setting; the inputs above override its keys."}),
                 "resume": ("BOOLEAN", {"default": False, "tooltip": "Continue the stopped run saved in "
@@ -71,8 +80,8 @@ class TrainLoRA:
         }
 
     @classmethod
-    def IS_CHANGED(cls, dataset_path: str = "", config_file: str = "", **_: Any) -> str:
-        return folder_fingerprint(dataset_path, config_file)
+    def IS_CHANGED(cls, dataset_path: Any = None, config_file: Any = None, **_: Any) -> str:
+        return folder_fingerprint(dataset_path, config_file)  # linked inputs arrive as None (fingerprint.py)
 
     def train(self, dataset_path: str, lora_name: str, rank: int, alpha: float, steps: int, learning_rate: float,
               resolution: int, batch_size: int, seed: int, model: Any = None, clip: Any = None, vae: Any = None,
@@ -88,7 +97,7 @@ class TrainLoRA:
             import nodes
 
             model, clip = nodes.CheckpointLoaderSimple().load_checkpoint(ckpt_name)[:2]
-        return apply_result(result, model, clip, callbacks.plan)
+        return apply_result(result, model, clip, report(result, cfg.output_dir, callbacks.plan))
 
 
 def node_config(dataset_path: str, lora_name: str, rank: int, alpha: float, steps: int, learning_rate: float,
@@ -98,7 +107,7 @@ def node_config(dataset_path: str, lora_name: str, rank: int, alpha: float, step
 
     if not lora_name.strip() or Path(lora_name).name != lora_name or lora_name in (".", ".."):
         raise ConfigError(f"lora_name {lora_name!r} must be a plain file name (no folders, no '..').")
-    extra = dict(train_data_dir=dataset_path, output_name=lora_name, lora_rank=rank, lora_alpha=alpha,
+    extra = dict(train_data_dir=dataset_path.strip(), output_name=lora_name, lora_rank=rank, lora_alpha=alpha,
                  max_train_steps=steps, learning_rate=learning_rate, resolution=resolution, batch_size=batch_size,
                  seed=seed, output_dir=str(Path(folder_paths.get_output_directory()) / "lora_trainer" / lora_name))
     if ckpt_name != FROM_GRAPH:
@@ -123,13 +132,24 @@ def run_training(cfg: Any, callbacks: ComfyCallbacks, model: Any, clip: Any, vae
                  resume=cfg.output_dir if resume else None)
 
 
-def apply_result(result: TrainResult, model: Any, clip: Any, plan: str = "") -> dict:
-    """Check the file against ComfyUI's key map, apply it to the graph's MODEL/CLIP, draw the loss curve."""
+def report(result: TrainResult, output_dir: str, plan: str = "") -> str:
+    """The lines a user needs after a run: which file to load, how it went, where the rest went."""
+    final = next((f"{v:.4f}" for v in reversed(result.losses) if v == v), "none")  # v == v: not NaN
+    lines = [f"saved {result.lora_path.name} in models/loras", f"{result.steps} steps, final loss {final}",
+             f"checkpoints, state and logs: {output_dir}"]
+    return "\n".join(lines + ([plan] if plan else []))
+
+
+def apply_result(result: TrainResult, model: Any, clip: Any, text: str) -> dict:
+    """Check the file against ComfyUI's key map, apply it to the graph's MODEL/CLIP, draw the loss curve.
+
+    The report goes to the node's outputs and to the UI message built-in nodes use (`ui.text`), which
+    web/lora_trainer.js shows on the node.
+    """
     import comfy.sd
 
     lora = load_lora_file(result.lora_path)
     check_lora_keys(lora, model, clip)
     model_lora, clip_lora = comfy.sd.load_lora_for_models(model, clip, lora, 1.0, 1.0)
     curve = loss_curve(result.losses)
-    return {"ui": {"text": [f"saved {result.lora_path} after {result.steps} steps", *([plan] if plan else [])]},
-            "result": (model_lora, clip_lora, result.lora_path.name, curve)}
+    return {"ui": {"text": [text]}, "result": (model_lora, clip_lora, result.lora_path.name, curve, text)}

@@ -46,7 +46,10 @@ def train_inputs(demo_folder, config_file, **changes):
 def test_root_package_imports_outside_comfyui(pack):
     assert not any(name in sys.modules for name in comfy_stubs.MODULES)
     assert set(pack.NODE_CLASS_MAPPINGS) == {"LoraTrainerCaptionFolder", "LoraTrainerTrain", "LoraTrainerStrengthGrid"}
-    assert set(pack.NODE_DISPLAY_NAME_MAPPINGS.values()) == {"Caption Folder", "Train LoRA", "LoRA Strength Grid"}
+    # ComfyUI's own node is called "Train LoRA": ours carry the pack's name, the class names stay
+    assert set(pack.NODE_DISPLAY_NAME_MAPPINGS.values()) == {
+        "Caption Folder (lora-scripts)", "Train LoRA (lora-scripts)", "LoRA Strength Grid (lora-scripts)"}
+    assert pack.WEB_DIRECTORY == "./comfy_nodes/web" and (ROOT / pack.WEB_DIRECTORY / "lora_trainer.js").is_file()
     assert not any(name in sys.modules for name in comfy_stubs.MODULES)
 
 
@@ -64,7 +67,40 @@ def test_inputs_are_typed_bounded_and_explained(pack, comfy):
     train = pack.NODE_CLASS_MAPPINGS["LoraTrainerTrain"].INPUT_TYPES()
     assert train["required"]["rank"][1]["tooltip"].startswith(field_help()["lora_rank"]["help"])
     assert train["required"]["learning_rate"][0] == "FLOAT"
-    assert pack.NODE_CLASS_MAPPINGS["LoraTrainerTrain"].RETURN_TYPES == ("MODEL", "CLIP", "STRING", "IMAGE")
+    # new outputs only at the end: the links of saved workflows keep their slots
+    assert pack.NODE_CLASS_MAPPINGS["LoraTrainerTrain"].RETURN_TYPES == ("MODEL", "CLIP", "STRING", "IMAGE", "STRING")
+
+
+def test_train_widgets_say_what_the_node_does(pack, comfy):
+    train_node = sys.modules[f"{comfy_stubs.PACK}.comfy_nodes.train_node"]
+    spec = pack.NODE_CLASS_MAPPINGS["LoraTrainerTrain"].INPUT_TYPES()
+    required, optional = spec["required"], spec["optional"]
+    # where the node narrows a config field, the tooltip says what the node does, not what the config does
+    assert required["steps"][1]["min"] == 1 and "0 uses" not in required["steps"][1]["tooltip"]
+    assert "empty" not in required["lora_name"][1]["tooltip"] and "-v2" in required["lora_name"][1]["tooltip"]
+    # the checkpoint selector has a default (search previews show it) short enough to leave its label readable
+    ckpt = optional["ckpt_name"]
+    assert ckpt[1]["default"] == train_node.FROM_GRAPH == ckpt[0][0] and len(train_node.FROM_GRAPH) <= 16
+    # the seed keeps its control widget (the user may still pick randomize); web/lora_trainer.js preselects fixed
+    assert required["seed"][1]["control_after_generate"] is True
+    js = (ROOT / "comfy_nodes" / "web" / "lora_trainer.js").read_text(encoding="utf-8")
+    assert '"LoraTrainerTrain"' in js and 'control.value = "fixed"' in js
+
+
+def frontend_float(value, options):
+    """ComfyUI frontend 1.35's FLOAT widget (useFloatWidget): precision from the step, values rounded to it."""
+    import math
+
+    precision = max(0, -math.floor(math.log10(options["step"])))
+    step = 10 ** -precision
+    return round(math.floor(value / step + 0.5) * step, precision)  # JavaScript's Math.round
+
+
+def test_learning_rate_keeps_the_values_people_type(pack, comfy):
+    options = pack.NODE_CLASS_MAPPINGS["LoraTrainerTrain"].INPUT_TYPES()["required"]["learning_rate"][1]
+    for typed in (0.000025, 1e-4, 0.0003, 5e-5, 1.5e-6, 0.001, 1e-7):
+        assert frontend_float(typed, options) == pytest.approx(typed, rel=1e-9), typed
+    assert frontend_float(0.000025, {"step": 1e-5}) == pytest.approx(0.00003)  # the old step rounded it
 
 
 def test_train_node_trains_saves_into_loras_and_applies_the_lora(pack, comfy, tiny_sd1, tiny_sd1_file, demo_folder,
@@ -73,7 +109,7 @@ def test_train_node_trains_saves_into_loras_and_applies_the_lora(pack, comfy, ti
     node = pack.NODE_CLASS_MAPPINGS["LoraTrainerTrain"]()
     with torch.inference_mode():  # as ComfyUI runs every node
         out = node.train(model=model, clip=clip, vae=vae, unique_id="7", **train_inputs(demo_folder, config_file))
-    model_out, clip_out, name, curve = out["result"]
+    model_out, clip_out, name, curve, report = out["result"]
 
     path = comfy.base / "models" / "loras" / name
     assert name == "village.safetensors" and path.is_file()
@@ -85,6 +121,10 @@ def test_train_node_trains_saves_into_loras_and_applies_the_lora(pack, comfy, ti
     assert model_out is not model and model.patches == [] and model_out.patches[0][0] == 1.0
     assert clip_out is not clip and clip_out.patches and clip_out.patches[0][1]
     assert curve.shape == (1, 256, 512, 3) and 0 <= curve.min() and curve.max() <= 1
+    # which file to load, how it went, where the rest went: on the node (ui.text) and as an output
+    assert out["ui"]["text"] == [report]
+    assert report.startswith("saved village.safetensors in models/loras\n2 steps, final loss ")
+    assert str(comfy.base / "output" / "lora_trainer" / "village") in report
     # ComfyUI's models left the GPU before training; the graph's weights were taken as CheckpointSave does
     assert "unload_all_models" in comfy.calls and "soft_empty_cache" in comfy.calls
     assert any("force_patch_weights" in c for c in comfy.calls)
@@ -96,6 +136,7 @@ def test_train_node_trains_saves_into_loras_and_applies_the_lora(pack, comfy, ti
     with torch.inference_mode():  # the same name again: a new file, the first is never overwritten
         again = node.train(model=model, clip=clip, vae=vae, **train_inputs(demo_folder, config_file))
     assert again["result"][2] == "village-v2.safetensors" and path.is_file()
+    assert again["ui"]["text"][0].startswith("saved village-v2.safetensors")
 
 
 def test_cancel_stops_within_a_step_and_resume_finishes(pack, comfy, tiny_sd1, tiny_sd1_file, demo_folder, config_file):
@@ -144,6 +185,33 @@ def test_is_changed_follows_the_dataset(pack, comfy, demo_folder, config_file):
     assert caption.IS_CHANGED(folder=str(demo_folder)) != caption.IS_CHANGED(folder=str(demo_folder / "x"))
 
 
+def comfy_is_changed(cls, inputs, linked):
+    """What ComfyUI 0.8's IsChangedCache does: every input given, a linked one as None (execution.py
+    get_input_data without outputs); an exception there makes ComfyUI run the node on every Run."""
+    spec = cls.INPUT_TYPES()
+    names = [*spec["required"], *spec.get("optional", {})]
+    return cls.IS_CHANGED(**{name: None if name in linked else inputs.get(name) for name in names})
+
+
+def test_is_changed_is_stable_when_inputs_are_linked(pack, comfy, demo_folder, config_file):
+    cls = pack.NODE_CLASS_MAPPINGS["LoraTrainerTrain"]
+    inputs = train_inputs(demo_folder, config_file)
+    for linked in ({"model", "clip", "vae", "dataset_path"}, {"model", "clip", "vae", "dataset_path", "config_file"},
+                   {"model", "clip", "vae"}):
+        first = comfy_is_changed(cls, inputs, linked)
+        assert isinstance(first, str) and first == comfy_is_changed(cls, inputs, linked)
+    linked = {"model", "clip", "vae", "dataset_path"}
+    before = comfy_is_changed(cls, inputs, linked)
+    (demo_folder / "new.png").write_bytes((demo_folder / "img001.png").read_bytes())
+    # a linked folder is Caption Folder's to fingerprint (ComfyUI keys Train on its signature), ...
+    assert comfy_is_changed(cls, inputs, linked) == before
+    caption = pack.NODE_CLASS_MAPPINGS["LoraTrainerCaptionFolder"]
+    assert caption.IS_CHANGED(folder=None) == caption.IS_CHANGED(folder=None)
+    # ... the config file is still read when it is typed
+    Path(config_file).write_text(Path(config_file).read_text(encoding="utf-8") + "seed: 3\n", encoding="utf-8")
+    assert comfy_is_changed(cls, inputs, linked) != before
+
+
 def test_lora_key_check_names_modules_comfyui_would_drop(pack, comfy, tiny_sd1, tiny_sd1_file):
     from lora_scripts_pack.comfy_nodes.host import check_lora_keys
     from lora_scripts_pack.lora_trainer.errors import LoraTrainerError
@@ -171,8 +239,10 @@ def test_caption_folder_writes_captions_and_a_preview(pack, comfy, demo_folder):
     (demo_folder / "metadata.csv").unlink()
     node = pack.NODE_CLASS_MAPPINGS["LoraTrainerCaptionFolder"]()
     node.captioner = FakeCaptioner(CaptionOptions(trigger="xyzvillage"))
-    path, preview = node.caption(folder=str(demo_folder), trigger_word="xyzvillage", model="coca_ViT-B-32",
-                                 overwrite=False, unique_id="3")
+    out = node.caption(folder=str(demo_folder), trigger_word="xyzvillage", model="coca_ViT-B-32",
+                       overwrite=False, unique_id="3")
+    path, preview = out["result"]
+    assert out["ui"]["text"] == [preview]
     assert path == str(demo_folder)
     captions = read_captions(demo_folder).captions
     assert len(captions) == 8 and all(c.startswith("xyzvillage, a test image") for c in captions.values())
@@ -203,8 +273,14 @@ def test_strength_grid_samples_each_strength_through_comfyui(pack, comfy):
 def test_example_workflows_match_the_nodes(pack, comfy):
     import json
 
-    api = json.loads((ROOT / "example_workflows" / "caption_train_sample_api.json").read_text(encoding="utf-8"))
-    ui = json.loads((ROOT / "example_workflows" / "caption_train_sample.json").read_text(encoding="utf-8"))
+    folder = ROOT / "example_workflows"
+    api = json.loads((folder / "api" / "caption_train_sample.json").read_text(encoding="utf-8"))
+    ui = json.loads((folder / "caption_train_sample.json").read_text(encoding="utf-8"))
+    # ComfyUI lists every JSON directly in example_workflows/ as a template, with <name>.jpg as its picture
+    for template in folder.glob("*.json"):
+        graph = json.loads(template.read_text(encoding="utf-8"))
+        assert {"nodes", "links", "version"} <= set(graph), f"{template.name} is not an editor graph"
+        assert template.with_suffix(".jpg").is_file(), f"{template.name} has no thumbnail"
     ours = [n for n in api.values() if n["class_type"] in pack.NODE_CLASS_MAPPINGS]
     assert {n["class_type"] for n in ours} == set(pack.NODE_CLASS_MAPPINGS)
     for node in ours:
@@ -222,7 +298,7 @@ def test_train_from_a_checkpoint_name(pack, comfy, tiny_sd1_file, demo_folder, c
     assert "tiny.safetensors" in node.INPUT_TYPES()["optional"]["ckpt_name"][0]
     with torch.inference_mode():
         out = node.train(ckpt_name="tiny.safetensors", **train_inputs(demo_folder, config_file, steps=1))
-    model_out, clip_out, name, _ = out["result"]
+    model_out, clip_out, name, _, _ = out["result"]
     assert name == "village.safetensors" and model_out.patches and clip_out.patches
     assert not any("force_patch_weights" in c for c in comfy.calls)  # the graph's weights were not used
 
@@ -261,5 +337,5 @@ def test_train_node_plans_memory_on_cuda_and_shows_the_plan(pack, comfy, tiny_sd
     node = pack.NODE_CLASS_MAPPINGS["LoraTrainerTrain"]()
     with torch.inference_mode():
         out = node.train(model=model, clip=clip, vae=vae, **train_inputs(demo_folder, str(budget)))
-    plan = [t for t in out["ui"]["text"] if t.startswith("memory plan on cpu")]
+    plan = [line for line in out["ui"]["text"][0].splitlines() if line.startswith("memory plan on cpu")]
     assert plan and "budget 1000.0 GB; no change needed" in plan[0]

@@ -43,12 +43,30 @@ def test_form_errors_are_user_messages(demo_folder, tmp_path):
         form_to_config("a", str(demo_folder), "", "", "style", False, {"lora_ran": 3}, tmp_path)
 
 
-def test_loss_plot_draws():
-    from lora_trainer.ui import loss_plot
+def test_loss_image_draws_raw_and_smoothed_loss_on_real_axes():
+    from lora_trainer.loss_plot import RAW, SMOOTH, loss_image, smoothed
 
-    assert loss_plot([]).size == (480, 220)
-    img = loss_plot([1.0, 0.5, 0.7])
-    assert len(set(img.getdata())) > 2
+    assert loss_image([], 480, 220).size == (480, 220)
+    assert smoothed([2.0]) == [2.0]  # debiased: the first value is not pulled towards 0
+    assert smoothed([1.0, 1.0, 1.0]) == pytest.approx([1.0, 1.0, 1.0])
+    img = loss_image([1.04, 1.04, 0.7, float("nan"), 0.5], 480, 220)
+    colors = {c for _, c in img.getcolors(maxcolors=1 << 20)}
+
+    def near(hex_color):
+        rgb = tuple(int(hex_color[i:i + 2], 16) for i in (1, 3, 5))
+        return any(sum(abs(a - b) for a, b in zip(c, rgb)) < 12 for c in colors)
+
+    assert near(RAW) and near(SMOOTH)  # both lines are drawn
+    assert len(colors) > 50  # anti-aliased text and lines: a real font, not a bitmap one
+
+
+def test_loss_axis_labels_differ_on_a_flat_short_run():
+    from lora_trainer.loss_plot import loss_figure
+
+    fig = loss_figure([1.04, 1.0402, 1.0401], 512, 256)  # the old drawing wrote "1.04" at both ends
+    fig.canvas.draw()
+    labels = [t.get_text() for t in fig.axes[0].get_yticklabels() if t.get_text()]
+    assert len(labels) >= 3 and len(set(labels)) == len(labels)
 
 
 def test_session_runs_once_and_stops():

@@ -13,8 +13,9 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from ..callbacks import Callbacks, HostInterface
 from ..errors import LoraTrainerError
+from ..loss_plot import loss_image
 from .session import (PRESET_FIELDS, PRESETS, TEST_STRENGTHS, TrainSession, advanced_fields, form_to_config,
-                      loss_plot, preset_values)
+                      preset_values)
 
 POLL_SECONDS = 1.0
 
@@ -205,14 +206,14 @@ def build_blocks(backend: Backend) -> Any:
                                      backend.output_root())
                 session = start_run(backend, cfg, task)
             except LoraTrainerError as e:
-                yield str(e), loss_plot([]), None
+                yield str(e), loss_image([]), None
                 return
             while session.running:
                 time.sleep(POLL_SECONDS)
                 cb = session.callbacks
-                yield session.summary(), loss_plot(cb.losses), str(cb.sample) if cb.sample else None
+                yield session.summary(), loss_image(cb.losses), str(cb.sample) if cb.sample else None
             cb = session.callbacks
-            yield session.summary(), loss_plot(cb.losses), str(cb.sample) if cb.sample else None
+            yield session.summary(), loss_image(cb.losses), str(cb.sample) if cb.sample else None
 
         def on_preset(preset_value, low):
             values = preset_values(preset_value, low)

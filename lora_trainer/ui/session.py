@@ -94,32 +94,6 @@ def _differs(value: Any, default: Any) -> bool:
     return value != default
 
 
-def loss_plot(losses: List[float], width: int = 480, height: int = 220) -> Any:
-    """The loss curve as a PIL image (no plotting library: it must draw the same under every host)."""
-    from PIL import Image, ImageDraw
-
-    img = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(img)
-    left, top, right, bottom = 46, 10, width - 10, height - 22
-    draw.rectangle([left, top, right, bottom], outline=(180, 180, 180))
-    if not losses:
-        draw.text((left + 8, top + 8), "loss: waiting for the first step", fill=(90, 90, 90))
-        return img
-    lo, hi = min(losses), max(losses)
-    span = (hi - lo) or 1.0
-    n = len(losses)
-    pts = [(left + (right - left) * (i / max(n - 1, 1)), bottom - (bottom - top) * ((v - lo) / span))
-           for i, v in enumerate(losses)]
-    if n == 1:
-        draw.ellipse([pts[0][0] - 2, pts[0][1] - 2, pts[0][0] + 2, pts[0][1] + 2], fill=(200, 60, 40))
-    else:
-        draw.line(pts, fill=(200, 60, 40), width=2)
-    draw.text((2, top), f"{hi:.3f}", fill=(60, 60, 60))
-    draw.text((2, bottom - 10), f"{lo:.3f}", fill=(60, 60, 60))
-    draw.text((left, bottom + 6), f"step 1 - {n}   last loss {losses[-1]:.4f}", fill=(60, 60, 60))
-    return img
-
-
 class SessionCallbacks(Callbacks):
     """Collects what the tab shows; `extra` (a host's own callbacks, e.g. A1111's progress bar) is also told."""
 
@@ -152,6 +126,8 @@ class SessionCallbacks(Callbacks):
         self.extra.on_sample(step, path, image)
 
     def on_saved(self, path: Path, final: bool) -> None:
+        if final:
+            self.status = f"saved {path}"
         self.extra.on_saved(path, final)
 
     def should_stop(self) -> bool:
