@@ -68,8 +68,7 @@ class Checkpointer:
         if host_dir is not None:  # publish into the host's LoRA folder under the same rule: no overwrite
             path = self._write(Path(host_dir) / path.name, overwrite=False)
             self.host.refresh_loras()
-        self.cb.on_saved(path, True)
-        self.cb.on_status(f"saved {path}")
+        self.cb.on_saved(path, True)  # the one report of the finished file (front ends word it themselves)
         if cfg.sample_prompts:
             self.sample(run.position.step)
         return path

@@ -1,7 +1,8 @@
-"""`python -m lora_trainer …`: train, plan, sample, demo, convert and caption from the command line.
+"""`python -m lora_trainer …`: train, plan, sample, demo, convert, caption and doctor from the command line.
 
-Errors the user can fix are printed as one line (exit code 2); Ctrl-C stops training after the
-current step and leaves a resumable state (a second Ctrl-C aborts; see console.py).
+Errors the user can fix are printed as one line (exit code 2); `doctor` exits with 1 when the folder
+has an error-level finding. Ctrl-C stops training after the current step and leaves a resumable
+state (a second Ctrl-C aborts; see console.py).
 """
 
 from __future__ import annotations
@@ -73,6 +74,16 @@ def _parser() -> argparse.ArgumentParser:
     k.add_argument("--tag-threshold", type=float, default=0.3, help="probability a tag needs within its category")
     k.add_argument("--max-tags", type=int, default=6)
     k.add_argument("--vocabulary", default="", metavar="DIR", help="folder of <category>.txt phrase lists to use")
+    o = sub.add_parser("doctor", help="check an image folder before training: unreadable, too small, duplicate, "
+                       "uncaptioned images, captions over 75 tokens ...")
+    o.add_argument("folder", nargs="?", metavar="DIR", help="the image folder (default: the config's train_data_dir)")
+    o.add_argument("--config", help="YAML config for the buckets, steps and caption settings (default: the defaults)")
+    o.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    o.add_argument("--metadata", metavar="F", default=None,
+                   help="captions file (default: metadata_path, else metadata.csv/.jsonl or .txt sidecars in DIR)")
+    o.add_argument("--trigger", metavar="W", default=None,
+                   help="trigger word every caption should hold (default: the config's trigger_word)")
+    o.add_argument("--json", action="store_true", help="print the report as JSON")
     u = sub.add_parser("ui", help="serve the Train LoRA tab in a browser, without a WebUI (needs gradio)")
     u.add_argument("--host", default="127.0.0.1")
     u.add_argument("--port", type=int, default=7861)
@@ -85,7 +96,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = _parser().parse_args(argv)
     try:
         return {"train": _train, "plan": _plan, "sample": _sample, "demo": _demo, "convert": _convert,
-                "caption": _caption, "ui": _ui}[args.command](args)
+                "caption": _caption, "doctor": _doctor, "ui": _ui}[args.command](args)
     except LoraTrainerError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -181,6 +192,23 @@ def _caption(args) -> int:
         console.close()
     print(report.summary())
     return 0
+
+
+def _doctor(args) -> int:
+    from .config import load_config
+    from .doctor import examine
+
+    cfg = load_config(args.config, args.set)
+    if not args.folder and not cfg.train_data_dir:
+        raise LoraTrainerError("Give the image folder: python -m lora_trainer doctor DIR "
+                               "(or --config with a train_data_dir).")
+    console = ConsoleCallbacks(unit="image")
+    try:
+        report = examine(args.folder, cfg, args.metadata, args.trigger, console.on_progress)
+    finally:
+        console.close()
+    print(report.to_json() if args.json else report.text())
+    return 0 if report.ok else 1
 
 
 def _ui(args) -> int:

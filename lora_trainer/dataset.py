@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 import random
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -116,9 +116,14 @@ def scan_images(cfg: TrainConfig, on_progress: Callable[[int, int], None] | None
     return records, report
 
 
-def _warn_unmatched(captions: dict[str, str], paths: list[Path], source: Path | None, report: DatasetReport) -> None:
+def unmatched_captions(captions: Mapping[str, str], paths: list[Path]) -> list[str]:
+    """Names the captions mention that match none of `paths` (compared as `CaptionSet.caption_for` does)."""
     present = {p.name.lower() for p in paths}
-    missing = [n for n in captions if n.lower() not in present and n.rsplit("/", 1)[-1].lower() not in present]
+    return [n for n in captions if n.lower() not in present and n.rsplit("/", 1)[-1].lower() not in present]
+
+
+def _warn_unmatched(captions: dict[str, str], paths: list[Path], source: Path | None, report: DatasetReport) -> None:
+    missing = unmatched_captions(captions, paths)
     if missing and source is not None:
         shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
         report.warnings.append(f"{source.name} names {len(missing)} image(s) not in the folder: {shown}")
@@ -283,3 +288,9 @@ def epoch_batches(records: list[ImageRecord], cfg: TrainConfig, epoch: int, seed
 def batches_per_epoch(records: list[ImageRecord], cfg: TrainConfig) -> int:
     """len(epoch_batches(...)) without building them: for step counts and schedulers."""
     return sum(math.ceil(len(g) * cfg.repeats / cfg.batch_size) for g in _by_bucket(records, cfg).values())
+
+
+def optimizer_steps(batches: int, cfg: TrainConfig) -> tuple[int, int]:
+    """(steps per epoch, total steps) for `batches` batches per epoch: what training runs and schedules."""
+    per_epoch = max(1, math.ceil(batches / cfg.gradient_accumulation_steps))
+    return per_epoch, cfg.max_train_steps or cfg.epochs * per_epoch

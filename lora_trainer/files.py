@@ -28,6 +28,7 @@ def atomic_path(target: PathLike) -> Iterator[Path]:
         yield tmp_path
         with open(tmp_path, "rb+") as fh:  # make the bytes durable before they become visible
             os.fsync(fh.fileno())
+        usual_mode(tmp_path)  # a writer may have replaced our temp file by a private one (safetensors does)
         os.replace(tmp_path, target)
     finally:
         if tmp_path.exists():
@@ -44,6 +45,33 @@ def _new_temp_file(target: Path) -> Path:
             return tmp
         except FileExistsError:
             continue
+
+
+def _umask() -> int:
+    """The process's umask, read without changing it (os.umask sets it, racing other threads)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def usual_mode(path: PathLike) -> None:
+    """Give a file 0666, a folder 0777 (and its files 0666), less the umask: what `open()` and `mkdir`
+    give, so that a WebUI or ComfyUI running as another user can read what we publish."""
+    path, mask = Path(path), _umask()
+    if path.is_dir():
+        os.chmod(path, 0o777 & ~mask)
+        for child in path.iterdir():
+            if child.is_file():
+                os.chmod(child, 0o666 & ~mask)
+    else:
+        os.chmod(path, 0o666 & ~mask)
 
 
 def atomic_write_bytes(target: PathLike, data: bytes) -> Path:

@@ -21,6 +21,7 @@ from typing import Any, Dict, List, Optional
 import torch
 
 from .errors import ResumeError
+from .files import usual_mode
 
 STATE_VERSION = 1
 STATE_FILE = "state.json"
@@ -67,6 +68,7 @@ def save_state(folder: Path, position: Position, lora: Dict[str, torch.Tensor], 
                 "batch": position.batch, "dataset_hash": data_hash, "config": math_config(cfg),
                 "name": cfg.name}
         (tmp / STATE_FILE).write_text(json.dumps(meta, indent=1), encoding="utf-8")
+        usual_mode(tmp)  # mkdtemp's folder and safetensors' file are private otherwise
         if target.exists():
             shutil.rmtree(target)
         os.replace(tmp, target)

@@ -6,7 +6,6 @@ global, so a multi-GPU wrapper can build one Run per process.
 
 from __future__ import annotations
 
-import math
 import random
 import time
 from dataclasses import dataclass, field
@@ -18,7 +17,7 @@ import torch
 from . import lora as lora_mod
 from .callbacks import Callbacks
 from .config import TrainConfig
-from .dataset import epoch_batches, scan_images
+from .dataset import epoch_batches, optimizer_steps, scan_images
 from .errors import ConfigError, TrainingError
 from .latents import LatentCache, TextEmbeddingCache, vae_fingerprint
 from .model.precision import load_dtype, place_base_weights, quantized_dtype, storage_dtype, store_base_weights
@@ -141,8 +140,7 @@ def prepare_run(cfg: TrainConfig, callbacks: Callbacks, base_weights: Optional[M
         components.vae.to(dtype=torch.float32)  # fp16 VAEs overflow (SDXL); it only encodes
 
     batches_per_epoch = len(epoch_batches(records, cfg, 0, cfg.seed))
-    steps_per_epoch = max(1, math.ceil(batches_per_epoch / cfg.gradient_accumulation_steps))
-    total_steps = cfg.max_train_steps or cfg.epochs * steps_per_epoch
+    _, total_steps = optimizer_steps(batches_per_epoch, cfg)
 
     optimizer = _optimizer(cfg, unet_params, te_params, device)
     from diffusers.optimization import get_scheduler

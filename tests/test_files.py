@@ -38,3 +38,25 @@ def test_unused_path_never_overwrites(tmp_path):
     first.write_bytes(b"x")
     (tmp_path / "lora-v2.safetensors").write_bytes(b"x")
     assert unused_path(first) == tmp_path / "lora-v3.safetensors"
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o027, 0o640)])
+def test_safetensors_files_get_the_umask_mode_too(tmp_path, umask, mode):
+    """safetensors' save_file replaces the temp file with a private (0600) one; what we publish must not stay so."""
+    import torch
+    from safetensors.torch import save_file
+
+    from lora_trainer.config import TrainConfig
+    from lora_trainer.state import Position, save_state
+
+    old = os.umask(umask)
+    try:
+        path = atomic_write_with(tmp_path / "lora.safetensors",
+                                 lambda tmp: save_file({"x": torch.zeros(2)}, str(tmp)))
+        state = save_state(tmp_path / "state", Position(step=1), {"x": torch.zeros(2)}, {}, TrainConfig(), "h", 0)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(path.stat().st_mode) == mode
+    assert stat.S_IMODE(state.stat().st_mode) == 0o777 & ~umask
+    assert {stat.S_IMODE(p.stat().st_mode) for p in state.iterdir()} == {mode}
+

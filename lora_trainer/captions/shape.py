@@ -112,6 +112,15 @@ def clip_token_count(text: str) -> int:
     return len(_tokenizer().encode(text))
 
 
+def clip_cut(text: str, limit: int = MAX_TOKENS) -> tuple[int, str, str]:
+    """(token count, the text the encoder reads, the text it never sees) when `text` is cut at `limit` tokens."""
+    tokenizer = _tokenizer()
+    ids = tokenizer.encode(text)
+    if len(ids) <= limit:
+        return len(ids), text, ""
+    return len(ids), tokenizer.decode(ids[:limit]).strip(), tokenizer.decode(ids[limit:]).strip()
+
+
 def length_warning(text: str, limit: int = MAX_TOKENS) -> str | None:
     count = clip_token_count(text)
     if count <= limit:
