@@ -25,6 +25,7 @@ from .files import (
 from .folder import CaptionReport, CaptionResult, caption_folder, resolve_output, run_captioning
 from .shape import clip_token_count, compose_caption, put_trigger_first, remove_vague_words
 from .tags import Tag, Tagger, Vocabulary, load_vocabulary, rank_tags
+from .weights import MissingWeights, available_weights
 
 __all__ = [
     "CAPTION_FORMATS", "CAPTION_KEYS", "NAME_KEYS", "CaptionProblem", "CaptionSet", "normalize_caption",
@@ -32,5 +33,5 @@ __all__ = [
     "DEFAULT_MODEL", "DEFAULT_PRETRAINED", "Caption", "CaptionOptions", "Captioner", "caption_image",
     "CaptionReport", "CaptionResult", "caption_folder", "resolve_output", "run_captioning",
     "clip_token_count", "compose_caption", "put_trigger_first", "remove_vague_words",
-    "Tag", "Tagger", "Vocabulary", "load_vocabulary", "rank_tags",
+    "Tag", "Tagger", "Vocabulary", "load_vocabulary", "rank_tags", "MissingWeights", "available_weights",
 ]

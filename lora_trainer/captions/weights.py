@@ -11,8 +11,11 @@ repo a (model, tag) pair downloads from. We look for that file, in order:
    with `huggingface_hub.try_to_load_from_cache`, which never touches the network;
 4. only when the caller allows it (`allow_download`, CLI `--download`): a download into that cache.
 
-When none has it, `CaptionError` says in one line which file to download, from where, and where
-to put it. Nothing here waits on the network unless a download was asked for.
+When none has it, `MissingWeights` (a `CaptionError`) says in one line which file to download, from
+where, and where to put it — in the CLI's words by default; a front end re-words it with
+`e.in_words(folder, field)` (the host's weights folder, the name of its weights field).
+`available_weights` lists the weight files a front end can offer in a picker. Nothing here waits on
+the network unless a download was asked for.
 """
 
 from __future__ import annotations
@@ -34,6 +37,43 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 class WeightsFile:
     path: Path
     key: str  # names these weights in caches: "<model>/<tag>", or the file's name, size and time
+
+
+class MissingWeights(CaptionError):
+    """The captioner's weights are not on this machine; says what to download and where to put it."""
+
+    def __init__(self, model: str, pretrained: str, folder: Path | None, url: str, error: str = "") -> None:
+        self.model, self.pretrained, self.folder, self.url, self.error = model, pretrained, folder, url, error
+        super().__init__(self.in_words())
+
+    def in_words(self, folder: str | os.PathLike[str] | None = None, field: str = "") -> str:
+        """The message for a front end: `folder` where its users drop weights, `field` its weights picker
+        ("" = the CLI's --pretrained / --download)."""
+        failed = f" (download failed: {self.error[:120]})" if self.error else ""
+        head = f"Captioner weights for {self.model} ({self.pretrained}) are not on this machine{failed}. "
+        if field:
+            where = Path(folder) if folder else (self.folder or weights_dir())
+            return f"{head}Download {self.url}, put it in {where}{os.sep} and pick it in \"{field}\"."
+        if self.folder is None:  # not on the Hugging Face hub: only a file path will do
+            return f"{head}Download {self.url} and pass it with --pretrained PATH."
+        return (f"{head}Download {self.url} and put it in {self.folder}{os.sep} (or pass --pretrained PATH), "
+                "or run once online with --download.")
+
+
+def available_weights(model: str, pretrained: str = "", extra_dirs: tuple = ()) -> list[Path]:
+    """Weight files a picker can offer for `model`: every weights file under `extra_dirs` (a host's
+    models folder) and under the weights folder, then the file the Hugging Face cache holds for the
+    `pretrained` tag. Nothing is downloaded."""
+    found: list[Path] = []
+    for root in [*(Path(d).expanduser() for d in extra_dirs if d), weights_dir() / model]:
+        if root.is_dir():
+            found += sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in WEIGHT_SUFFIXES)
+    if pretrained and is_known_tag(model, pretrained):
+        repo, names, _ = hub_source(model, clean_tag(pretrained))
+        cached = _from_hf_cache(repo, names, None)
+        if cached is not None:
+            found.append(cached)
+    return list(dict.fromkeys(found))
 
 
 def clean_tag(tag: str) -> str:
@@ -97,7 +137,7 @@ def find_weights(model: str, pretrained: str, own_dir: str | os.PathLike[str] | 
         downloaded, last_error = _download(repo, names, hf_cache_dir)
         if downloaded is not None:
             return WeightsFile(downloaded, key)
-    raise CaptionError(_missing_message(model, pretrained, folder, repo, names, url, last_error))
+    raise MissingWeights(model, pretrained, folder if repo else None, url, last_error)
 
 
 def _explicit_file(model: str, path: Path) -> WeightsFile:
@@ -145,14 +185,3 @@ def _download(repo: str, names: tuple[str, ...], cache_dir) -> tuple[Path | None
         except Exception as e:  # noqa: BLE001 - offline, missing file, HTTP errors: all end in the same message
             error = (str(e).strip().splitlines() or [type(e).__name__])[0]
     return None, error
-
-
-def _missing_message(model: str, pretrained: str, folder: Path, repo: str, names: tuple[str, ...], url: str,
-                     error: str) -> str:
-    failed = f" (download failed: {error[:120]})" if error else ""
-    if not repo:
-        return (f"Captioner weights for {model} ({pretrained}) are not on this machine{failed}. "
-                f"Download {url} and pass it with --pretrained PATH.")
-    return (f"Captioner weights for {model} ({pretrained}) are not on this machine{failed}. "
-            f"Download {url} and put it in {folder}{os.sep} (or pass --pretrained PATH), "
-            "or run once online with --download.")
