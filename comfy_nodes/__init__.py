@@ -1,4 +1,4 @@
-"""ComfyUI nodes of lora-scripts: Caption Folder → Train LoRA → LoRA Strength Grid.
+"""ComfyUI nodes of lora-scripts: Caption Folder → Check Dataset → Train LoRA → LoRA Strength Grid.
 
 Classic (V1) node classes: ComfyUI 0.8.0 loads them as it loads every older pack, forks and tools
 read NODE_CLASS_MAPPINGS, and they are plain classes that tests call without ComfyUI. The V3
@@ -6,11 +6,13 @@ read NODE_CLASS_MAPPINGS, and they are plain classes that tests call without Com
 """
 
 from .caption_node import CaptionFolder
+from .dataset_node import CheckDataset
 from .grid_node import LoRAStrengthGrid
 from .train_node import TrainLoRA
 
 NODE_CLASS_MAPPINGS = {
     "LoraTrainerCaptionFolder": CaptionFolder,
+    "LoraTrainerCheckDataset": CheckDataset,
     "LoraTrainerTrain": TrainLoRA,
     "LoraTrainerStrengthGrid": LoRAStrengthGrid,
 }
@@ -18,6 +20,7 @@ NODE_CLASS_MAPPINGS = {
 # The class names (the keys) stay as they are: saved workflows refer to them.
 NODE_DISPLAY_NAME_MAPPINGS = {
     "LoraTrainerCaptionFolder": "Caption Folder (lora-scripts)",
+    "LoraTrainerCheckDataset": "Check Dataset (lora-scripts)",
     "LoraTrainerTrain": "Train LoRA (lora-scripts)",
     "LoraTrainerStrengthGrid": "LoRA Strength Grid (lora-scripts)",
 }

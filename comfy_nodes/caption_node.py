@@ -5,14 +5,31 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Optional
 
-from ..lora_trainer.captions import CaptionOptions, CaptionReport, caption_folder, read_captions
+from ..lora_trainer.captions import (DEFAULT_PRETRAINED, CaptionOptions, CaptionReport, MissingWeights,
+                                     available_weights, caption_folder, read_captions)
 from ..lora_trainer.captions.captioner import DEFAULT_MODEL
 from .fingerprint import folder_fingerprint
 from .host import ComfyCallbacks, ComfyHost
-from .inputs import tooltip
+from .inputs import FOLDER_FIELDS, node_words, tooltip
 
 MODELS = [DEFAULT_MODEL, "coca_ViT-B-32"]
 PREVIEW_LINES = 20
+AUTO = "(auto)"  # the default tag's weights from the lora_trainer or Hugging Face cache
+
+
+def weights_folder() -> Path:
+    """Where ComfyUI users drop captioner weights: models/lora_trainer/captioner/ (made on first use)."""
+    import folder_paths
+
+    return Path(folder_paths.models_dir) / "lora_trainer" / "captioner"
+
+
+def weight_choices() -> list:
+    """AUTO, then every weights file found: under models/lora_trainer/captioner/ by its relative name."""
+    folder = weights_folder()
+    found = [p for m in MODELS for p in available_weights(m, DEFAULT_PRETRAINED, (folder,))]
+    names = [p.relative_to(folder).as_posix() if p.is_relative_to(folder) else str(p) for p in found]
+    return [AUTO, *dict.fromkeys(names)]
 
 
 class CaptionFolder:
@@ -39,6 +56,11 @@ class CaptionFolder:
                 "overwrite": ("BOOLEAN", {"default": False, "tooltip": "Caption every image again; the "
                                           "previous captions are saved to a .bak file first."}),
             },
+            "optional": {
+                "weights": (weight_choices(), {"default": AUTO, "tooltip": "The captioner's weights file: put it "
+                            "in models/lora_trainer/captioner/ (press R to list it). (auto): the model's default "
+                            "weights from the lora_trainer or Hugging Face cache."}),
+            },
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
 
@@ -46,16 +68,22 @@ class CaptionFolder:
     def IS_CHANGED(cls, folder: Any = None, **_: Any) -> str:
         return folder_fingerprint(folder)
 
-    def caption(self, folder: str, trigger_word: str, model: str, overwrite: bool,
-                unique_id: Optional[str] = None) -> tuple:
+    def caption(self, folder: str, trigger_word: str, model: str, overwrite: bool, weights: str = AUTO,
+                unique_id: Optional[str] = None) -> dict:
         callbacks = ComfyCallbacks(unique_id)
         report = CaptionReport(Path(folder), Path(folder), "csv")
-        options = CaptionOptions(model=model, trigger=trigger_word)
-        if self.captioner is None:
-            ComfyHost().free_gpu()  # the captioner needs the memory ComfyUI's models hold
-        for _ in caption_folder(folder, options=options, overwrite=overwrite, callbacks=callbacks, report=report,
-                                captioner=self.captioner):
-            pass
+        pretrained = DEFAULT_PRETRAINED if weights in (AUTO, "") else str(weights_folder() / weights)
+        options = CaptionOptions(model=model, trigger=trigger_word, pretrained=pretrained)
+        with node_words(FOLDER_FIELDS):
+            try:
+                if self.captioner is None:
+                    ComfyHost().free_gpu()  # the captioner needs the memory ComfyUI's models hold
+                for _ in caption_folder(folder, options=options, overwrite=overwrite, callbacks=callbacks,
+                                        report=report, captioner=self.captioner):
+                    pass
+            except MissingWeights as e:
+                e.args = (e.in_words(weights_folder(), field="weights"),)
+                raise
         callbacks.raise_if_stopped("the captions written so far are saved; queue again for the rest")
         text = preview(folder, report)
         return {"ui": {"text": [text]}, "result": (str(Path(folder)), text)}  # ui.text: shown on the node

@@ -8,9 +8,11 @@ with `help=`, because the config's help would then describe what the node refuse
 
 from __future__ import annotations
 
-from typing import Any, Dict, Optional, Tuple
+import contextlib
+from typing import Any, Dict, Iterator, Optional, Tuple
 
 from ..lora_trainer.config import field_help
+from ..lora_trainer.errors import LoraTrainerError, in_field_words
 
 _KINDS = {"int": "INT", "float": "FLOAT", "bool": "BOOLEAN", "str": "STRING"}
 
@@ -25,3 +27,20 @@ def config_input(field: str, help: Optional[str] = None, **options: Any) -> Tupl
 
 def tooltip(field: str) -> str:
     return str(field_help()[field]["help"])
+
+
+# The config keys the nodes show under their own input names: a message says "dataset_path not found",
+# the name on the node, not "train_data_dir" (the CLI keeps the config keys).
+TRAIN_FIELDS = {"train_data_dir": "dataset_path", "output_name": "lora_name", "lora_rank": "rank",
+                "lora_alpha": "alpha", "max_train_steps": "steps", "base_model": "ckpt_name"}
+FOLDER_FIELDS = {"train_data_dir": "folder", "trigger_word": "trigger_word"}
+
+
+@contextlib.contextmanager
+def node_words(fields: Dict[str, str]) -> Iterator[None]:
+    """The core's errors, re-raised as they are but with the node's input names in place of config keys."""
+    try:
+        yield
+    except LoraTrainerError as e:
+        e.args = (in_field_words(str(e), fields),)
+        raise

@@ -14,13 +14,14 @@ from typing import Any, Optional
 import torch
 
 from ..lora_trainer.config import load_config
+from ..lora_trainer.doctor import examine
 from ..lora_trainer.errors import ConfigError
 from ..lora_trainer.memory import budget_left_at_default
 from ..lora_trainer.train import TrainResult, train
 from .fingerprint import folder_fingerprint
 from .host import ComfyCallbacks, ComfyHost, check_lora_keys, graph_weights, load_lora_file
 from .images import loss_curve
-from .inputs import config_input, tooltip
+from .inputs import TRAIN_FIELDS, config_input, node_words, tooltip
 
 FROM_GRAPH = "(from inputs)"  # short: a long value shrinks the widget's label to "…"
 CATEGORY = "LoRA Trainer"
@@ -87,17 +88,20 @@ class TrainLoRA:
               resolution: int, batch_size: int, seed: int, model: Any = None, clip: Any = None, vae: Any = None,
               ckpt_name: str = FROM_GRAPH, config_file: str = "", resume: bool = False,
               unique_id: Optional[str] = None) -> dict:
-        cfg = node_config(dataset_path, lora_name, rank, alpha, steps, learning_rate, resolution, batch_size, seed,
-                          config_file, ckpt_name if model is None else FROM_GRAPH)
         callbacks = ComfyCallbacks(unique_id)
-        with torch.inference_mode(False), torch.enable_grad():
-            result = run_training(cfg, callbacks, model, clip, vae, ckpt_name, resume)
+        with node_words(TRAIN_FIELDS):
+            cfg = node_config(dataset_path, lora_name, rank, alpha, steps, learning_rate, resolution, batch_size,
+                              seed, config_file, ckpt_name if model is None else FROM_GRAPH)
+            dataset = f"dataset: {examine(cfg.train_data_dir, cfg).summary()}"  # what the doctor finds, up front
+            callbacks.on_status(dataset)
+            with torch.inference_mode(False), torch.enable_grad():
+                result = run_training(cfg, callbacks, model, clip, vae, ckpt_name, resume)
         callbacks.raise_if_stopped("the state is saved; queue again with resume on to continue")
         if model is None:
             import nodes
 
             model, clip = nodes.CheckpointLoaderSimple().load_checkpoint(ckpt_name)[:2]
-        return apply_result(result, model, clip, report(result, cfg.output_dir, callbacks.plan))
+        return apply_result(result, model, clip, report(result, cfg.output_dir, dataset, callbacks.plan))
 
 
 def node_config(dataset_path: str, lora_name: str, rank: int, alpha: float, steps: int, learning_rate: float,
@@ -132,12 +136,12 @@ def run_training(cfg: Any, callbacks: ComfyCallbacks, model: Any, clip: Any, vae
                  resume=cfg.output_dir if resume else None)
 
 
-def report(result: TrainResult, output_dir: str, plan: str = "") -> str:
+def report(result: TrainResult, output_dir: str, *notes: str) -> str:
     """The lines a user needs after a run: which file to load, how it went, where the rest went."""
     final = next((f"{v:.4f}" for v in reversed(result.losses) if v == v), "none")  # v == v: not NaN
     lines = [f"saved {result.lora_path.name} in models/loras", f"{result.steps} steps, final loss {final}",
              f"checkpoints, state and logs: {output_dir}"]
-    return "\n".join(lines + ([plan] if plan else []))
+    return "\n".join(lines + [n for n in notes if n])
 
 
 def apply_result(result: TrainResult, model: Any, clip: Any, text: str) -> dict:

@@ -24,13 +24,14 @@ NODES = {
     1: ("CheckpointLoaderSimple", "Load Checkpoint", (40, 300), (300, 100), [("ckpt_name", CKPT)], {},
         [("MODEL", "MODEL"), ("CLIP", "CLIP"), ("VAE", "VAE")]),
     2: ("LoraTrainerCaptionFolder", "Caption Folder", (40, 40), (300, 170),
-        [("folder", DATA), ("trigger_word", "xyzvillage"), ("model", "coca_ViT-L-14"), ("overwrite", False)], {},
+        [("folder", DATA), ("trigger_word", "xyzvillage"), ("model", "coca_ViT-L-14"), ("overwrite", False),
+         ("weights", "(auto)")], {},
         [("dataset_path", "STRING"), ("captions", "STRING")]),
     3: ("LoraTrainerTrain", "Train LoRA", (400, 40), (320, 480),
         [("dataset_path", ""), ("lora_name", "village"), ("rank", 16), ("alpha", 32.0), ("steps", 1000),
          ("learning_rate", 0.0001), ("resolution", 512), ("batch_size", 1), ("seed", 42), ("control", "fixed"),
          ("ckpt_name", "(from inputs)"), ("config_file", ""), ("resume", False)],
-        {"dataset_path": ("STRING", 2, 0), "model": ("MODEL", 1, 0), "clip": ("CLIP", 1, 1), "vae": ("VAE", 1, 2)},
+        {"dataset_path": ("STRING", 13, 0), "model": ("MODEL", 1, 0), "clip": ("CLIP", 1, 1), "vae": ("VAE", 1, 2)},
         [("MODEL", "MODEL"), ("CLIP", "CLIP"), ("lora_name", "STRING"), ("loss_curve", "IMAGE"), ("report", "STRING")]),
     4: ("CLIPTextEncode", "Positive", (780, 40), (300, 120), [("text", "xyzvillage, ink-wash village in the rain")],
         {"clip": ("CLIP", 3, 1)}, [("CONDITIONING", "CONDITIONING")]),
@@ -56,8 +57,11 @@ NODES = {
          [("grid", "IMAGE")]),
     12: ("SaveImage", "Save grid", (1500, 380), (400, 300), [("filename_prefix", "village_grid")],
          {"images": ("IMAGE", 11, 0)}, []),
+    13: ("LoraTrainerCheckDataset", "Check Dataset", (40, 450), (300, 130),
+         [("folder", ""), ("trigger_word", "xyzvillage"), ("config_file", "")], {"folder": ("STRING", 2, 0)},
+         [("dataset_path", "STRING"), ("report", "STRING")]),
 }
-LINKED_WIDGETS = {"dataset_path", "trained_lora"}
+LINKED_WIDGETS = {"dataset_path", "folder", "trained_lora"}
 
 
 def api_format() -> dict:

@@ -212,9 +212,12 @@ def _doctor(args) -> int:
 
 
 def _ui(args) -> int:
-    try:
-        from .ui import serve
-    except ImportError as e:  # pragma: no cover - depends on the environment
-        raise LoraTrainerError(f"The UI needs gradio: pip install gradio ({e}).") from None
+    import importlib.util
+
+    if importlib.util.find_spec("gradio") is None:  # the core never needs it; only this command does
+        raise LoraTrainerError("The standalone UI needs gradio, which this Python does not have: "
+                               f"{sys.executable} -m pip install gradio, then run this again.")
+    from .ui import serve
+
     serve(args.host, args.port, args.output, args.base_model)
     return 0

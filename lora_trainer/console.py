@@ -37,7 +37,8 @@ class ConsoleCallbacks(Callbacks):
             self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", refresh=False)
 
     def on_saved(self, path: Path, final: bool) -> None:
-        self.on_status(f"{'LoRA' if final else 'checkpoint'} saved: {path}")
+        if not final:  # the finished LoRA is named once, by the command's last line ("LoRA: ...")
+            self.on_status(f"checkpoint saved: {path}")
 
     def on_sample(self, step: int, path: Path, image=None) -> None:
         self.on_status(f"samples: {path}")

@@ -31,3 +31,16 @@ class TrainingError(LoraTrainerError):
 
 class CaptionError(LoraTrainerError):
     """Captioning cannot start: missing or mismatched captioner weights, no images to caption."""
+
+
+def in_field_words(message: str, fields: "dict[str, str]") -> str:
+    """`message` with the config keys a front end shows under other names replaced by those names
+    (`{"train_data_dir": "Image folder"}`: "train_data_dir not found" → "Image folder not found").
+    The CLI keeps the config keys; the tab and the ComfyUI nodes name their own fields."""
+    import re
+
+    if not fields:
+        return message
+    pattern = re.compile(r"(?<![\w.])(" + "|".join(re.escape(k) for k in sorted(fields, key=len, reverse=True))
+                         + r")(?![\w])")
+    return pattern.sub(lambda m: fields[m.group(1)], message)

@@ -135,6 +135,7 @@ def install(base: Path, components_for_checkpoints=None) -> State:
     fp.filename_list_cache = {}
     fp.get_folder_paths = lambda name: [str(folders[name])]
     fp.get_output_directory = lambda: str(output)
+    fp.models_dir = str(base / "models")
     fp.get_filename_list = lambda name: sorted(p.name for p in folders[name].iterdir() if p.is_file())
 
     def get_full_path_or_raise(name, filename):

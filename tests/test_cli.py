@@ -21,7 +21,7 @@ def test_demo_trains_a_lora_and_renders_a_grid(tmp_path, capsys):
     assert "LoRA:" in capsys.readouterr().out
 
 
-def test_train_from_yaml_with_set_overrides(tiny_sd1_file, demo_folder, tmp_path):
+def test_train_from_yaml_with_set_overrides(tiny_sd1_file, demo_folder, tmp_path, capfd):
     config = tmp_path / "my.yaml"
     config.write_text(
         f"train_data_dir: {demo_folder}\nmetadata_path: {demo_folder / 'metadata.csv'}\n"
@@ -36,6 +36,9 @@ def test_train_from_yaml_with_set_overrides(tiny_sd1_file, demo_folder, tmp_path
         assert f.get_tensor(key).shape[0] == 8
         assert not any("to_k" in k for k in f.keys())  # only q_proj and v_proj were asked for
     assert meta["ss_steps"] == "2" and meta["ss_sd_model_name"] == "tiny-sd1"
+    out = capfd.readouterr()
+    assert (out.out + out.err).count("sci_lab_lora.safetensors") == 1  # the finished file is named once
+    assert out.out.strip().splitlines()[-1] == f"LoRA: {lora}"
 
 
 def test_config_error_is_one_line_not_a_traceback(tmp_path, capsys):
@@ -101,3 +104,14 @@ def test_init_lora_continues_from_an_existing_lora(spelling, make_cfg, tmp_path)
     for k in a:  # a tiny learning rate: the continued LoRA is the one it started from
         torch.testing.assert_close(a[k], b[k], atol=2e-3, rtol=0)
     assert any(a[k].abs().sum() > 0 for k in a if "lora_up" in k)
+
+
+def test_ui_without_gradio_is_one_line_that_says_how(monkeypatch, capsys):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "gradio" else real(name, *a))
+    assert main(["ui"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: The standalone UI needs gradio") and "-m pip install gradio" in err
+    assert "\n" not in err and "Traceback" not in err

@@ -45,10 +45,12 @@ def train_inputs(demo_folder, config_file, **changes):
 
 def test_root_package_imports_outside_comfyui(pack):
     assert not any(name in sys.modules for name in comfy_stubs.MODULES)
-    assert set(pack.NODE_CLASS_MAPPINGS) == {"LoraTrainerCaptionFolder", "LoraTrainerTrain", "LoraTrainerStrengthGrid"}
+    assert set(pack.NODE_CLASS_MAPPINGS) == {"LoraTrainerCaptionFolder", "LoraTrainerCheckDataset", "LoraTrainerTrain",
+                                             "LoraTrainerStrengthGrid"}
     # ComfyUI's own node is called "Train LoRA": ours carry the pack's name, the class names stay
     assert set(pack.NODE_DISPLAY_NAME_MAPPINGS.values()) == {
-        "Caption Folder (lora-scripts)", "Train LoRA (lora-scripts)", "LoRA Strength Grid (lora-scripts)"}
+        "Caption Folder (lora-scripts)", "Check Dataset (lora-scripts)", "Train LoRA (lora-scripts)",
+        "LoRA Strength Grid (lora-scripts)"}
     assert pack.WEB_DIRECTORY == "./comfy_nodes/web" and (ROOT / pack.WEB_DIRECTORY / "lora_trainer.js").is_file()
     assert not any(name in sys.modules for name in comfy_stubs.MODULES)
 
@@ -339,3 +341,52 @@ def test_train_node_plans_memory_on_cuda_and_shows_the_plan(pack, comfy, tiny_sd
         out = node.train(model=model, clip=clip, vae=vae, **train_inputs(demo_folder, str(budget)))
     plan = [line for line in out["ui"]["text"][0].splitlines() if line.startswith("memory plan on cpu")]
     assert plan and "budget 1000.0 GB; no change needed" in plan[0]
+
+
+def test_check_dataset_reports_findings_with_fixes_and_passes_the_folder_on(pack, comfy, demo_folder):
+    import shutil
+
+    shutil.copy(demo_folder / "img001.png", demo_folder / "img001 copy.png")
+    (demo_folder / "img000.png").write_bytes((demo_folder / "img002.png").read_bytes()[:200])  # truncated
+    node = pack.NODE_CLASS_MAPPINGS["LoraTrainerCheckDataset"]()
+    out = node.check(folder=f" {demo_folder} ", trigger_word="", unique_id="5")
+    path, text = out["result"]
+    assert path == str(demo_folder) and out["ui"]["text"] == [text]
+    assert "unreadable" in text and "img000.png" in text and "duplicate" in text and "img001 copy.png" in text
+    assert "fix:" in text and "usable" in text and comfy.progress[-1][0] == comfy.progress[-1][1]
+    cls = pack.NODE_CLASS_MAPPINGS["LoraTrainerCheckDataset"]
+    assert comfy_is_changed(cls, {"folder": str(demo_folder)}, {"folder"}) == \
+        comfy_is_changed(cls, {"folder": str(demo_folder)}, {"folder"})
+    with pytest.raises(Exception, match=r"^folder not found"):  # the node's own input name, not train_data_dir
+        node.check(folder=str(demo_folder / "nope"), trigger_word="")
+
+
+def test_train_node_logs_the_doctor_and_names_its_own_inputs(pack, comfy, tiny_sd1, tiny_sd1_file, demo_folder,
+                                                             config_file, capsys):
+    model, clip, vae = comfy_stubs.graph_models(tiny_sd1_file, tiny_sd1)
+    node = pack.NODE_CLASS_MAPPINGS["LoraTrainerTrain"]()
+    with torch.inference_mode():
+        out = node.train(model=model, clip=clip, vae=vae, **train_inputs(demo_folder, config_file, steps=1))
+    log = capsys.readouterr().out
+    dataset_line = next(line for line in log.splitlines() if "dataset: " in line)
+    assert "8 images, 8 usable" in dataset_line and log.index("dataset: ") < log.index("training 1 steps")
+    assert "dataset: 8 images, 8 usable" in out["ui"]["text"][0]
+    with pytest.raises(Exception, match=r"^dataset_path not found"):
+        node.train(model=model, clip=clip, vae=vae, **train_inputs(demo_folder / "nope", config_file))
+
+
+def test_caption_folder_lists_weights_in_models_and_says_where_to_put_them(pack, comfy, demo_folder):
+    caption = pack.NODE_CLASS_MAPPINGS["LoraTrainerCaptionFolder"]
+    folder = comfy.base / "models" / "lora_trainer" / "captioner"
+    assert caption.INPUT_TYPES()["optional"]["weights"][0] == ["(auto)"]
+    (folder / "coca").mkdir(parents=True)
+    (folder / "coca" / "open_clip_model.safetensors").write_bytes(b"")
+    choices = caption.INPUT_TYPES()["optional"]["weights"][0]
+    assert choices == ["(auto)", "coca/open_clip_model.safetensors"]
+
+    (demo_folder / "metadata.csv").unlink()
+    from lora_scripts_pack.lora_trainer.errors import CaptionError
+
+    with pytest.raises(CaptionError) as err:  # no weights in any cache: the message is in the node's words
+        caption().caption(folder=str(demo_folder), trigger_word="", model="coca_ViT-B-32", overwrite=False)
+    assert str(folder) in str(err.value) and '"weights"' in str(err.value) and "--pretrained" not in str(err.value)

@@ -10,7 +10,8 @@
 //    calls internal.
 import { app } from "../../scripts/app.js";
 
-const OURS = new Set(["LoraTrainerCaptionFolder", "LoraTrainerTrain", "LoraTrainerStrengthGrid"]);
+const OURS = new Set(["LoraTrainerCaptionFolder", "LoraTrainerCheckDataset", "LoraTrainerTrain",
+    "LoraTrainerStrengthGrid"]);
 const FIXED_SEED = new Set(["LoraTrainerTrain", "LoraTrainerStrengthGrid"]);
 const RESULT = "result";
 

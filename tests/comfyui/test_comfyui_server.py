@@ -49,7 +49,9 @@ def test_example_graph_trains_once_then_comes_from_the_cache(comfy_server, sd15_
     prompt = copy.deepcopy(example_workflow(*API_GRAPH))
     ckpt, caption = _node_id(prompt, "CheckpointLoaderSimple"), _node_id(prompt, "LoraTrainerCaptionFolder")
     train, grid = _node_id(prompt, "LoraTrainerTrain"), _node_id(prompt, "LoraTrainerStrengthGrid")
-    assert prompt[train]["inputs"]["dataset_path"] == [caption, 0], "Train LoRA's dataset_path comes from the link"
+    check = _node_id(prompt, "LoraTrainerCheckDataset")
+    # the folder arrives through links (Caption Folder → Check Dataset → Train LoRA): IS_CHANGED sees None
+    assert prompt[check]["inputs"]["folder"] == [caption, 0] and prompt[train]["inputs"]["dataset_path"] == [check, 0]
     prompt[ckpt]["inputs"]["ckpt_name"] = sd15_checkpoint
     prompt[caption]["inputs"].update(folder=str(captioned_dataset), overwrite=False)
     prompt[train]["inputs"].update(lora_name="ci_lora", steps=2, resolution=64, rank=4, alpha=4.0, batch_size=1)
@@ -69,11 +71,13 @@ def test_example_graph_trains_once_then_comes_from_the_cache(comfy_server, sd15_
     texts = [t for t in ui.get("text", []) if isinstance(t, str)]
     assert any(saved in t for t in texts), f"Train LoRA's ui output should name {saved}: {json.dumps(ui)[:2000]}"
     assert not re.search(r"lora key not loaded", comfy_server.log()), comfy_server.log_tail()
+    checked = " ".join(first["outputs"].get(check, {}).get("text", []))
+    assert " usable" in checked and "steps per epoch" in checked, f"Check Dataset's report: {checked[:2000]}"
 
     second = comfy_server.wait(comfy_server.queue(prompt))
     again = sorted(_loras(comfy_server.base) - before - new)
     cached = [node for m in _messages(second, "execution_cached") for node in m["nodes"]]
     warnings = [line for line in comfy_server.log().splitlines() if line.startswith("WARNING")][-5:]
-    assert train in cached and not again, (
+    assert train in cached and check in cached and not again, (
         f"Train LoRA (node {train}) ran again instead of coming from the cache (new files: {again}; cached "
         f"nodes: {cached}); ComfyUI's last warnings (IS_CHANGED errors show here): {warnings}")
