@@ -23,6 +23,9 @@ class Callbacks:
     def on_loss(self, step: int, loss: float, lr: float) -> None:
         """The loss of one optimizer step, averaged over its accumulation micro-batches."""
 
+    def on_validation(self, step: int, val_loss: float) -> None:
+        """The validation loss after `step` (validation_split / validation_dir): at each save and at the end."""
+
     def on_sample(self, step: int, path: Path, image: Any = None) -> None:
         """A sample grid was written to `path` (`image` is the PIL image when available)."""
 
@@ -68,6 +71,10 @@ class MultiCallbacks(Callbacks):
     def on_loss(self, step: int, loss: float, lr: float) -> None:
         for c in self.callbacks:
             c.on_loss(step, loss, lr)
+
+    def on_validation(self, step: int, val_loss: float) -> None:
+        for c in self.callbacks:
+            c.on_validation(step, val_loss)
 
     def on_sample(self, step: int, path: Path, image: Any = None) -> None:
         for c in self.callbacks:

@@ -1,4 +1,4 @@
-"""`python -m lora_trainer …`: train, plan, sample, demo, convert, caption and doctor from the command line.
+"""`python -m lora_trainer …`: train, plan, sample, score, demo, convert, caption, doctor from the command line.
 
 Errors the user can fix are printed as one line (exit code 2); `doctor` exits with 1 when the folder
 has an error-level finding. Ctrl-C stops training after the current step and leaves a resumable
@@ -44,6 +44,28 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--size", type=int, default=None, help="image side in pixels (default: the model's)")
     s.add_argument("--output", default=None, help="PNG path (default: next to the LoRA)")
     s.add_argument("--allow-ckpt", action="store_true")
+
+    r = sub.add_parser("score", help="render a LoRA at several strengths and score each with CLIP: style, "
+                       "fidelity to the prompt, the best strength")
+    r.add_argument("--base-model", required=True)
+    r.add_argument("--lora", required=True)
+    r.add_argument("--prompt", action="append", required=True, help="repeat for several prompts")
+    r.add_argument("--reference-dir", required=True, metavar="DIR", help="the training images: the style to match")
+    r.add_argument("--strengths", default="0.5,0.6,0.7,0.8",
+                   help="comma-separated; the base (0) is rendered too, as the fidelity reference")
+    r.add_argument("--trigger", default=None, metavar="W",
+                   help="trigger word taken out of the prompts for fidelity (default: from the LoRA's metadata)")
+    r.add_argument("--clip-model", default="coca_ViT-L-14", help="the captioner's open_clip CoCa model")
+    r.add_argument("--clip-weights", default="mscoco_finetuned_laion2B-s13B-b90k", metavar="PATH",
+                   help="its weights file, or an open_clip pretrained tag looked up on this machine "
+                   "(default: %(default)s, the captioner's)")
+    r.add_argument("--negative-prompt", default="")
+    r.add_argument("--seed", type=int, default=1)
+    r.add_argument("--steps", type=int, default=20)
+    r.add_argument("--size", type=int, default=None, help="image side in pixels (default: the model's)")
+    r.add_argument("--output", default=None, help="also write the labelled grid PNG here")
+    r.add_argument("--allow-ckpt", action="store_true")
+    r.add_argument("--json", action="store_true", help='print {"scores": [...], "best": ...} as JSON')
 
     d = sub.add_parser("demo", help="train a tiny LoRA end to end on generated images (CPU, < 2 min)")
     d.add_argument("--output", default="output/demo")
@@ -95,8 +117,8 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Optional[List[str]] = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        return {"train": _train, "plan": _plan, "sample": _sample, "demo": _demo, "convert": _convert,
-                "caption": _caption, "doctor": _doctor, "ui": _ui}[args.command](args)
+        return {"train": _train, "plan": _plan, "sample": _sample, "score": _score, "demo": _demo,
+                "convert": _convert, "caption": _caption, "doctor": _doctor, "ui": _ui}[args.command](args)
     except LoraTrainerError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -130,7 +152,7 @@ def _sample(args) -> int:
     from .model import load_components
     from .sample import render_grid
 
-    strengths = [float(s) for s in args.strengths.split(",") if s.strip()]
+    strengths = _strengths(args.strengths)
     components = load_components(args.base_model, allow_ckpt=args.allow_ckpt)
     load_lora_file(components, args.lora)
     out = Path(args.output) if args.output else Path(args.lora).with_suffix(".grid.png")
@@ -140,6 +162,63 @@ def _sample(args) -> int:
     render_grid(components, args.prompt, strengths, out, seed=args.seed, steps=args.steps, device=device,
                 size=args.size, negative_prompt=args.negative_prompt)
     print(f"grid: {out}")
+    return 0
+
+
+def _strengths(text: str) -> List[float]:
+    try:
+        strengths = [float(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise LoraTrainerError(f"--strengths {text!r}: give numbers separated by commas, e.g. 0.5,0.6,0.7") from None
+    if not strengths:
+        raise LoraTrainerError("--strengths is empty: give numbers separated by commas, e.g. 0.5,0.6,0.7")
+    return strengths
+
+
+def _score(args) -> int:
+    import torch
+
+    from .captions.weights import MissingWeights
+    from .files import atomic_write_with
+    from .lora import load_lora_file
+    from .memory import release
+    from .model import load_components
+    from .sample import label_grid, render_images
+    from .score import StrengthScorer, check_weights, deterministic, rank_strengths, read_trigger, reference_files
+    from .score import with_base
+
+    strengths = _strengths(args.strengths)
+    try:  # what can be missing is said now, not after minutes of rendering
+        check_weights(args.clip_model, args.clip_weights)
+    except MissingWeights as e:
+        raise LoraTrainerError(e.in_words(option="--clip-weights", download_option="")) from None
+    reference_files(args.reference_dir)
+    trigger = args.trigger if args.trigger is not None else read_trigger(args.lora)
+    rendered = with_base(strengths)
+    components = load_components(args.base_model, allow_ckpt=args.allow_ckpt)
+    load_lora_file(components, args.lora)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    with deterministic():
+        rows = render_images(components, args.prompt, rendered, args.seed, args.steps, device, args.size,
+                             args.negative_prompt)
+    del components  # the base model goes before the scorer comes
+    release()
+    with StrengthScorer(args.reference_dir, args.clip_model, args.clip_weights) as scorer:
+        report = rank_strengths(scorer.score_images(rows, rendered, args.prompt, trigger), strengths)
+    for skipped in scorer.skipped:
+        print(f"skipped reference {skipped}", file=sys.stderr)
+    if args.output:
+        labels = [f"strength {s:g}" + (" (base)" if s == 0 else " (best)" if s == report.best else "")
+                  for s in rendered]
+        grid = label_grid(rows, labels, list(args.prompt), args.seed)
+        atomic_write_with(Path(args.output), lambda tmp: grid.save(tmp, format="PNG"))
+    if args.json:
+        print(report.to_json())
+        return 0
+    print(f"trigger {trigger!r} taken out of the prompts" if trigger else "no trigger word taken out of the prompts")
+    print(report.table())
+    if args.output:
+        print(f"grid: {args.output}")
     return 0
 
 

@@ -31,6 +31,7 @@ def _f(default: Any, help: str, group: str, choices: Optional[Iterable[Any]] = N
 PRECISIONS = ("auto", "no", "fp16", "bf16")
 BASE_PRECISIONS = ("auto", "fp32", "fp16", "bf16", "fp8")
 OPTIMIZERS = ("adamw", "adamw8bit")
+MAX_VALIDATION_IMAGES = 20  # validation passes stay under ~10 % of the training time (bench/validation_cost.py)
 SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 
 
@@ -60,6 +61,12 @@ class TrainConfig:
     caption_dropout_rate: float = _f(0.0, "Fraction of steps trained with an empty caption.", "data")
     cache_latents: bool = _f(True, "Encode each image with the VAE once and cache the result on disk.", "data")
     cache_text_embeddings: bool = _f(True, "Encode captions once when the text encoders are frozen.", "data")
+    validation_split: float = _f(
+        0.0, "Share of the images (0-0.5) held out to measure a validation loss, chosen by the seed and never "
+        f"trained on: at least 1 image, at most {MAX_VALIDATION_IMAGES}. 0 turns it off.", "data")
+    validation_dir: str = _f(
+        "", "Folder of validation images with their captions (read like train_data_dir's), never trained on; "
+        f"the seed picks {MAX_VALIDATION_IMAGES} when it holds more. Instead of validation_split.", "data")
     # --- model ------------------------------------------------------------------------------
     base_model: str = _f(
         "", "Base checkpoint: a single .safetensors file (SD1.x, SD2.x, SDXL) or a diffusers folder.", "model"
@@ -124,6 +131,11 @@ class TrainConfig:
     sample_every_steps: int = _f(0, "Render the sample grid every N steps; 0 only at the end (if prompts).", "output")
     sample_strengths: List[float] = _f([0.0, 0.5, 0.7, 1.0], "LoRA strengths in the sample grid.", "output")
     sample_steps: int = _f(20, "Sampling steps per sample image.", "output")
+    validation_timesteps: int = _f(
+        4, "Noise levels each validation image is scored at (evenly spaced, the same noise every time), at every "
+        "save_steps checkpoint and at the end.", "output")
+    save_best: bool = _f(False, "With validation: also keep the checkpoint with the lowest validation loss so far, "
+                         "as output_name-best.safetensors (a finished file is never overwritten).", "output")
 
     def __post_init__(self) -> None:
         self._validate()
@@ -163,8 +175,31 @@ class TrainConfig:
             ok = False
         if not ok:
             raise ConfigError(f"memory_budget_gb must be a number of GB, auto or off (got {self.memory_budget_gb!r}).")
+        self._validate_validation()
         if not self.target_modules:
             raise ConfigError("target_modules is empty: list at least one, e.g. [q_proj, v_proj].")
+
+    def _validate_validation(self) -> None:
+        if not 0.0 <= self.validation_split <= 0.5:
+            raise ConfigError(f"validation_split must be between 0 and 0.5 (got {self.validation_split}); "
+                              "0.1 holds out a tenth of the images.")
+        if self.validation_split and self.validation_dir:
+            raise ConfigError("validation_split and validation_dir are both set: use one (validation_dir holds "
+                              "images of its own; validation_split takes some of train_data_dir's).")
+        if self.validation_dir and self.train_data_dir and \
+                Path(self.validation_dir).resolve() == Path(self.train_data_dir).resolve():
+            raise ConfigError("validation_dir is train_data_dir: validation needs images that are not trained on. "
+                              "Use validation_split to hold some out, or another folder.")
+        if self.validation_timesteps < 1:
+            raise ConfigError(f"validation_timesteps must be at least 1 (got {self.validation_timesteps}).")
+        if self.save_best and not (self.validation_split or self.validation_dir):
+            raise ConfigError("save_best keeps the checkpoint with the lowest validation loss: set validation_split "
+                              "(e.g. 0.1) or validation_dir too.")
+
+    @property
+    def validates(self) -> bool:
+        """Whether the run measures a validation loss."""
+        return bool(self.validation_split or self.validation_dir)
 
     # -- derived -----------------------------------------------------------------------------
     @property

@@ -129,6 +129,8 @@ def build_metadata(cfg: Any, components: Any, info: Mapping[str, Any]) -> Dict[s
         "modelspec.usage_hint": f"<lora:{cfg.name}:0.7>" + (f" {cfg.trigger_word}" if cfg.trigger_word else ""),
         "lora_trainer.config": cfg.to_json(),
     }
+    if info.get("val_loss") is not None:  # validation: the loss on held-out images at these weights
+        meta["lora_trainer.val_loss"] = repr(float(info["val_loss"]))
     return {k: v if isinstance(v, str) else json.dumps(v) if isinstance(v, (dict, list)) else str(v)
             for k, v in meta.items()}
 
@@ -154,8 +156,9 @@ def addnet_hash(tensors: Mapping[str, torch.Tensor]) -> str:
     return hashlib.sha256(blob[8 + header_len:]).hexdigest()
 
 
-def read_lora(path: Path) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
-    """Tensors (float32) and metadata of a LoRA file, with a clear error for what is not one."""
+def read_lora(path: Path, with_tensors: bool = True) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
+    """Tensors (float32; none unless `with_tensors`) and metadata of a LoRA file, with a clear error for
+    what is not one."""
     from safetensors import safe_open
 
     path = Path(path)
@@ -166,7 +169,7 @@ def read_lora(path: Path) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
     try:
         with safe_open(str(path), framework="pt") as f:
             metadata = dict(f.metadata() or {})
-            tensors = {k: f.get_tensor(k).float() for k in f.keys()}
+            tensors = {k: f.get_tensor(k).float() for k in f.keys()} if with_tensors else {}
     except Exception as e:  # safetensors raises several types for a damaged header
         raise ModelError(f"{path.name} is not a readable .safetensors file ({e}).") from None
     return tensors, metadata

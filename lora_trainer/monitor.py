@@ -1,7 +1,8 @@
 """Loss curves where people look for them: TensorBoard event files and a JSON-lines log.
 
 Both live under `output_dir/logs`: `tensorboard --logdir output_dir/logs` shows loss, learning
-rate, step time and the sample grids; `train.jsonl` is one JSON object per event for scripts.
+rate, step time, val_loss and the sample grids; `train.jsonl` is one JSON object per event for
+scripts (`{"event": "validation", "step": …, "val_loss": …}` for the validation loss).
 """
 
 from __future__ import annotations
@@ -30,6 +31,9 @@ class JsonlLogger(Callbacks):
     def on_saved(self, path: Path, final: bool) -> None:
         self._write(event="saved", path=str(path), final=final)
 
+    def on_validation(self, step: int, val_loss: float) -> None:
+        self._write(event="validation", step=step, val_loss=val_loss)
+
     def on_sample(self, step: int, path: Path, image: Any = None) -> None:
         self._write(event="sample", step=step, path=str(path))
 
@@ -38,7 +42,7 @@ class JsonlLogger(Callbacks):
 
 
 class TensorBoardLogger(Callbacks):
-    """Scalars loss / lr / step_time and the sample grids, as real TensorBoard event files."""
+    """Scalars loss / lr / step_time / val_loss and the sample grids, as real TensorBoard event files."""
 
     def __init__(self, log_dir: Path) -> None:
         from torch.utils.tensorboard import SummaryWriter  # needs the tensorboard package
@@ -53,6 +57,9 @@ class TensorBoardLogger(Callbacks):
         if self._last is not None:
             self.writer.add_scalar("step_time", now - self._last, step)
         self._last = now
+
+    def on_validation(self, step: int, val_loss: float) -> None:
+        self.writer.add_scalar("val_loss", val_loss, step)
 
     def on_sample(self, step: int, path: Path, image: Any = None) -> None:
         if image is not None:

@@ -31,6 +31,9 @@ RESUMABLE_CHANGES = {
     "sample_every_steps", "sample_strengths", "sample_steps", "output_dir", "output_name", "device",
     "base_model", "init_lora", "train_data_dir", "metadata_path", "gradient_checkpointing", "cache_latents",
     "cache_text_embeddings", "allow_ckpt", "base_precision", "offload", "memory_budget_gb",
+    # Validation only measures: its images, noise levels and best file may change (validation_split may not:
+    # it decides which images are trained on). A changed validation set starts the best val_loss afresh.
+    "validation_dir", "validation_timesteps", "save_best",
 }
 
 
@@ -53,8 +56,11 @@ class Position:
 
 
 def save_state(folder: Path, position: Position, lora: Dict[str, torch.Tensor], trainer: Dict[str, Any],
-               cfg: Any, data_hash: str, keep_last: int) -> Path:
-    """Write one state folder atomically (temp folder + rename) and prune old ones."""
+               cfg: Any, data_hash: str, keep_last: int, validation: Optional[Dict[str, Any]] = None) -> Path:
+    """Write one state folder atomically (temp folder + rename) and prune old ones.
+
+    `validation` (JSON-able: the validation set's id and the best val_loss so far) is kept for a resume.
+    """
     from safetensors.torch import save_file
 
     root = Path(folder)
@@ -66,7 +72,7 @@ def save_state(folder: Path, position: Position, lora: Dict[str, torch.Tensor], 
         torch.save(trainer, tmp / "trainer.pt")
         meta = {"version": STATE_VERSION, "step": position.step, "epoch": position.epoch,
                 "batch": position.batch, "dataset_hash": data_hash, "config": math_config(cfg),
-                "name": cfg.name}
+                "name": cfg.name, "validation": validation or {}}
         (tmp / STATE_FILE).write_text(json.dumps(meta, indent=1), encoding="utf-8")
         usual_mode(tmp)  # mkdtemp's folder and safetensors' file are private otherwise
         if target.exists():
@@ -104,6 +110,7 @@ class LoadedState:
     position: Position
     lora: Dict[str, torch.Tensor]
     trainer: Dict[str, Any]
+    validation: Optional[Dict[str, Any]] = None  # what save_state was given: the best val_loss so far
 
 
 def load_state(path: Path, cfg: Any, data_hash: str) -> LoadedState:
@@ -130,7 +137,8 @@ def load_state(path: Path, cfg: Any, data_hash: str) -> LoadedState:
             raise ResumeError(f"{folder} is incomplete: {needed} is missing.")
     trainer = torch.load(folder / "trainer.pt", map_location="cpu", weights_only=True)
     position = Position(meta["step"], meta["epoch"], meta["batch"])
-    return LoadedState(folder, position, load_file(str(folder / "lora.safetensors")), trainer)
+    return LoadedState(folder, position, load_file(str(folder / "lora.safetensors")), trainer,
+                       meta.get("validation") or {})
 
 
 def rng_state(generator: torch.Generator, py_rng: random.Random) -> Dict[str, Any]:

@@ -11,9 +11,9 @@ import math
 import random
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, List, Mapping, Optional
+from typing import Any, List, Mapping, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +35,8 @@ class TrainResult:
     steps: int
     stopped: bool
     losses: List[float]
+    skipped: List[Tuple[str, str]] = field(default_factory=list)  # (image, why): what the scan left out
+    val_losses: List[Tuple[int, float]] = field(default_factory=list)  # (step, val_loss) of this session's passes
 
 
 def train(cfg: TrainConfig, callbacks: Optional[Callbacks] = None, host: Optional[HostInterface] = None,
@@ -62,10 +64,11 @@ def train(cfg: TrainConfig, callbacks: Optional[Callbacks] = None, host: Optiona
         if stopped:
             state = checkpointer.save_checkpoint(final=False)
             cb.on_status(f"stopped at step {run.position.step}; resume with --resume {cfg.output_dir}")
-            return TrainResult(None, checkpointer.last_file, state, run.position.step, True, losses)
+            return TrainResult(None, checkpointer.last_file, state, run.position.step, True, losses,
+                               inputs.skipped, checkpointer.val_losses)
         lora_path = checkpointer.save_final()
         return TrainResult(lora_path, checkpointer.last_file, checkpointer.last_state, run.position.step, False,
-                           losses)
+                           losses, inputs.skipped, checkpointer.val_losses)
     except BaseException as err:
         forget_frames(err)  # whoever keeps the error must not keep the run's models and activations
         raise
@@ -82,6 +85,8 @@ def train(cfg: TrainConfig, callbacks: Optional[Callbacks] = None, host: Optiona
 def _loop(run: Run, cb: Callbacks, checkpointer: Any) -> "tuple[List[float], bool]":
     cfg, pos = run.cfg, run.position
     losses: List[float] = []
+    if checkpointer.validator is not None:
+        checkpointer.validator.prepare(cb)  # before the caches below send the VAE away
     if run.latent_cache is not None:
         _fill_latent_cache(run, cb)
     if run.text_cache is not None:
@@ -146,13 +151,22 @@ def _micro_step(run: Run, batch: list, epoch: int, index: int) -> torch.Tensor:
         sched = comps.noise_scheduler
         timesteps = torch.randint(0, sched.config.num_train_timesteps, (latents.shape[0],),
                                   generator=run.generator).to(dev)
+    return image_losses(run, latents, noise, timesteps, hidden, added).mean()
+
+
+def image_losses(run: Run, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor, hidden: torch.Tensor,
+                 added: Any) -> torch.Tensor:
+    """Per-image loss of the UNet's prediction: what training minimises and validation measures."""
+    comps, cfg = run.components, run.cfg
+    sched = comps.noise_scheduler
+    with _autocast(run):
         noisy = sched.add_noise(latents, noise, timesteps)
         target = noise if comps.prediction_type == "epsilon" else sched.get_velocity(latents, noise, timesteps)
         pred = comps.unet(noisy, timesteps, encoder_hidden_states=hidden, added_cond_kwargs=added).sample
     loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
     if cfg.min_snr_gamma:
         loss = loss * _min_snr_weights(sched, timesteps, cfg.min_snr_gamma, comps.prediction_type)
-    return loss.mean()
+    return loss
 
 
 def _batch_latents(run: Run, batch: list, epoch: int, index: int):
@@ -212,7 +226,7 @@ def _fill_latent_cache(run: Run, cb: Callbacks) -> None:
 
 def _fill_text_cache(run: Run, cb: Callbacks) -> None:
     """Encode every caption the run can use up front, then move the text encoders off the GPU."""
-    captions = sorted({record.caption for record in run.records})
+    captions = sorted({record.caption for record in run.records + run.val_records})
     if run.cfg.caption_dropout_rate:
         captions.append("")
     with _autocast(run):

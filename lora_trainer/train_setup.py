@@ -22,6 +22,7 @@ from .errors import ConfigError, TrainingError
 from .latents import LatentCache, TextEmbeddingCache, vae_fingerprint
 from .model.precision import load_dtype, place_base_weights, quantized_dtype, storage_dtype, store_base_weights
 from .state import LoadedState, Position, dataset_hash, load_state
+from .validation import validation_records
 
 
 @dataclass
@@ -48,6 +49,8 @@ class Run:
     started_at: float = field(default_factory=time.time)
     info: Dict[str, Any] = field(default_factory=dict)
     owns_components: bool = False  # loaded by the run (not passed in): it may free them as it goes
+    val_records: List[Any] = field(default_factory=list)  # validation images: never in `records`
+    validation_state: Dict[str, Any] = field(default_factory=dict)  # from the resumed state: the best val_loss
 
     @property
     def params(self) -> List[torch.nn.Parameter]:
@@ -88,14 +91,17 @@ class Inputs:
     records: List[Any]
     data_hash: str
     loaded: Optional[LoadedState]
+    skipped: List[Tuple[str, str]] = field(default_factory=list)  # (image, why) the scan left out
+    validation: List[Any] = field(default_factory=list)  # held out (validation_split) or validation_dir's images
 
 
 def check_inputs(cfg: TrainConfig, callbacks: Callbacks, resume: Optional[str] = None) -> Inputs:
     records, report = scan_images(cfg)
     callbacks.on_status(report.summary())
+    records, held_out = validation_records(cfg, records, callbacks)  # held-out images never reach a batch
     data_hash = dataset_hash(records)
     loaded = load_state(Path(resume), cfg, data_hash) if resume else None
-    return Inputs(records, data_hash, loaded)
+    return Inputs(records, data_hash, loaded, list(report.skipped), held_out)
 
 
 def prepare_run(cfg: TrainConfig, callbacks: Callbacks, base_weights: Optional[Mapping[str, torch.Tensor]] = None,
@@ -164,7 +170,7 @@ def prepare_run(cfg: TrainConfig, callbacks: Callbacks, base_weights: Optional[M
 
     run = Run(cfg, components, records, device, autocast_dtype, unet_params, te_params, optimizer, lr_scheduler,
               scaler, generator, py_rng, latent_cache, text_cache, data_hash, total_steps, batches_per_epoch,
-              output_dir, owns_components=owns_components)
+              output_dir, owns_components=owns_components, val_records=list(inputs.validation))
     run.info.update(_run_info(cfg, records, batches_per_epoch, total_steps, autocast_dtype))
     run.info["base_precision"] = str(storage).removeprefix("torch.")  # what was really used (auto resolved)
     if loaded is not None:
@@ -206,6 +212,7 @@ def _restore(run: Run, loaded: LoadedState) -> None:
         run.scaler.load_state_dict(trainer["scaler"])
     restore_rng(trainer["rng"], run.generator, run.py_rng)
     run.position = loaded.position
+    run.validation_state = dict(loaded.validation or {})
     run.started_at = trainer.get("started_at", run.started_at)
     if run.position.step > run.total_steps:
         raise TrainingError(f"The state is at step {run.position.step}, past this run's {run.total_steps} steps: "

@@ -68,6 +68,30 @@ def tiny_sdxl_file(tiny_sdxl, tmp_path_factory):
     return save_ldm_file(tiny_sdxl, tmp_path_factory.mktemp("tiny_sdxl") / "tiny-sdxl.safetensors")
 
 
+@pytest.fixture(scope="session")
+def tiny_coca(tmp_path_factory):
+    """(config path, .safetensors weights, .bin weights) of a tiny random CoCa (captions.coca.TINY_COCA), made
+    with open_clip: the captioner's and the strength scorer's model in tests. Read-only."""
+    import json
+
+    import open_clip
+    import torch
+    from safetensors.torch import save_file
+
+    from lora_trainer.captions.coca import TINY_COCA, resolve_model_name
+
+    folder = tmp_path_factory.mktemp("tiny_coca")
+    config = folder / "coca_tiny_test.json"
+    config.write_text(json.dumps(TINY_COCA), encoding="utf-8")
+    name = resolve_model_name(str(config))
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        state = {k: v.contiguous() for k, v in open_clip.create_model(name).state_dict().items()}
+    save_file(state, str(folder / "tiny.safetensors"))
+    torch.save(state, folder / "tiny.bin")
+    return config, folder / "tiny.safetensors", folder / "tiny.bin"
+
+
 # -- training fixtures (train / export / resume tests) ----------------------------------------
 
 @pytest.fixture(scope="session", autouse=True)

@@ -113,6 +113,89 @@ def test_run_is_a_webui_job_and_publishes_with_card(webui, make_cfg, tiny_train)
     assert list((Path(cfg.output_dir) / "logs").glob("events.out.tfevents.*"))
 
 
+def test_a_truncated_first_image_is_skipped_named_and_never_the_preview(webui, make_cfg, tiny_train, demo_folder):
+    """The real A1111 run that ended in "Error: OSError: image file is truncated": the first image (in name order)
+    is a truncated PNG and there are no sample prompts, so the card's preview comes from a training image."""
+    from PIL import Image
+    from lora_trainer_a1111.host import A1111Backend
+
+    (demo_folder / "000_broken.png").write_bytes((demo_folder / "img001.png").read_bytes()[:300])
+    cfg = make_cfg(max_train_steps=2, trigger_word="inkwash", base_model=webui.checkpoint.filename)
+    session = _start(A1111Backend(), cfg)
+    session.wait(120)
+    summary = session.summary()
+    assert session.error is None and summary.startswith("Done: 2 steps."), summary
+    assert "Error" not in summary and "Skipped 1 image(s)" in summary and "000_broken.png" in summary
+    assert session.result.skipped[0][0] == "000_broken.png"
+    preview = session.result.lora_path.with_suffix(".preview.png")
+    with Image.open(preview) as shown, Image.open(demo_folder / "img001.png") as first_usable:
+        assert shown.size == first_usable.size and shown.convert("RGB").tobytes() == first_usable.convert("RGB").tobytes()
+    assert json.loads(session.result.lora_path.with_suffix(".json").read_text())["activation text"] == "inkwash"
+    assert webui.calls.count(("refresh",)) == 2  # the list refresh and the key check still ran
+    assert session.notice == ""
+
+
+def test_once_the_lora_is_saved_nothing_after_it_is_an_error(webui, make_cfg, tiny_train, monkeypatch):
+    """Card, list refresh, key check and putting the model back each fail: the run is still "Done", with a
+    warning per failure, and each step after a failed one still runs."""
+    import lora_trainer_a1111.host as host
+    from lora_trainer_a1111.host import A1111Backend
+
+    refreshes = []
+
+    def broken_refresh():
+        refreshes.append(1)
+        raise RuntimeError("networks list is busy")
+
+    def broken_restore(model):
+        raise RuntimeError("CUDA error: out of memory")
+
+    monkeypatch.setattr(sys.modules["networks"], "list_available_networks", broken_refresh)
+    monkeypatch.setattr(webui.sd_models, "send_model_to_device", broken_restore)
+    monkeypatch.setattr(host, "write_card", lambda *a, **k: (_ for _ in ()).throw(OSError("disk full")))
+    monkeypatch.setattr(host, "check_against_host", lambda path: (_ for _ in ()).throw(KeyError("model.diffusion")))
+    session = _start(A1111Backend(), make_cfg(max_train_steps=1, base_model=webui.checkpoint.filename))
+    session.wait(120)
+    lines = session.summary().splitlines()
+    assert session.error is None and lines[0].startswith("Done: 1 steps."), lines
+    warnings = lines[1:]
+    assert all(w.startswith("Warning: ") for w in warnings) and len(warnings) == 4, warnings
+    assert "could not be put back on the GPU" in warnings[0] and "CUDA error" in warnings[0]
+    assert "card" in warnings[1] and "disk full" in warnings[1]
+    assert "not refreshed" in warnings[2] and "not checked" in warnings[3]
+    assert len(refreshes) == 2  # the core's refresh after publishing, and the tab's after the card
+    assert session.result.lora_path.is_file()
+
+
+def test_captioner_weights_folder_is_under_the_webuis_models(webui, tmp_path, monkeypatch, demo_folder):
+    import lora_trainer.captions as captions
+    from lora_trainer.captions import MissingWeights
+    from lora_trainer_a1111.host import A1111Backend
+
+    from lora_trainer.ui.dataset_panel import caption_empty, weight_choices
+
+    backend = A1111Backend()
+    folder = backend.captioner_weights_dir()
+    assert folder == tmp_path / "models" / "lora_trainer" / "captioner"
+    folder.mkdir(parents=True)
+    (folder / "coca_l14.safetensors").write_bytes(b"0")
+    assert str(folder / "coca_l14.safetensors") in weight_choices(backend)
+
+    seen = []
+
+    def no_weights(folder_, options=None, callbacks=None, **_):
+        seen.append(options.pretrained)
+        raise MissingWeights(options.model, "mscoco_finetuned_laion2B-s13B-b90k", tmp_path / "cache", "https://hf/x.bin")
+        yield  # a generator, as caption_folder is
+
+    monkeypatch.setattr(captions, "caption_folder", no_weights)
+    status = caption_empty(backend, "task(c)", str(demo_folder), "inkwash", str(folder / "coca_l14.safetensors"))[3]
+    assert seen == [str(folder / "coca_l14.safetensors")]  # CaptionOptions(pretrained=the picked file)
+    assert f"put it in {folder}" in status and '"Captioner weights"' in status
+    assert "--pretrained" not in status and "--download" not in status
+    assert webui.calls[-1] == ("gpu", webui.sd_model)  # the model is back after the failed captioning
+
+
 def test_run_waits_for_the_webuis_current_job(webui, make_cfg, tiny_train):
     from lora_trainer_a1111.host import A1111Backend
 
@@ -236,7 +319,7 @@ def test_forge_key_check_uses_forges_loader(monkeypatch, tmp_path, tiny_sd1_file
     save_file({k: torch.zeros(2, 2) for k in ("lora_unet_a.lora_up.weight", "lora_te_b.alpha",
                                               "lora_unet_gone.lora_up.weight")}, str(path))
     message = check_against_host(path)
-    assert message.startswith("Error:") and "1 layer(s)" in message and "lora_unet_gone" in message
+    assert message.startswith("Warning:") and "1 layer(s)" in message and "lora_unet_gone" in message
 
     model.forge_objects = None  # before Forge's first generation there is no model to check against
     assert "Not checked" in check_against_host(path)
@@ -256,8 +339,8 @@ def test_key_check_flags_a_peft_format_file(webui, tmp_path):
               str(peft))
     known = module_names_from_state_dict(webui.sd_model.state_dict().keys())
     message = check_against_host(peft, known)
-    assert message.startswith("Error:") and "1 layer" in message
-    assert check_against_host(peft).startswith("Error:")  # the same against the loaded model itself
+    assert message.startswith("Warning:") and "1 layer" in message
+    assert check_against_host(peft).startswith("Warning:")  # the same against the loaded model itself
 
 
 @pytest.mark.parametrize("bad", ["../evil", "a/b", "..", "", "x\\y", "/abs", "name."])

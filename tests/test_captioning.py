@@ -40,23 +40,6 @@ from lora_trainer.errors import CaptionError, LoraTrainerError
 B32_REPO = "laion/mscoco_finetuned_CoCa-ViT-B-32-laion2B-s13B-b90k"
 
 
-@pytest.fixture(scope="module")
-def tiny_coca(tmp_path_factory):
-    """(config path, .safetensors weights, .bin weights) of a tiny random CoCa, made with open_clip."""
-    import open_clip
-    from safetensors.torch import save_file
-
-    folder = tmp_path_factory.mktemp("tiny_coca")
-    config = folder / "coca_tiny_test.json"
-    config.write_text(json.dumps(TINY_COCA), encoding="utf-8")
-    name = coca_module.resolve_model_name(str(config))
-    torch.manual_seed(0)
-    state = {k: v.contiguous() for k, v in open_clip.create_model(name).state_dict().items()}
-    save_file(state, str(folder / "tiny.safetensors"))
-    torch.save(state, folder / "tiny.bin")
-    return config, folder / "tiny.safetensors", folder / "tiny.bin"
-
-
 @pytest.fixture
 def options(tiny_coca, tmp_path):
     config, weights, _ = tiny_coca

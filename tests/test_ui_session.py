@@ -1,4 +1,5 @@
-"""The tab's logic without gradio: presets and form → config, the loss plot, one run at a time, Interrupt."""
+"""The tab's logic without gradio: presets and form → config, the loss plot, one run at a time, Interrupt, messages
+in the tab's words, the final status (skipped images named; after the LoRA is saved, warnings, never an error)."""
 
 from __future__ import annotations
 
@@ -107,3 +108,75 @@ def test_the_tab_plans_memory_on_a_gpu_and_shows_the_plan(monkeypatch):
     session.thread.is_alive = lambda: True  # as while it runs
     assert session.summary().splitlines() == ["memory plan on cuda: predicted peak 3.1 GB, budget 7.5 GB; no change "
                                               "needed", "step 0/0 — caching latents 1/4"]
+
+
+def test_messages_name_the_tabs_fields_not_config_keys_or_cli_flags():
+    from lora_trainer.config import TrainConfig
+    from lora_trainer.dataset import scan_images
+    from lora_trainer.errors import DatasetError
+    from lora_trainer.ui.session import in_tab_words
+
+    with pytest.raises(DatasetError) as e:
+        scan_images(TrainConfig(train_data_dir="/no/such"))
+    assert str(e.value).startswith("train_data_dir not found")  # the CLI keeps the config key
+    assert in_tab_words(str(e.value)).startswith("Image folder not found: /no/such. Point it at the folder")
+    assert in_tab_words("output_name 'x/y' is not a file name; trigger_word is empty; base_model is empty") == \
+        "LoRA name 'x/y' is not a file name; Trigger word is empty; Base model is empty"
+    assert in_tab_words("ss_base_model_version and lora_rank stay") == "ss_base_model_version and lora_rank stay"
+    assert in_tab_words("Captioner weights file not found: /w.bin. Check the --pretrained path.") == \
+        'Captioner weights file not found: /w.bin. Check the path in "Captioner weights".'
+    assert "--" not in in_tab_words("w.bin does not fit the coca_ViT-L-14 model (x). "
+                                    "Choose the --model these weights belong to.")
+
+
+def test_a_run_error_is_shown_in_the_tabs_words():
+    from lora_trainer.errors import DatasetError
+    from lora_trainer.ui import TrainSession
+
+    def run(cb):
+        raise DatasetError("train_data_dir not found: /x. Point it at the folder that holds your training images.")
+
+    session = TrainSession(run).start()
+    session.wait(5)
+    assert session.summary() == "Error: Image folder not found: /x. Point it at the folder that holds your training images."
+
+
+def test_done_names_the_skipped_images():
+    import types
+
+    from lora_trainer.ui import TrainSession
+
+    result = types.SimpleNamespace(lora_path="/l/a.safetensors", stopped=False, steps=3,
+                                   skipped=[("000_broken.png", "image file is truncated")] +
+                                           [(f"tiny{i}.png", "too small") for i in range(6)])
+    session = TrainSession(lambda cb: result).start()
+    session.wait(5)
+    done, skipped = session.summary().splitlines()
+    assert done == "Done: 3 steps. LoRA: /l/a.safetensors"
+    assert skipped.startswith("Skipped 7 image(s) training could not use: 000_broken.png (image file is truncated); "
+                              "tiny0.png (too small)") and skipped.endswith("; and 2 more.")
+
+
+def test_a_failure_after_the_lora_is_saved_is_a_warning_and_the_lora_is_still_registered(tmp_path):
+    from lora_trainer.ui import Backend, start_run
+
+    registered = []
+
+    class Failing(Backend):
+        def train(self, cfg, callbacks, task_id=""):
+            callbacks.on_loss(1, 0.5, 1e-4)
+            callbacks.on_progress(1, 1)
+            callbacks.on_saved(tmp_path / "a.safetensors", True)
+            raise RuntimeError("the last sample grid ran out of memory")
+
+        def after_training(self, cfg, result, session):
+            registered.append(result.lora_path)
+            raise OSError("the card could not be written")
+
+    session = start_run(Failing(), cfg=None)
+    session.wait(5)
+    lines = session.summary().splitlines()
+    assert session.error is None and lines[0] == f"Done: 1 steps. LoRA: {tmp_path / 'a.safetensors'}"
+    assert lines[1] == "Warning: after the LoRA was saved: RuntimeError: the last sample grid ran out of memory"
+    assert lines[2] == "Warning: the LoRA is saved, but registering it failed: OSError: the card could not be written"
+    assert registered == [tmp_path / "a.safetensors"] and session.result.losses == [0.5]

@@ -89,12 +89,8 @@ class Captioner:
         self.tagger = None
         if o.tags and o.max_tags > 0:
             model = self.model
-
-            def encode_text(phrases: list[str]) -> Any:
-                with model.autocast():
-                    return model.model.encode_text(model.tokenizer(phrases).to(model.device))
-
-            self.tagger = Tagger(load_vocabulary(o.vocabulary_dir or None), encode_text, model.logit_scale,
+            self.tagger = Tagger(load_vocabulary(o.vocabulary_dir or None),
+                                 lambda phrases: coca.encode_texts(model, phrases), model.logit_scale,
                                  model.weights.key if model.weights else model.name, o.tag_cache_dir or None)
             self.tagger.text_features(self.callbacks.on_status)  # now, not in the middle of the first batch
         where = f"{self.model.device.type}{' fp16' if self.model.half else ''}"

@@ -173,6 +173,15 @@ def encode_images(coca: CocaModel, pixels: Any) -> tuple[Any, Any]:
     return latents.float(), tokens
 
 
+def encode_texts(coca: CocaModel, texts: list[str]) -> Any:
+    """Normalized text embeddings (float32, on the model's device) from the CLIP half's text tower."""
+    import torch
+
+    with torch.no_grad(), coca.autocast():
+        latents = coca.model.encode_text(coca.tokenizer(texts).to(coca.device))
+    return torch.nn.functional.normalize(latents.float(), dim=-1)
+
+
 def generate(coca: CocaModel, image_tokens: Any, max_tokens: int = 30, num_beams: int = 3, min_tokens: int = 4,
              no_repeat_ngram: int = 3) -> list[str]:
     """One sentence per image: beam search over the CoCa decoder (greedy when num_beams is 1)."""

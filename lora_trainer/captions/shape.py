@@ -95,9 +95,18 @@ def put_trigger_first(text: str, trigger: str) -> str:
     trigger = trigger.strip()
     if not trigger:
         return text.strip()
+    rest = remove_trigger(text, trigger)
+    return f"{trigger}, {rest}" if rest else trigger
+
+
+def remove_trigger(text: str, trigger: str) -> str:
+    """`text` without the trigger (as a whole word, any case), and without the empty parts it leaves."""
+    trigger = trigger.strip()
+    if not trigger:
+        return text.strip()
     pattern = re.compile(rf"(?<![\w-]){re.escape(trigger)}(?![\w-])", re.IGNORECASE)
     items = [re.sub(r"\s+", " ", pattern.sub("", item)).strip() for item in text.split(",")]
-    return ", ".join([trigger, *[i for i in items if i]])
+    return ", ".join(i for i in items if i)
 
 
 @functools.lru_cache(maxsize=1)

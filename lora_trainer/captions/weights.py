@@ -46,18 +46,19 @@ class MissingWeights(CaptionError):
         self.model, self.pretrained, self.folder, self.url, self.error = model, pretrained, folder, url, error
         super().__init__(self.in_words())
 
-    def in_words(self, folder: str | os.PathLike[str] | None = None, field: str = "") -> str:
+    def in_words(self, folder: str | os.PathLike[str] | None = None, field: str = "", option: str = "--pretrained",
+                 download_option: str = "--download") -> str:
         """The message for a front end: `folder` where its users drop weights, `field` its weights picker
-        ("" = the CLI's --pretrained / --download)."""
+        ("" = a command line: its weights `option`, and its `download_option`, "" when it has none)."""
         failed = f" (download failed: {self.error[:120]})" if self.error else ""
         head = f"Captioner weights for {self.model} ({self.pretrained}) are not on this machine{failed}. "
         if field:
             where = Path(folder) if folder else (self.folder or weights_dir())
             return f"{head}Download {self.url}, put it in {where}{os.sep} and pick it in \"{field}\"."
         if self.folder is None:  # not on the Hugging Face hub: only a file path will do
-            return f"{head}Download {self.url} and pass it with --pretrained PATH."
-        return (f"{head}Download {self.url} and put it in {self.folder}{os.sep} (or pass --pretrained PATH), "
-                "or run once online with --download.")
+            return f"{head}Download {self.url} and pass it with {option} PATH."
+        online = f", or run once online with {download_option}" if download_option else ""
+        return f"{head}Download {self.url} and put it in {self.folder}{os.sep} (or pass {option} PATH){online}."
 
 
 def available_weights(model: str, pretrained: str = "", extra_dirs: tuple = ()) -> list[Path]:

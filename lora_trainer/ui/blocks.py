@@ -8,14 +8,17 @@ gradio is imported inside `build_blocks`, so the core stays importable without i
 from __future__ import annotations
 
 import time
+import traceback
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 from ..callbacks import Callbacks, HostInterface
 from ..errors import LoraTrainerError
 from ..loss_plot import loss_image
-from .session import (PRESET_FIELDS, PRESETS, TEST_STRENGTHS, TrainSession, advanced_fields, form_to_config,
-                      preset_values)
+from . import dataset_panel as panel
+from .session import (PRESET_FIELDS, PRESETS, TEST_STRENGTHS, SessionCallbacks, TrainSession, advanced_fields,
+                      form_to_config, in_tab_words, preset_values)
+from .uploads import UPLOAD_TYPES
 
 POLL_SECONDS = 1.0
 
@@ -52,11 +55,21 @@ class Backend:
         """An id for a run started without one from the page (API calls); '' where the host has no queue."""
         return ""
 
-    def caption(self, folder: Path, trigger: str, callbacks: Optional[Callbacks] = None, task_id: str = "") -> int:
-        """Caption the folder's images that have none (trigger word first); returns how many got one."""
-        from ..captions import CaptionOptions, caption_folder
+    def captioner_weights_dir(self) -> Path:
+        """The folder the "Captioner weights" field lists and the tab tells users to put weights in
+        (A1111: models/lora_trainer/captioner; standalone: the lora_trainer cache's captioner folder)."""
+        from ..captions.weights import weights_dir
 
-        results = caption_folder(folder, options=CaptionOptions(trigger=trigger), callbacks=callbacks)
+        return weights_dir()
+
+    def caption(self, folder: Path, trigger: str, callbacks: Optional[Callbacks] = None, task_id: str = "",
+                weights: str = "") -> int:
+        """Caption the folder's images that have none (trigger word first) with the captioner weights `weights`
+        (a file, or an open_clip tag; '' = the default); returns how many got one."""
+        from ..captions import DEFAULT_PRETRAINED, CaptionOptions, caption_folder
+
+        options = CaptionOptions(trigger=trigger, pretrained=weights or DEFAULT_PRETRAINED)
+        results = caption_folder(folder, options=options, callbacks=callbacks)
         return sum(1 for r in results if r.status == "new")
 
     def train(self, cfg: Any, callbacks: Callbacks, task_id: str = "") -> Any:
@@ -65,7 +78,8 @@ class Backend:
         return train(cfg, callbacks=callbacks, host=self.host())
 
     def after_training(self, cfg: Any, result: Any, session: TrainSession) -> str:
-        """Register the finished LoRA with the host; returns an error message to show, or ''."""
+        """Register the finished LoRA with the host; returns warnings to show under "Done", or ''.
+        The LoRA is saved by then: nothing here may turn the run into an error."""
         return ""
 
     def test_grid(self, cfg: Any, lora_path: Path, prompt: str, seed: int, task_id: str = "") -> Tuple[Any, str]:
@@ -77,17 +91,44 @@ class Backend:
 
 
 def start_run(backend: Backend, cfg: Any, task_id: str = "") -> TrainSession:
-    """Train `cfg` in the background, then register the finished LoRA with the host (the tab and the API)."""
+    """Train `cfg` in the background, then register the finished LoRA with the host (the tab and the API).
+
+    Once the LoRA is saved the run is a success: a failure after that (the last sample grid, the host's
+    card, list refresh or key check) is a warning under "Done", and the registration still happens."""
     task_id = task_id or backend.new_task_id()
 
-    def run(callbacks: Callbacks) -> Any:
-        result = backend.train(cfg, callbacks, task_id)
+    def run(callbacks: SessionCallbacks) -> Any:
+        notes = []
+        try:
+            result = backend.train(cfg, callbacks, task_id)
+        except Exception as err:
+            if callbacks.saved is None:
+                raise
+            traceback.print_exc()
+            result = _saved_result(callbacks)
+            notes.append(f"Warning: after the LoRA was saved: {_described(err)}")
         if result is not None and not result.stopped:
-            session.notice = backend.after_training(cfg, result, session)
+            try:
+                notes.append(backend.after_training(cfg, result, session))
+            except Exception as err:
+                traceback.print_exc()
+                notes.append(f"Warning: the LoRA is saved, but registering it failed: {_described(err)}")
+        session.notice = "\n".join(n for n in notes if n)
         return result
 
     session = TrainSession(run, backend.progress_callbacks(), task_id=task_id, cfg=cfg)
     return session.start()
+
+
+def _saved_result(callbacks: SessionCallbacks) -> Any:
+    """The result of a run that failed after writing its LoRA: the LoRA and the steps it had."""
+    from ..train import TrainResult
+
+    return TrainResult(callbacks.saved, None, None, callbacks.step, False, list(callbacks.losses))
+
+
+def _described(err: Exception) -> str:
+    return in_tab_words(str(err)) if isinstance(err, LoraTrainerError) else f"{type(err).__name__}: {err}"
 
 
 def _js_kwargs(gr: Any, js: Optional[str]) -> Dict[str, str]:
@@ -112,36 +153,36 @@ def _shown(value: Any) -> Any:
     return ", ".join(map(str, value)) if isinstance(value, list) else value
 
 
-def read_rows(folder: str) -> List[List[str]]:
-    """[[image name, caption]] for the folder's images ('' where there is no caption); read only."""
-    from ..captions import read_captions
-    from ..images import list_images
-
-    folder_path = Path((folder or "").strip())
-    if not folder_path.is_dir():
-        raise LoraTrainerError(f"Image folder not found: {folder_path}")
-    captions = read_captions(folder_path).captions
-    rows = []
-    for p in list_images(folder_path):
-        name = p.relative_to(folder_path).as_posix()
-        rows.append([name, captions.get(name, "")])
-    return rows
-
-
 def build_blocks(backend: Backend) -> Any:
     """The tab's Blocks; A1111 and Forge return it from on_ui_tabs, the standalone UI launches it."""
     import gradio as gr
+
+    from ..doctor import TABLE_COLUMNS
 
     fields = advanced_fields()
     with gr.Blocks(analytics_enabled=False, title=backend.title) as blocks:
         with gr.Row():
             folder = gr.Textbox(label="Image folder", elem_id="lora_trainer_folder")
             load = gr.Button("Load images", elem_id="lora_trainer_load")
+        # The browser may be on another machine than the WebUI: its files are copied into the Image folder.
+        upload = gr.File(label="Add images (image files, caption .txt files or a .zip: copied into the Image folder)",
+                         file_count="multiple", file_types=UPLOAD_TYPES, height=120, elem_id="lora_trainer_add_images")
         gallery = gr.Gallery(label="Images", columns=6, height=220, elem_id="lora_trainer_gallery")
+        findings = gr.Dataframe(headers=list(TABLE_COLUMNS), datatype=["str"] * len(TABLE_COLUMNS), type="array",
+                                interactive=False, wrap=True, elem_id="lora_trainer_findings",
+                                label="Findings: what training would skip, crop or misread, and the fix")
         table = gr.Dataframe(headers=["image", "caption"], datatype=["str", "str"], type="array",
                              interactive=True, label="Captions (edit, then Save captions)", elem_id="lora_trainer_captions")
         with gr.Row():
-            trigger = gr.Textbox(label="Trigger word", elem_id="lora_trainer_trigger")
+            trigger = gr.Textbox(label="Trigger word", elem_id="lora_trainer_trigger", scale=1)
+            weights = gr.Dropdown(label=panel.WEIGHTS_FIELD, choices=panel.weight_choices(backend),
+                                  value=panel.AUTO_WEIGHTS, allow_custom_value=True, elem_id="lora_trainer_weights",
+                                  scale=2, info=f"The captioner's coca_ViT-L-14 weights: put the file in "
+                                                f"{backend.captioner_weights_dir()} and press Refresh, or type its "
+                                                f"path. {panel.AUTO_WEIGHTS}: the default ones, if downloaded before.")
+            weights_refresh = gr.Button("Refresh", size="sm", min_width=80, scale=0,
+                                        elem_id="lora_trainer_weights_refresh")
+        with gr.Row():
             caption_btn = gr.Button("Caption empty ones", elem_id="lora_trainer_caption")
             save_btn = gr.Button("Save captions", elem_id="lora_trainer_save_captions")
         with gr.Row():
@@ -173,31 +214,25 @@ def build_blocks(backend: Backend) -> Any:
         with gr.Row():
             backend.add_send_buttons(gr, infotext)
 
-        def on_load(folder_value):
-            try:
-                rows = read_rows(folder_value)
-            except LoraTrainerError as e:
-                return [], [], str(e)
-            pics = [(str(Path(folder_value) / n), c) for n, c in rows]
-            return pics, rows, f"{len(rows)} images, {sum(1 for _, c in rows if not c)} without a caption"
+        settings = [trigger, preset, low_vram, *adv.values()]  # what the doctor checks against, as a run gets them
+        shown_dataset = [gallery, table, findings, status]
+
+        def on_load(folder_value, trigger_value, preset_value, low, *adv_values):
+            return panel.look_at(folder_value, trigger_value, preset_value, low, dict(zip(fields, adv_values)))
+
+        def on_add(files, folder_value, trigger_value, preset_value, low, *adv_values):
+            advanced = dict(zip(fields, adv_values))
+            return (*panel.add_images(files, folder_value, trigger_value, preset_value, low, advanced), None)
 
         def on_save(folder_value, rows):
-            from ..captions import write_captions
+            return panel.save_captions(folder_value, rows)
 
-            try:
-                captions = {r[0]: r[1] for r in rows if r and r[0] and str(r[1]).strip()}
-                path = write_captions(Path(folder_value), captions, fmt="csv")
-            except LoraTrainerError as e:
-                return str(e)
-            return f"saved {len(captions)} captions to {path}"
+        def on_caption(task, folder_value, weights_value, trigger_value, preset_value, low, *adv_values):
+            return panel.caption_empty(backend, task, folder_value, trigger_value, weights_value, preset_value, low,
+                                       dict(zip(fields, adv_values)))
 
-        def on_caption(task, folder_value, trigger_value):
-            try:
-                done = backend.caption(Path(folder_value), trigger_value, task_id=task or backend.new_task_id())
-            except LoraTrainerError as e:
-                return *on_load(folder_value)[:2], str(e)
-            pics, rows, _ = on_load(folder_value)
-            return pics, rows, f"captioned {done} images"
+        def on_weights_refresh():
+            return gr.update(choices=panel.weight_choices(backend))
 
         def on_train(task, folder_value, trigger_value, name_value, base_value, preset_value, low, *adv_values):
             try:
@@ -206,7 +241,7 @@ def build_blocks(backend: Backend) -> Any:
                                      backend.output_root())
                 session = start_run(backend, cfg, task)
             except LoraTrainerError as e:
-                yield str(e), loss_image([]), None
+                yield in_tab_words(str(e)), loss_image([]), None
                 return
             while session.running:
                 time.sleep(POLL_SECONDS)
@@ -234,13 +269,15 @@ def build_blocks(backend: Backend) -> Any:
                 image, info = backend.test_grid(session.cfg, session.result.lora_path, prompt_value,
                                                 int(seed_value or 1), task or backend.new_task_id())
             except LoraTrainerError as e:
-                return None, "", str(e)
+                return None, "", in_tab_words(str(e))
             return image, info, f"grid at strengths {', '.join(f'{s:g}' for s in TEST_STRENGTHS)}"
 
-        load.click(on_load, [folder], [gallery, table, status])
+        load.click(on_load, [folder, *settings], shown_dataset)
+        upload.upload(on_add, [upload, folder, *settings], [*shown_dataset, upload])
         save_btn.click(on_save, [folder, table], [status])
-        caption_btn.click(on_caption, [task_id, folder, trigger], [gallery, table, status],
+        caption_btn.click(on_caption, [task_id, folder, weights, *settings], shown_dataset,
                           **_js_kwargs(gr, backend.job_js))
+        weights_refresh.click(on_weights_refresh, None, [weights])
         train_btn.click(on_train, [task_id, folder, trigger, name, base, preset, low_vram, *adv.values()], [status, plot, sample],
                         **_js_kwargs(gr, backend.job_js)).then(None, None, None, **_js_kwargs(gr, backend.refresh_js))
         stop_btn.click(on_stop, None, [status])

@@ -9,11 +9,11 @@ from __future__ import annotations
 import re
 import threading
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 from ..callbacks import Callbacks
 from ..config import TrainConfig, config_from_dict, field_help
-from ..errors import ConfigError, LoraTrainerError
+from ..errors import ConfigError, LoraTrainerError, in_field_words
 
 # Presets are starting points, applied over the defaults and under whatever the user changed.
 PRESETS: Dict[str, Dict[str, Any]] = {
@@ -28,6 +28,18 @@ PRESET_FIELDS = frozenset(LOW_VRAM).union(*PRESETS.values())
 # Fields that have their own place in the tab rather than in the generated advanced form.
 MAIN_FIELDS = ("train_data_dir", "base_model", "trigger_word", "output_name", "output_dir")
 TEST_STRENGTHS = (0.0, 0.5, 0.6, 0.7, 0.8)
+# The config keys the tab shows under its own labels: its messages name the field the user sees
+# ("Image folder not found"), the CLI keeps the keys. The advanced form's labels are the keys themselves.
+TAB_FIELDS = {"train_data_dir": "Image folder", "output_name": "LoRA name", "trigger_word": "Trigger word",
+              "base_model": "Base model"}
+# The captioner's advice in the CLI's flags, as the tab says it (its weights picker; one captioner model).
+CLI_PHRASES = {
+    "Check the --pretrained path.": 'Check the path in "Captioner weights".',
+    "Choose the --model these weights belong to.": 'Pick coca_ViT-L-14 weights in "Captioner weights".',
+    "Pass --pretrained PATH to a .safetensors/.bin file, or a tag such as mscoco_finetuned_laion2B-s13B-b90k.":
+        'Pick a .safetensors/.bin file in "Captioner weights", or (auto).',
+    "pass --pretrained PATH (a weights file) or an open_clip pretrained tag.": 'pick a file in "Captioner weights".',
+}
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 _.\-]{0,99}$")
 
 
@@ -39,6 +51,13 @@ def safe_lora_name(name: str) -> str:
     if not _NAME_RE.match(name) or ".." in name or name.endswith("."):
         raise ConfigError(f"LoRA name {name!r}: use letters, digits, space, '_', '-' or '.' (no folders, no '..').")
     return name
+
+
+def in_tab_words(message: str) -> str:
+    """A core message in the tab's words: its field labels for config keys, its controls for CLI flags."""
+    for cli, tab in CLI_PHRASES.items():
+        message = message.replace(cli, tab)
+    return in_field_words(message, TAB_FIELDS)
 
 
 def advanced_fields() -> Dict[str, Dict[str, Any]]:
@@ -105,6 +124,7 @@ class SessionCallbacks(Callbacks):
         self.step = 0
         self.total = 0
         self.plan = ""  # the memory plan's line, shown above the progress
+        self.saved: Optional[Path] = None  # the finished LoRA, once written
         self.stop_event = threading.Event()
 
     def on_progress(self, step: int, total: int) -> None:
@@ -128,6 +148,7 @@ class SessionCallbacks(Callbacks):
     def on_saved(self, path: Path, final: bool) -> None:
         if final:
             self.status = f"saved {path}"
+            self.saved = Path(path)
         self.extra.on_saved(path, final)
 
     def should_stop(self) -> bool:
@@ -173,7 +194,7 @@ class TrainSession:
         try:
             self.result = self._run(self.callbacks)
         except LoraTrainerError as e:
-            self.error = str(e)
+            self.error = in_tab_words(str(e))
         except Exception as e:  # shown in the tab; the traceback goes to the console
             import traceback
 
@@ -182,6 +203,8 @@ class TrainSession:
 
     def summary(self) -> str:
         cb = self.callbacks
+        if self.error and cb.saved is not None and not self.running:  # the LoRA is there: not a failed run
+            return f"Saved: LoRA {cb.saved}\nWarning: after saving: {self.error}"
         if self.error:
             return f"Error: {self.error}"
         if self.running:
@@ -190,5 +213,17 @@ class TrainSession:
         if r is None:
             return cb.status
         if r.stopped:
-            return f"Stopped at step {r.steps}; the state in {r.state_dir} resumes it."
-        return f"Done: {r.steps} steps. LoRA: {r.lora_path}" + (f"\n{self.notice}" if self.notice else "")
+            lines = [f"Stopped at step {r.steps}; the state in {r.state_dir} resumes it.",
+                     skipped_line(getattr(r, "skipped", []))]
+            return "\n".join(line for line in lines if line)
+        lines = [f"Done: {r.steps} steps. LoRA: {r.lora_path}", skipped_line(getattr(r, "skipped", [])), self.notice]
+        return "\n".join(line for line in lines if line)
+
+
+def skipped_line(skipped: List[Tuple[str, str]], shown: int = 5) -> str:
+    """The images a run left out, named: '' when none."""
+    if not skipped:
+        return ""
+    names = "; ".join(f"{name} ({why})" for name, why in skipped[:shown])
+    more = f"; and {len(skipped) - shown} more" if len(skipped) > shown else ""
+    return f"Skipped {len(skipped)} image(s) training could not use: {names}{more}."

@@ -31,7 +31,7 @@ def entry(webui, monkeypatch):  # noqa: F811
     return registered, module
 
 
-def test_entry_registers_and_builds_the_tab(entry, webui):  # noqa: F811
+def test_entry_registers_and_builds_the_tab(entry, webui, tmp_path):  # noqa: F811
     import gradio as gr
 
     registered, _ = entry
@@ -41,6 +41,9 @@ def test_entry_registers_and_builds_the_tab(entry, webui):  # noqa: F811
     by_id = {getattr(b, "elem_id", None): b for b in blocks.blocks.values()}
     base = by_id["lora_trainer_base"]
     assert base.value == webui.checkpoint.title and webui.checkpoint.title in str(base.choices)  # selected one
+    # The captioner weights picker names the folder under the WebUI's models folder; Add images takes a zip.
+    assert str(tmp_path / "models" / "lora_trainer" / "captioner") in by_id["lora_trainer_weights"].info
+    assert ".zip" in by_id["lora_trainer_add_images"].file_types and "lora_trainer_findings" in by_id
 
     # "Send to txt2img": registered for the WebUI to bind after all tabs exist, fed by the test's infotext.
     [binding] = webui.infotext_utils.registered_param_bindings

@@ -1,5 +1,6 @@
-"""The tab's Blocks under the installed gradio (3.41.2 or 4.40.0): it builds, and its handlers load a folder,
-save edited captions, train the tiny model with a live loss plot and render the test grid."""
+"""The tab's Blocks under the installed gradio (3.41.2 or 4.40.0): it builds, and its handlers load a folder (with
+the dataset doctor's findings), add uploaded files, save edited captions, caption with the picked weights, train the
+tiny model with a live loss plot and render the test grid."""
 
 from __future__ import annotations
 
@@ -60,19 +61,19 @@ def test_advanced_form_shows_and_follows_the_preset():
 
 def test_folder_captions_train_and_grid(built, demo_folder):
     h, tmp_path = built
-    pics, rows, status = h["on_load"](str(demo_folder))
-    assert len(rows) == 8 and len(pics) == 8 and "8 images" in status
-    rows[0][1] = "inkwash, a red house"
-    assert "saved 8 captions" in h["on_save"](str(demo_folder), rows)
-    assert h["on_load"](str(demo_folder))[1][0][1] == "inkwash, a red house"
-
     from lora_trainer.ui import preset_values
 
     adv = list(preset_values("style", False).values())  # what the form shows
+    pics, rows, findings, status = h["on_load"](str(demo_folder), "inkwash", "style", False, *adv)
+    assert len(rows) == 8 and len(pics) == 8 and status.startswith("8 images, 8 usable")
+    rows[0][1] = "inkwash, a red house"
+    assert "saved 8 captions" in h["on_save"](str(demo_folder), rows)
+    assert h["on_load"](str(demo_folder), "inkwash", "style", False, *adv)[1][0][1] == "inkwash, a red house"
+
     updates = list(h["on_train"]("", str(demo_folder), "inkwash", "tiny-lora", "", "style", False, *adv))
     message, plot, sample = updates[-1]
     assert message.startswith("Done: 3 steps"), message
-    assert plot.size == (480, 220) and sample and Path(sample).is_file()
+    assert plot.size == (512, 256) and sample and Path(sample).is_file()
     assert (tmp_path / "runs" / "tiny-lora" / "tiny-lora.safetensors").is_file()
 
     grid, infotext, status = h["on_test"]("", "inkwash house", 1)
@@ -87,3 +88,68 @@ def test_bad_name_is_shown_not_raised(built, demo_folder):
     adv = list(preset_values("style", False).values())
     message, _, _ = next(h["on_train"]("", str(demo_folder), "", "../escape", "", "style", False, *adv))
     assert "LoRA name" in message
+
+
+def test_load_shows_findings_and_add_images_takes_this_gradios_file_values(built, demo_folder, tmp_path):
+    """gr.File hands the handler tempfile wrappers (3.x) or str paths (4.x): the component's own preprocess makes
+    them here from uploaded files, as a browser upload would."""
+    import gradio as gr
+
+    h, _ = built
+    from lora_trainer.ui import preset_values
+
+    adv = list(preset_values("style", False).values())
+    folder = tmp_path / "added"
+    (tmp_path / "broken.png").write_bytes((demo_folder / "img001.png").read_bytes()[:300])
+    uploads = [demo_folder / "img001.png", demo_folder / "img001.png", tmp_path / "broken.png"]
+    value = _file_value(gr, uploads)
+    pics, rows, findings, status, cleared = h["on_add"](value, str(folder), "inkwash", "style", False, *adv)
+    assert sorted(p.name for p in folder.iterdir()) == ["img001-v2.png", "img001.png"] and cleared is None
+    assert status.startswith(f"Added 2 file(s) to {folder}") and "broken.png (" in status
+    assert "duplicate" in [f[1] for f in findings]  # Load ran on the new folder: two copies of one image
+    assert len(pics) == 2 and len(rows) == 2
+
+    (folder / "000_broken.png").write_bytes((tmp_path / "broken.png").read_bytes())
+    pics, rows, findings, status = h["on_load"](str(folder), "inkwash", "style", False, *adv)
+    assert findings[0][:3] == ["000_broken.png", "unreadable", "error"] and findings[0][4]
+    assert "Training skips 1: 000_broken.png (unreadable)" in status
+    # what the Dataframe sends to the page: the findings with their fix column
+    table = gr.Dataframe(headers=["file", "problem", "severity", "detail", "fix"], type="array")
+    shown = table.postprocess(findings)
+    data = shown["data"] if isinstance(shown, dict) else shown.data
+    assert data[0][0] == "000_broken.png" and len(data[0]) == 5
+    empty = table.postprocess([])
+    assert (empty["data"] if isinstance(empty, dict) else empty.data) in ([], [[]], [["", "", "", "", ""]])
+
+
+def _file_value(gr, paths):
+    """What a multiple gr.File passes to its handler for these uploaded files, under this gradio."""
+    component = gr.File(file_count="multiple")
+    if int(gr.__version__.split(".")[0]) >= 4:
+        from gradio.data_classes import FileData, ListFiles
+
+        return component.preprocess(ListFiles(root=[FileData(path=str(p), orig_name=p.name) for p in paths]))
+    return component.preprocess([{"name": str(p), "data": None, "is_file": True, "orig_name": p.name} for p in paths])
+
+
+def test_caption_uses_the_picked_weights_and_names_the_field(built, demo_folder, monkeypatch, tmp_path):
+    import lora_trainer.captions as captions
+    from lora_trainer.captions import MissingWeights
+
+    h, _ = built
+    from lora_trainer.ui import preset_values
+
+    adv = list(preset_values("style", False).values())
+    weights = tmp_path / "coca.safetensors"
+    weights.write_bytes(b"0")
+    seen = []
+
+    def no_weights(folder, options=None, callbacks=None, **_):
+        seen.append(options.pretrained)
+        raise MissingWeights(options.model, "mscoco_finetuned_laion2B-s13B-b90k", tmp_path / "c", "https://hf/x.bin")
+        yield
+
+    monkeypatch.setattr(captions, "caption_folder", no_weights)
+    status = h["on_caption"]("", str(demo_folder), str(weights), "inkwash", "style", False, *adv)[3]
+    assert seen == [str(weights)] and '"Captioner weights"' in status and "--pretrained" not in status
+    assert h["on_weights_refresh"]()["choices"]  # (auto) at least

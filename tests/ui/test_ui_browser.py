@@ -1,5 +1,6 @@
-"""The standalone UI in headless Chromium (Debian's chromium via Playwright; gradio4 stage): caption a folder,
-see the advanced form follow Low VRAM, train the tiny model for 3 steps, see the loss plot and samples, render the test grid,
+"""The standalone UI in headless Chromium (Debian's chromium via Playwright; gradio4 stage): load a folder with a
+truncated PNG and a duplicate and see the doctor's findings table, add a zip of images from the browser, caption the
+folder, see the advanced form follow Low VRAM, train the tiny model for 3 steps, see the loss plot and samples, render the test grid,
 take a screenshot (LORA_TRAINER_SCREENSHOT=path also keeps it, e.g. docs/standalone_ui.png)."""
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ import re
 import shutil
 import socket
 import sys
+import zipfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -39,18 +41,28 @@ def _fake_caption_folder(folder, options=None, **_):
     write_captions(folder, captions, fmt="csv")
 
 
-def test_standalone_ui_in_chromium(tmp_path, tiny_sd1, demo_folder, monkeypatch):
+def test_standalone_ui_in_chromium(tmp_path, tiny_sd1, monkeypatch):
     assert CHROMIUM, "apt-get install -y chromium (run_tests.sh does it for this stage)"
     from playwright.sync_api import expect, sync_playwright
 
     import lora_trainer.captions as captions
+    from lora_trainer.demo_data import make_demo_images
+    from lora_trainer.doctor import examine
     from lora_trainer.ui import build_blocks
 
     monkeypatch.setattr(captions, "caption_folder", _fake_caption_folder)
     folder = tmp_path / "images"
     folder.mkdir()
-    for p in sorted(demo_folder.glob("*.png"))[:4]:
+    big = make_demo_images(tmp_path / "big", n=4, size=256)  # not below the default smallest bucket: fewer findings
+    for p in sorted(big.glob("*.png")):
         shutil.copy(p, folder / p.name)
+    # What a real A1111 run met: a truncated PNG first in name order; and a copy of another image.
+    (folder / "000_broken.png").write_bytes((folder / "img001.png").read_bytes()[:300])
+    shutil.copy(folder / "img002.png", folder / "img002_copy.png")
+    broken_fix = next(f.fix for f in examine(folder).findings if f.file == "000_broken.png")
+    upload = tmp_path / "from_the_browser.zip"  # Add images: a zip from the browser's machine
+    with zipfile.ZipFile(upload, "w") as z:
+        z.write(big / "img004.png", "holiday/beach.png")
 
     blocks = build_blocks(TinyBackend(tmp_path / "runs", components=tiny_sd1, sample_steps=2, sample_size=64))
     blocks.queue()
@@ -64,10 +76,22 @@ def test_standalone_ui_in_chromium(tmp_path, tiny_sd1, demo_folder, monkeypatch)
             status = page.locator("#lora_trainer_status textarea")
             page.locator("#lora_trainer_folder textarea").fill(str(folder))
             page.locator("#lora_trainer_load").click()
-            expect(status).to_have_value("4 images, 4 without a caption", timeout=30_000)
+            expect(status).to_have_value(re.compile(r"^6 images, 5 usable; 1 error\(s\)"), timeout=30_000)
+            expect(status).to_have_value(re.compile("Training skips 1: 000_broken.png \\(unreadable\\)"))
+            findings = page.locator("#lora_trainer_findings")
+            for text in ("000_broken.png", "unreadable", broken_fix, "img002_copy.png", "duplicate"):
+                expect(findings).to_contain_text(text)
+
+            page.locator("#lora_trainer_add_images input[type=file]").set_input_files(str(upload))
+            expect(status).to_have_value(re.compile(f"^Added 1 file\\(s\\) to {re.escape(str(folder))}: beach.png"),
+                                         timeout=30_000)
+            expect(status).to_have_value(re.compile("7 images, 6 usable"))
+            expect(findings).to_contain_text("beach.png")  # a copy of img004.png: the doctor says so
+            assert (folder / "beach.png").read_bytes() == (big / "img004.png").read_bytes()
+
             page.locator("#lora_trainer_trigger textarea").fill("inkwash")
             page.locator("#lora_trainer_caption").click()
-            expect(status).to_have_value("captioned 4 images", timeout=30_000)
+            expect(status).to_have_value(re.compile("^captioned 7 images"), timeout=30_000)
             assert "inkwash, a small painted house" in (folder / "metadata.csv").read_text()
 
             # The advanced form follows Low VRAM (and the preset): it shows what the run will use.
@@ -78,10 +102,12 @@ def test_standalone_ui_in_chromium(tmp_path, tiny_sd1, demo_folder, monkeypatch)
             expect(accumulation).to_have_value("4")
             page.locator("#lora_trainer_low_vram input").uncheck()
             expect(accumulation).to_have_value("1")
+            page.locator("#lora_trainer_advanced").get_by_text("Advanced options").click()  # closed for the screenshot
 
             page.locator("#lora_trainer_name textarea").fill("tiny-lora")
             page.locator("#lora_trainer_train").click()
             expect(status).to_have_value(re.compile("^Done: 3 steps"), timeout=180_000)
+            expect(status).to_have_value(re.compile("Skipped 1 image\\(s\\) training could not use: 000_broken.png"))
             expect(page.locator("#lora_trainer_loss img")).to_be_visible()
             expect(page.locator("#lora_trainer_sample img")).to_be_visible()
 

@@ -1,0 +1,56 @@
+"""The LoRA's extra-networks card: `<name>.json` (activation text, preferred weight, SD version) and its
+preview picture, the last sample grid or else the first training image that decodes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Optional
+
+from lora_trainer.files import atomic_write_text, atomic_write_with
+
+PREFERRED_WEIGHT = 0.8  # the card's weight, and the test picture whose parameters "Send to txt2img" takes
+SD_VERSION = {"sd1": "SD1", "sd2": "SD2", "sdxl": "SDXL"}  # ui_edit_user_metadata.py's "sd version" choices
+PREVIEW_SIDE = 1024  # the card's preview: a training photo may be 20 MB, the Lora pane shows a thumbnail
+
+
+def write_card(lora_path: Path, trigger_word: str, family: str, preview: Any = None, description: str = "") -> Path:
+    """The extra-networks card: `<name>.json` (ui_edit_user_metadata keys) and `<name>.preview.png`."""
+    lora_path = Path(lora_path)
+    card = {"description": description, "sd version": SD_VERSION.get(family, "Unknown"),
+            "activation text": trigger_word, "preferred weight": PREFERRED_WEIGHT, "negative text": "", "notes": ""}
+    path = atomic_write_text(lora_path.with_suffix(".json"), json.dumps(card, indent=4))
+    if preview is not None:
+        from PIL import Image
+
+        image = preview if isinstance(preview, Image.Image) else Image.open(preview)
+        atomic_write_with(lora_path.with_suffix(".preview.png"), lambda tmp: image.save(tmp, format="PNG"))
+    return path
+
+
+def lora_family(lora_path: Path) -> str:
+    """sd1, sd2 or sdxl, from the metadata the file was written with."""
+    from lora_trainer.export import read_lora
+
+    _, meta = read_lora(Path(lora_path))
+    version = str(meta.get("ss_base_model_version", ""))
+    return "sdxl" if version.startswith("sdxl") else "sd2" if version.startswith("sd_v2") else "sd1"
+
+
+def preview_image(sample: Optional[Path], folder: str, skipped: Any = ()) -> Any:
+    """The card's picture: the last sample grid, else the first training image that decodes (the run's
+    skipped ones never), as a PIL image at most PREVIEW_SIDE px; None when there is none."""
+    from lora_trainer.images import ImageLoadError, list_images, load_image
+
+    candidates = [Path(sample)] if sample else []
+    left_out = {name for name, _ in skipped}
+    if Path(folder).is_dir():
+        candidates += [p for p in list_images(Path(folder)) if p.name not in left_out]
+    for path in candidates:
+        try:
+            image = load_image(path).image  # decoded in full: a truncated file fails here, not in save()
+        except ImageLoadError:
+            continue
+        image.thumbnail((PREVIEW_SIDE, PREVIEW_SIDE))
+        return image
+    return None
