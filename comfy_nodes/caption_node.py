@@ -24,6 +24,11 @@ def weights_folder() -> Path:
     return Path(folder_paths.models_dir) / "lora_trainer" / "captioner"
 
 
+def pretrained_for(choice: str) -> str:
+    """A weights choice as the captioner takes it: the default tag for AUTO, else the file's path."""
+    return DEFAULT_PRETRAINED if choice in (AUTO, "") else str(weights_folder() / choice)
+
+
 def weight_choices() -> list:
     """AUTO, then every weights file found: under models/lora_trainer/captioner/ by its relative name."""
     folder = weights_folder()
@@ -72,7 +77,7 @@ class CaptionFolder:
                 unique_id: Optional[str] = None) -> dict:
         callbacks = ComfyCallbacks(unique_id)
         report = CaptionReport(Path(folder), Path(folder), "csv")
-        pretrained = DEFAULT_PRETRAINED if weights in (AUTO, "") else str(weights_folder() / weights)
+        pretrained = pretrained_for(weights)
         options = CaptionOptions(model=model, trigger=trigger_word, pretrained=pretrained)
         with node_words(FOLDER_FIELDS):
             try:

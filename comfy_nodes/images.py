@@ -5,7 +5,7 @@ A ComfyUI IMAGE is a float tensor [batch, height, width, 3] in 0..1.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -25,9 +25,10 @@ def image_to_pil(image: torch.Tensor) -> Image.Image:
     return Image.fromarray((array * 255).round().astype(np.uint8))
 
 
-def loss_curve(losses: Sequence[float], width: int = 512, height: int = 256) -> torch.Tensor:
-    """Loss per step and its smoothed line: the tab's drawing (lora_trainer.loss_plot) as an IMAGE."""
-    return pil_to_image(loss_image(losses, width, height))
+def loss_curve(losses: Sequence[float], width: int = 512, height: int = 256, val: Any = None) -> torch.Tensor:
+    """Loss per step, its smoothed line and the validation losses ((step, value) pairs): the tab's drawing
+    (lora_trainer.loss_plot) as an IMAGE."""
+    return pil_to_image(loss_image(losses, width, height, val=val))
 
 
 def labelled_grid(images: Sequence[Image.Image], labels: Sequence[str], band: int = 24) -> torch.Tensor:

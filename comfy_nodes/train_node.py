@@ -139,7 +139,8 @@ def run_training(cfg: Any, callbacks: ComfyCallbacks, model: Any, clip: Any, vae
 def report(result: TrainResult, output_dir: str, *notes: str) -> str:
     """The lines a user needs after a run: which file to load, how it went, where the rest went."""
     final = next((f"{v:.4f}" for v in reversed(result.losses) if v == v), "none")  # v == v: not NaN
-    lines = [f"saved {result.lora_path.name} in models/loras", f"{result.steps} steps, final loss {final}",
+    lines = [f"saved {result.lora_path.name} in models/loras", f"{result.steps} steps, final loss {final}"
+             + (f", validation loss {result.val_losses[-1][1]:.4f}" if result.val_losses else ""),
              f"checkpoints, state and logs: {output_dir}"]
     return "\n".join(lines + [n for n in notes if n])
 
@@ -155,5 +156,5 @@ def apply_result(result: TrainResult, model: Any, clip: Any, text: str) -> dict:
     lora = load_lora_file(result.lora_path)
     check_lora_keys(lora, model, clip)
     model_lora, clip_lora = comfy.sd.load_lora_for_models(model, clip, lora, 1.0, 1.0)
-    curve = loss_curve(result.losses)
+    curve = loss_curve(result.losses, val=result.val_losses)
     return {"ui": {"text": [text]}, "result": (model_lora, clip_lora, result.lora_path.name, curve, text)}

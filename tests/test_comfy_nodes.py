@@ -259,9 +259,12 @@ def test_strength_grid_samples_each_strength_through_comfyui(pack, comfy):
               str(comfy.base / "models" / "loras" / "village.safetensors"))
     model, clip = comfy_stubs.ModelPatcher(None), comfy_stubs.CLIP({}, set())
     node = pack.NODE_CLASS_MAPPINGS["LoraTrainerStrengthGrid"]()
-    (grid,) = node.grid(model=model, clip=clip, vae=comfy_stubs.VAE({}), prompt="xyzvillage, rain", negative="",
-                        strengths="0, 0.5,0.8", seed=1, steps=2, cfg=7.0, width=64, height=64,
-                        trained_lora="village.safetensors")
+    out = node.grid(model=model, clip=clip, vae=comfy_stubs.VAE({}), prompt="xyzvillage, rain", negative="",
+                    strengths="0, 0.5,0.8", seed=1, steps=2, cfg=7.0, width=64, height=64,
+                    trained_lora="village.safetensors")
+    grid, scores, best = out["result"]
+    assert scores.startswith("scoring skipped: connect reference_dir") and best == 0.0  # the grid works as before
+    assert out["ui"]["text"] == [scores]
     assert comfy.sampled == [0, 0.5, 0.8] and model.patches == []
     assert grid.shape == (1, 64 + 24, 3 * 64, 3)
     assert float(grid[0, 40, 100, 0]) != float(grid[0, 40, 180, 0])  # the columns differ, each under its label
@@ -270,6 +273,38 @@ def test_strength_grid_samples_each_strength_through_comfyui(pack, comfy):
     with pytest.raises(ConfigError, match="strengths"):
         node.grid(model=model, clip=clip, vae=None, prompt="", negative="", strengths="half", seed=1, steps=2,
                   cfg=7.0, width=64, height=64, lora_name="village.safetensors")
+
+
+def test_strength_grid_scores_each_strength_with_the_captioners_clip(pack, comfy, demo_folder, tiny_coca,
+                                                                    monkeypatch):
+    from safetensors.torch import save_file
+
+    save_file({"lora_unet_x.alpha": torch.tensor(4.0)}, str(comfy.base / "models" / "loras" / "village.safetensors"),
+              metadata={"modelspec.trigger_phrase": "xyzvillage"})
+    model, clip = comfy_stubs.ModelPatcher(None), comfy_stubs.CLIP({}, set())
+    node = pack.NODE_CLASS_MAPPINGS["LoraTrainerStrengthGrid"]()
+    args = dict(model=model, clip=clip, vae=comfy_stubs.VAE({}), prompt="xyzvillage, rain", negative="",
+                strengths="0.5,0.8", seed=1, steps=2, cfg=7.0, width=64, height=64,
+                trained_lora="village.safetensors", reference_dir=str(demo_folder))
+    # without the CoCa weights: the grid as before, and why scoring was skipped, in the node's words
+    grid, scores, best = node.grid(**args)["result"]
+    assert "scoring skipped" in scores and "models" in scores and '"clip_weights"' in scores and best == 0.5
+    assert grid.shape == (1, 64 + 24, 2 * 64, 3)
+
+    config, weights, _ = tiny_coca
+    grid_node = sys.modules[f"{comfy_stubs.PACK}.comfy_nodes.grid_node"]
+    monkeypatch.setattr(grid_node, "SCORE_MODEL", str(config))
+    folder = comfy.base / "models" / "lora_trainer" / "captioner"
+    folder.mkdir(parents=True)
+    (folder / "tiny.safetensors").write_bytes(weights.read_bytes())
+    comfy.sampled.clear()
+    first = node.grid(clip_weights="tiny.safetensors", **args)
+    grid, scores, best = first["result"]
+    assert comfy.sampled == [0, 0.5, 0.8]  # the base is rendered as the fidelity reference, not shown
+    assert grid.shape == (1, 64 + 24, 2 * 64, 3) and best in (0.5, 0.8)
+    lines = scores.splitlines()
+    assert lines[0].split() == ["strength", "style", "fidelity", "combined"] and "best" in scores
+    assert node.grid(clip_weights="tiny.safetensors", **args)["result"][1:] == (scores, best)  # repeatable
 
 
 def test_example_workflows_match_the_nodes(pack, comfy):
@@ -390,3 +425,17 @@ def test_caption_folder_lists_weights_in_models_and_says_where_to_put_them(pack,
     with pytest.raises(CaptionError) as err:  # no weights in any cache: the message is in the node's words
         caption().caption(folder=str(demo_folder), trigger_word="", model="coca_ViT-B-32", overwrite=False)
     assert str(folder) in str(err.value) and '"weights"' in str(err.value) and "--pretrained" not in str(err.value)
+
+
+def test_train_node_shows_the_validation_loss(pack, comfy, tiny_sd1, tiny_sd1_file, demo_folder, config_file):
+    model, clip, vae = comfy_stubs.graph_models(tiny_sd1_file, tiny_sd1)
+    validated = Path(config_file).with_name("val.yaml")
+    validated.write_text(Path(config_file).read_text(encoding="utf-8") + "validation_split: 0.25\n", encoding="utf-8")
+    node = pack.NODE_CLASS_MAPPINGS["LoraTrainerTrain"]()
+    with torch.inference_mode():
+        out = node.train(model=model, clip=clip, vae=vae, **train_inputs(demo_folder, str(validated)))
+    assert ", validation loss " in out["ui"]["text"][0].splitlines()[1]
+    from lora_scripts_pack.lora_trainer.loss_plot import VALIDATION
+
+    orange = torch.tensor([int(VALIDATION[i:i + 2], 16) / 255 for i in (1, 3, 5)])
+    assert ((out["result"][3][0] - orange).abs().sum(-1) < 0.05).any()  # the curve shows the validation points

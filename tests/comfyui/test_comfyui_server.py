@@ -71,6 +71,8 @@ def test_example_graph_trains_once_then_comes_from_the_cache(comfy_server, sd15_
     texts = [t for t in ui.get("text", []) if isinstance(t, str)]
     assert any(saved in t for t in texts), f"Train LoRA's ui output should name {saved}: {json.dumps(ui)[:2000]}"
     assert not re.search(r"lora key not loaded", comfy_server.log()), comfy_server.log_tail()
+    scored = " ".join(first["outputs"].get(grid, {}).get("text", []))
+    assert scored.startswith("scoring skipped: Captioner weights"), f"the grid's scores: {scored[:500]}"  # no CoCa
     checked = " ".join(first["outputs"].get(check, {}).get("text", []))
     assert " usable" in checked and "steps per epoch" in checked, f"Check Dataset's report: {checked[:2000]}"
 
