@@ -14,6 +14,8 @@
 #      gradio3  gradio 3.41.2 on the a1111 stack (A1111 1.10's gradio)
 #      gradio4  gradio 4.40.0 on the forge stack, plus the standalone UI driven in
 #               headless Debian chromium (apt-get install -y chromium when missing)
+#      gradio6  the newest gradio (6.31.0) on the newest stack: what `pip install gradio` gives the
+#               standalone UI (`python -m lora_trainer ui`), browser test included
 #
 # 5. the pack in a real ComfyUI (tests/comfyui), once:
 #      comfyui ComfyUI 0.8.0 (--cpu) with .ci/envs/comfyui ahead of .venv (.ci/comfyui.txt: the
@@ -27,7 +29,7 @@
 #              and as ComfyUI-Manager run it must add only what is missing and move nothing
 #
 # Arguments go to every main pytest run. STACKS="newest forge" picks stacks; SKIP_RUFF=1
-# skips lint; UI_STAGES="gradio4" picks UI stages ("" skips them); COMFYUI_STAGES="" skips step 5;
+# skips lint; UI_STAGES="gradio4" picks UI stages (gradio3 gradio4 gradio6) ("" skips them); COMFYUI_STAGES="" skips step 5;
 # INSTALL_STAGES="" skips step 6. Every stage runs even after a failure; the exit status is 1 if any
 # stage failed ("skipped" is not a failure), and a pytest run that collects no test (exit 5) counts as failed.
 set -uo pipefail
@@ -105,17 +107,22 @@ for stack in $STACKS; do
 done
 
 # --- UI tests, once per gradio version -------------------------------------------
-for ui in ${UI_STAGES-gradio3 gradio4}; do
+for ui in ${UI_STAGES-gradio3 gradio4 gradio6}; do
     t=$SECONDS
     case "$ui" in
         gradio3) host=a1111 ;;
         gradio4) host=forge ;;
-        *) echo "unknown UI stage '$ui' (gradio3, gradio4)" >&2; stage_done "ui[$ui]" FAIL "$t"; continue ;;
+        gradio6) host=newest ;;
+        *) echo "unknown UI stage '$ui' (gradio3, gradio4, gradio6)" >&2; stage_done "ui[$ui]" FAIL "$t"; continue ;;
     esac
     echo "==> UI stage $ui (on the $host stack)"
-    if ! bash .ci/setup.sh "$host" "$ui"; then stage_done "ui[$ui]" FAIL "$t"; continue; fi
-    if [[ "$ui" == gradio4 ]]; then ensure_chromium; fi
-    env PYTHONPATH="$ROOT/.ci/envs/$host:$ROOT/.ci/envs/$ui${PYTHONPATH:+:$PYTHONPATH}" LORA_TRAINER_STACK="$host" \
+    overlays=("$ui")
+    [[ "$host" != newest ]] && overlays=("$host" "$ui")
+    if ! bash .ci/setup.sh "${overlays[@]}"; then stage_done "ui[$ui]" FAIL "$t"; continue; fi
+    if [[ "$ui" != gradio3 ]]; then ensure_chromium; fi
+    uipath="$ROOT/.ci/envs/$ui"
+    [[ "$host" != newest ]] && uipath="$ROOT/.ci/envs/$host:$uipath"
+    env PYTHONPATH="$uipath${PYTHONPATH:+:$PYTHONPATH}" LORA_TRAINER_STACK="$host" \
         LORA_TRAINER_UI="$ui" "$PY" -m pytest -q -W ignore::DeprecationWarning tests/ui 2>&1 | tee "$LOGS/ui-$ui.log"
     rc=${PIPESTATUS[0]}
     if [[ $rc -eq 0 ]]; then stage_done "ui[$ui]" ok "$t"; else stage_done "ui[$ui]" "FAIL($rc)" "$t"; fi

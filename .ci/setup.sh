@@ -4,7 +4,7 @@
 #   .ci/setup.sh              the venv and every host overlay
 #   .ci/setup.sh venv         only .venv (requirements.txt + requirements-dev.txt)
 #   .ci/setup.sh a1111 forge  only the named overlays (and .venv first)
-#   .ci/setup.sh gradio3 gradio4  the UI test overlays (gradio with its dependencies)
+#   .ci/setup.sh gradio3 gradio4 gradio6  the UI test overlays (gradio with its dependencies)
 #   .ci/setup.sh a1111-host   a real venv with A1111 1.10's pinned set, for install.py's test
 #   .ci/setup.sh comfyui      ComfyUI 0.8.0's source and its overlay, for tests/comfyui
 #

@@ -25,10 +25,11 @@ def image_to_pil(image: torch.Tensor) -> Image.Image:
     return Image.fromarray((array * 255).round().astype(np.uint8))
 
 
-def loss_curve(losses: Sequence[float], width: int = 512, height: int = 256, val: Any = None) -> torch.Tensor:
+def loss_curve(losses: Sequence[float], width: int = 512, height: int = 256, val: Any = None,
+               first_step: int = 1) -> torch.Tensor:
     """Loss per step, its smoothed line and the validation losses ((step, value) pairs): the tab's drawing
     (lora_trainer.loss_plot) as an IMAGE."""
-    return pil_to_image(loss_image(losses, width, height, val=val))
+    return pil_to_image(loss_image(losses, width, height, val=val, first_step=first_step))
 
 
 def labelled_grid(images: Sequence[Image.Image], labels: Sequence[str], band: int = 24) -> torch.Tensor:

@@ -156,5 +156,5 @@ def apply_result(result: TrainResult, model: Any, clip: Any, text: str) -> dict:
     lora = load_lora_file(result.lora_path)
     check_lora_keys(lora, model, clip)
     model_lora, clip_lora = comfy.sd.load_lora_for_models(model, clip, lora, 1.0, 1.0)
-    curve = loss_curve(result.losses, val=result.val_losses)
+    curve = loss_curve(result.losses, val=result.val_losses, first_step=result.steps - len(result.losses) + 1)
     return {"ui": {"text": [text]}, "result": (model_lora, clip_lora, result.lora_path.name, curve, text)}

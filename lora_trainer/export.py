@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
+import shutil
 import struct
 import time
 from pathlib import Path
@@ -173,6 +175,47 @@ def read_lora(path: Path, with_tensors: bool = True) -> Tuple[Dict[str, torch.Te
     except Exception as e:  # safetensors raises several types for a damaged header
         raise ModelError(f"{path.name} is not a readable .safetensors file ({e}).") from None
     return tensors, metadata
+
+
+def update_metadata(path: Path, changes: Mapping[str, str]) -> Path:
+    """Merge `changes` into a .safetensors file's metadata, atomically. Only the header is rewritten: the tensor
+    bytes are copied as they are, so the weights (and `sshs_model_hash`, a hash of those bytes) never change."""
+    path = Path(path)
+    read_lora(path, with_tensors=False)  # a clear ModelError for what is not a readable .safetensors file
+    with open(path, "rb") as src:
+        (header_len,) = struct.unpack("<Q", src.read(8))
+        header = json.loads(src.read(header_len))
+        header["__metadata__"] = {**(header.get("__metadata__") or {}), **{k: str(v) for k, v in changes.items()}}
+        blob = json.dumps(header, separators=(",", ":")).encode("utf-8")
+        blob += b" " * (-len(blob) % 8)  # the data stays 8-byte aligned, as safetensors writes it
+
+        def write(tmp: Path) -> None:
+            with open(tmp, "wb") as out:
+                out.write(struct.pack("<Q", len(blob)) + blob)
+                src.seek(8 + header_len)
+                shutil.copyfileobj(src, out, 1 << 20)
+
+        atomic_write_with(path, write)
+    return path
+
+
+def usage_hint(name: str, weight: float, trigger: str = "") -> str:
+    """`modelspec.usage_hint`: `<lora:name:weight> trigger`."""
+    return f"<lora:{name}:{weight:g}>" + (f" {trigger}" if trigger else "")
+
+
+def write_usage_weight(path: Path, weight: float, trigger: str = "") -> str:
+    """Put `weight` into the file's `modelspec.usage_hint` (the name and words around the `<lora:…>` tag are kept;
+    a file without one gets `usage_hint(file stem, weight, trigger)`); returns the new hint."""
+    old = read_lora(Path(path), with_tensors=False)[1].get("modelspec.usage_hint", "")
+    tag = _LORA_TAG.search(old)
+    hint = (old[:tag.start()] + f"<lora:{tag.group(1)}:{weight:g}>" + old[tag.end():] if tag
+            else usage_hint(Path(path).stem, weight, trigger))
+    update_metadata(Path(path), {"modelspec.usage_hint": hint})
+    return hint
+
+
+_LORA_TAG = re.compile(r"<lora:([^:>]+):[^>]*>")
 
 
 def to_kohya(tensors: Mapping[str, torch.Tensor], family: str, num_text_encoders: int,

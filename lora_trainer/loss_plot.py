@@ -25,18 +25,19 @@ def smoothed(values: Sequence[float], weight: float = 0.9) -> List[float]:
 
 
 def loss_image(losses: Sequence[float], width: int = 512, height: int = 256,
-               val: Optional[Sequence[Tuple[int, float]]] = None):
-    """A PIL image of the curve (and of `val`, (step, val_loss) pairs); before the first step, empty axes that say so."""
+               val: Optional[Sequence[Tuple[int, float]]] = None, first_step: int = 1):
+    """A PIL image of the curve (and of `val`, (step, val_loss) pairs); before the first step, empty axes that say so.
+    `first_step`: the step of losses[0] (a resumed run's losses start after the resumed step)."""
     from PIL import Image
 
-    fig = loss_figure(losses, width, height, val=val)
+    fig = loss_figure(losses, width, height, val=val, first_step=first_step)
     fig.canvas.draw()
     size = fig.canvas.get_width_height()
     return Image.frombuffer("RGBA", size, fig.canvas.buffer_rgba(), "raw", "RGBA", 0, 1).convert("RGB")
 
 
 def loss_figure(losses: Sequence[float], width: int, height: int, dpi: int = 100,
-                val: Optional[Sequence[Tuple[int, float]]] = None):
+                val: Optional[Sequence[Tuple[int, float]]] = None, first_step: int = 1):
     """The matplotlib Figure (on its own Agg canvas) behind `loss_image`."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -45,7 +46,7 @@ def loss_figure(losses: Sequence[float], width: int, height: int, dpi: int = 100
     fig = Figure(figsize=(width / dpi, height / dpi), dpi=dpi)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
-    steps = [i + 1 for i, v in enumerate(losses) if math.isfinite(v)]
+    steps = [first_step + i for i, v in enumerate(losses) if math.isfinite(v)]
     values = [v for v in losses if math.isfinite(v)]
     val_points = [(int(s), float(v)) for s, v in val or () if math.isfinite(v)]
     if values or val_points:
@@ -56,7 +57,7 @@ def loss_figure(losses: Sequence[float], width: int, height: int, dpi: int = 100
         if val_points:
             ax.plot(*zip(*val_points), color=VALIDATION, linewidth=1.5, marker="o", markersize=4, label="validation")
         ax.legend(loc="upper right", fontsize=8, frameon=False)
-        title = [f"step {len(losses)}"] + ([f"loss {values[-1]:.4g}"] if values else [])
+        title = [f"step {first_step + len(losses) - 1}"] + ([f"loss {values[-1]:.4g}"] if values else [])
         title += [f"val_loss {val_points[-1][1]:.4g}"] if val_points else []
         ax.set_title(", ".join(title), fontsize=9)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))

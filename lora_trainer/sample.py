@@ -100,14 +100,17 @@ def render_grid(components: Any, prompts: Sequence[str], strengths: Sequence[flo
     return grid
 
 
-def label_grid(rows: List[List[Any]], column_labels: List[str], row_labels: List[str], seed: int) -> Any:
-    """Paste images into a grid with a header row of column labels and a label under each row."""
+def label_grid(rows: List[List[Any]], column_labels: List[str], row_labels: List[str], seed: int,
+               column_notes: Optional[Sequence[str]] = None) -> Any:
+    """Paste images into a grid with a header row of column labels and a label under each row; `column_notes`
+    (e.g. each column's scores) go in a line under the whole grid, one under each column."""
     from PIL import Image, ImageDraw
 
     w, h = rows[0][0].size
     font, size = _label_font(max(10, w // 40))  # readable on 1024 px pictures as on 64 px ones
     header, footer = size + 8, size + 6
-    grid = Image.new("RGB", (w * len(column_labels), header + (h + footer) * len(rows)), "white")
+    notes = header if column_notes else 0
+    grid = Image.new("RGB", (w * len(column_labels), header + (h + footer) * len(rows) + notes), "white")
     draw = ImageDraw.Draw(grid)
     for c, label in enumerate(column_labels):
         draw.text((c * w + 4, 3), _fit(draw, font, label, w - 8, drop_words=True), fill="black", font=font)
@@ -117,6 +120,8 @@ def label_grid(rows: List[List[Any]], column_labels: List[str], row_labels: List
             grid.paste(image.convert("RGB"), (c * w, top))
         text = _fit(draw, font, f"{row_labels[r]}  (seed {seed})", grid.width - 8, drop_words=False)
         draw.text((4, top + h + 2), text, fill="black", font=font)
+    for c, note in enumerate(column_notes or []):
+        draw.text((c * w + 4, grid.height - notes + 3), _fit_parts(draw, font, note, w - 8), fill="black", font=font)
     return grid
 
 
@@ -139,3 +144,11 @@ def _fit(draw: Any, font: Any, text: str, width: int, drop_words: bool) -> str:
     while len(text) > 1 and draw.textlength(text, font=font) > width:
         text = text[:-1]
     return text
+
+
+def _fit_parts(draw: Any, font: Any, text: str, width: int) -> str:
+    """`text` cut to `width` px; its " · "-separated parts are dropped from the end first."""
+    parts = text.split(" · ")
+    while len(parts) > 1 and draw.textlength(" · ".join(parts), font=font) > width:
+        parts = parts[:-1]
+    return _fit(draw, font, " · ".join(parts), width, drop_words=False)

@@ -251,23 +251,169 @@ def test_caption_is_a_webui_job_with_the_model_off_the_gpu(webui, monkeypatch, d
     assert webui.state.textinfo == "Captioning: image 2/2"
 
 
-def test_test_grid_through_webui_txt2img(webui, make_cfg, tmp_path):
+@pytest.fixture
+def no_default_weights(monkeypatch, tmp_path):
+    """No captioner weights in any cache: "(auto)" finds nothing."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-hf-cache"))
+
+
+def test_test_grid_through_webui_txt2img_without_weights_is_the_plain_grid(webui, make_cfg, tmp_path,
+                                                                           no_default_weights):
     from lora_trainer_a1111.host import A1111Backend
+
+    from lora_trainer.sample import label_grid
+    from lora_trainer.ui.strengths import run_test
 
     backend = A1111Backend()
     cfg = make_cfg(trigger_word="inkwash", resolution=64)
-    grid, infotext = backend.test_grid(cfg, tmp_path / "my-lora.safetensors", "", 1234, "task(grid)")
+    tried = run_test(backend, cfg, tmp_path / "my-lora.safetensors", "", 1234, "task(grid)", "(auto)")
     runs = [c for c in webui.calls if c[0] == "txt2img"]
     assert [r[1]["prompt"] for r in runs] == ["inkwash", "inkwash <lora:my-lora:0.5>", "inkwash <lora:my-lora:0.6>",
                                               "inkwash <lora:my-lora:0.7>", "inkwash <lora:my-lora:0.8>"]
     assert {r[1]["seed"] for r in runs} == {1234} and {r[1]["width"] for r in runs} == {64}
     assert all(r[1]["do_not_save_samples"] and r[1]["do_not_save_grid"] for r in runs)
     assert runs[0][2] == threading.current_thread().name  # A1111: on the caller's thread
-    assert grid.width == 5 * 64 and grid.height > 64  # one labelled row
     # what Send to txt2img pastes: the prompt with its <lora:…> tag (the WebUI's own infotext drops it)
-    assert infotext.startswith("inkwash <lora:my-lora:0.8>\nSteps: 20") and "Seed: 1234" in infotext
+    assert tried.infotext.startswith("inkwash <lora:my-lora:0.8>\nSteps: 20") and "Seed: 1234" in tried.infotext
     assert webui.progress.log == [("queued", "task(grid)"), ("start", "task(grid)"), ("finish", "task(grid)")]
     assert webui.state.job_no == 5 and webui.state.log[0] == ("begin", "task(grid)")
+
+    # Without the captioner's weights: the grid as it always was, and the status says why there are no scores.
+    status = tried.status.splitlines()
+    assert status[0] == "grid at strengths 0, 0.5, 0.6, 0.7, 0.8" and tried.report is None
+    assert status[1].startswith("scoring skipped: Captioner weights for coca_ViT-L-14")
+    assert f"put it in {backend.captioner_weights_dir()}" in status[1] and '"Captioner weights"' in status[1]
+    assert "--pretrained" not in tried.status and len(status) == 2
+    assert not [c for c in webui.calls if c[0] in ("cpu", "gpu")]  # the WebUI's model was never moved for it
+    pictures, _ = backend.test_pictures(cfg, tmp_path / "my-lora.safetensors", "inkwash", 1234)
+    plain = label_grid([pictures], [f"strength {w:g}" for w in (0, 0.5, 0.6, 0.7, 0.8)], ["inkwash"], 1234)
+    assert tried.grid.size == plain.size == (5 * 64, plain.height) and tried.grid.tobytes() == plain.tobytes()
+
+
+def test_test_without_a_usable_image_folder_says_so(webui, make_cfg, tmp_path, tiny_coca):
+    from lora_trainer_a1111.host import A1111Backend
+
+    from lora_trainer.ui.strengths import run_test
+
+    config, weights, _ = tiny_coca
+    backend = A1111Backend()
+    backend.captioner_model = str(config)
+    (tmp_path / "empty").mkdir()
+    for folder, why in [(tmp_path / "empty", "No images in"), (tmp_path / "gone", "is not there any more")]:
+        cfg = make_cfg(trigger_word="inkwash", train_data_dir=str(folder))
+        tried = run_test(backend, cfg, tmp_path / "my-lora.safetensors", "", 1, "task(t)", str(weights))
+        assert tried.grid is not None and tried.report is None
+        assert tried.status.splitlines()[1].startswith("scoring skipped: ") and why in tried.status
+
+
+def test_test_scores_and_writes_the_best_strength_into_the_card_and_the_usage_hint(webui, make_cfg, tiny_train,
+                                                                                   tiny_coca, monkeypatch):
+    """The Test through the WebUI's txt2img, scored with the tiny CoCa: the scores under each column, the best
+    strength in the status, the card's preferred weight and the file's modelspec.usage_hint, the tensors as they
+    were. CoCa comes after the WebUI handed back the Test's memory, with the WebUI's model off the GPU, and goes
+    before the model comes back, all in the one WebUI job."""
+    import lora_trainer.captions.coca as coca
+    import lora_trainer_a1111.host as host
+    from lora_trainer_a1111.host import A1111Backend
+
+    from lora_trainer.export import addnet_hash, read_lora
+    from lora_trainer.ui.strengths import run_test
+
+    config, weights, _ = tiny_coca
+    backend = A1111Backend()
+    backend.captioner_model = str(config)
+    cfg = make_cfg(max_train_steps=1, trigger_word="inkwash", base_model=webui.checkpoint.filename)
+    session = _start(backend, cfg)
+    session.wait(120)
+    lora = session.result.lora_path
+    assert lora.parent == webui.lora_dir
+    assert json.loads(lora.with_suffix(".json").read_text())["preferred weight"] == 0.8
+    before, before_meta = lora.read_bytes(), read_lora(lora, with_tensors=False)[1]
+    webui.calls.clear()
+
+    real_load, real_release, real_release_test = coca.load_coca, coca.release, host.release_test_memory
+    monkeypatch.setattr(coca, "load_coca", lambda *a, **k: webui.calls.append(("coca",)) or real_load(*a, **k))
+    monkeypatch.setattr(coca, "release", lambda m: webui.calls.append(("coca released",)) or real_release(m))
+    monkeypatch.setattr(host, "release_test_memory", lambda: webui.calls.append(("released",)) or real_release_test())
+    locked = []
+    real_status = host.A1111Callbacks.on_status
+    monkeypatch.setattr(host.A1111Callbacks, "on_status", lambda self, message: locked.append(
+        webui.call_queue.queue_lock.locked()) or real_status(self, message))
+
+    tried = run_test(backend, cfg, lora, "inkwash, a red house", 5, "task(test)", str(weights))
+    report = tried.report
+    assert report is not None and report.best in (0.5, 0.6, 0.7, 0.8) and report.base.strength == 0.0
+    order = [c[0] for c in webui.calls if c[0] != "txt2img"]
+    assert order == ["released", "cpu", "coca", "coca released", "gpu", "refresh"]
+    assert webui.calls.index(("released",)) > max(i for i, c in enumerate(webui.calls) if c[0] == "txt2img")
+    assert locked and all(locked)  # scoring inside the WebUI job, its status on the WebUI's progress bar
+    assert webui.progress.log[-3:] == [("queued", "task(test)"), ("start", "task(test)"), ("finish", "task(test)")]
+
+    lines = tried.status.splitlines()
+    assert lines[0] == "grid at strengths 0, 0.5, 0.6, 0.7, 0.8"
+    assert lines[1].startswith(f"best strength {report.best:g} (combined ") and "fidelity stays within 0.03" in lines[1]
+    hint = f"<lora:{cfg.name}:{report.best:g}> inkwash"
+    assert lines[2] == (f"strength {report.best:g} written into the card's preferred weight (lora.json) and the usage "
+                        f"hint of lora.safetensors ({hint})")
+    assert tried.grid.width == 5 * 64 and tried.grid.height > 64 + 2 * 18  # the scores' line under the columns
+    # Send to txt2img takes the best strength's picture
+    assert tried.infotext.startswith(f"inkwash, a red house <lora:lora:{report.best:g}>\nSteps: 20")
+
+    card = json.loads(lora.with_suffix(".json").read_text())
+    assert card["preferred weight"] == report.best and card["activation text"] == "inkwash"  # the rest kept
+    after_meta = read_lora(lora, with_tensors=False)[1]
+    assert after_meta["modelspec.usage_hint"] == hint
+    assert {k: v for k, v in after_meta.items() if k != "modelspec.usage_hint"} == \
+        {k: v for k, v in before_meta.items() if k != "modelspec.usage_hint"}
+    after = lora.read_bytes()
+    data = [blob[8 + int.from_bytes(blob[:8], "little"):] for blob in (before, after)]
+    assert data[0] == data[1]  # the tensors, byte for byte
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(lora))
+    assert addnet_hash(tensors) == after_meta["sshs_model_hash"] == before_meta["sshs_model_hash"]
+    assert oct(lora.stat().st_mode & 0o777) == oct(0o666 & ~_umask())  # published with the usual mode
+    assert not list(webui.lora_dir.glob(".*.tmp"))
+
+
+def test_test_keeps_the_grid_when_scoring_or_writing_fails(webui, make_cfg, tmp_path, tiny_coca, monkeypatch):
+    import lora_trainer.captions.coca as coca
+    from lora_trainer_a1111.host import A1111Backend
+
+    from lora_trainer.ui.strengths import run_test
+
+    config, weights, _ = tiny_coca
+    backend = A1111Backend()
+    backend.captioner_model = str(config)
+    cfg = make_cfg(trigger_word="inkwash")
+    lora = tmp_path / "gone.safetensors"  # no file: the card can be written, the file's usage hint cannot
+    tried = run_test(backend, cfg, lora, "", 1, "task(a)", str(weights))
+    lines = tried.status.splitlines()
+    assert tried.report is not None and tried.grid is not None
+    assert lines[2] == f"strength {tried.report.best:g} written into the card's preferred weight (gone.json)"
+    assert lines[3].startswith("Warning: the usage hint in the LoRA file was not updated: ModelError: LoRA file "
+                               "not found")
+    assert json.loads(lora.with_suffix(".json").read_text()) == {"preferred weight": tried.report.best}
+
+    def out_of_memory(*args, **kwargs):
+        raise RuntimeError("CUDA out of memory")
+
+    monkeypatch.setattr(coca, "load_coca", out_of_memory)
+    webui.calls.clear()
+    tried = run_test(backend, cfg, lora, "", 1, "task(b)", str(weights))
+    assert tried.report is None and tried.grid is not None and tried.infotext.startswith("inkwash <lora:gone:0.8>")
+    assert tried.status.splitlines()[1] == "scoring skipped: RuntimeError: CUDA out of memory"
+    assert webui.calls[-1] == ("gpu", webui.sd_model)  # the WebUI's model is back all the same
+
+
+def _umask():
+    import os
+
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def test_lora_dir_default(webui, tmp_path):
@@ -299,7 +445,7 @@ def test_forge_unloads_through_its_memory_manager_and_renders_on_its_main_thread
     host.restore_gpu()  # nothing by hand: Forge loads the model again at the next generation
     assert forge.calls == [("unload",)]
 
-    A1111Backend().test_grid(make_cfg(trigger_word="inkwash", resolution=64), tmp_path / "x.safetensors", "", 1, "t")
+    A1111Backend().test_pictures(make_cfg(trigger_word="inkwash", resolution=64), tmp_path / "x.safetensors", "x", 1)
     threads = {c[2] for c in forge.calls if c[0] == "txt2img"}
     assert threads == {"forge-main-thread"}
 
@@ -395,7 +541,7 @@ def test_test_grid_hands_back_what_the_webui_kept(webui, make_cfg, tmp_path, mon
     monkeypatch.setattr(webui.processing, "StableDiffusionProcessing",
                         types.SimpleNamespace(cached_c=conds, cached_uc=[("k", "uc")]), raising=False)
     webui.state.current_latent = "latent"
-    A1111Backend().test_grid(make_cfg(resolution=64), tmp_path / "my-lora.safetensors", "", 1, "task(g)")
+    A1111Backend().test_pictures(make_cfg(resolution=64), tmp_path / "my-lora.safetensors", "a house", 1)
     assert log == [("restore", layers["a"]), ("reset", layers["a"]), ("restore", layers["b"]), ("reset", layers["b"])]
     assert torch.equal(merged.weight, torch.zeros(2, 2)) and merged.weight.requires_grad  # restored, untouched otherwise
     assert networks.loaded_networks == [] and networks.networks_in_memory == {}

@@ -180,3 +180,18 @@ def test_a_failure_after_the_lora_is_saved_is_a_warning_and_the_lora_is_still_re
     assert lines[1] == "Warning: after the LoRA was saved: RuntimeError: the last sample grid ran out of memory"
     assert lines[2] == "Warning: the LoRA is saved, but registering it failed: OSError: the card could not be written"
     assert registered == [tmp_path / "a.safetensors"] and session.result.losses == [0.5]
+
+
+def test_tab_plot_shows_validation_losses_at_their_steps():
+    from lora_trainer.loss_plot import VALIDATION
+    from lora_trainer.ui.session import SessionCallbacks
+
+    cb = SessionCallbacks()
+    for step in range(11, 21):  # a run resumed at step 10
+        cb.on_loss(step, 1.0 / step, 1e-4)
+    cb.on_validation(15, 0.08)
+    cb.on_validation(20, 0.06)
+    assert cb.first_step == 11 and cb.val_losses == [(15, 0.08), (20, 0.06)]
+    rgb = tuple(int(VALIDATION[i:i + 2], 16) for i in (1, 3, 5))
+    colors = {c for _, c in cb.plot().getcolors(maxcolors=1 << 20)}
+    assert any(sum(abs(a - b) for a, b in zip(c, rgb)) < 12 for c in colors)

@@ -1,5 +1,6 @@
 """The Train LoRA tab: `session` (no gradio: form → config, the run), `dataset_panel` and `uploads` (no gradio: Load
-with the dataset doctor, Caption, Add images), `blocks` (the gradio Blocks), `standalone` (`python -m lora_trainer ui`).
+with the dataset doctor, Caption, Add images), `strengths` (no gradio: Test, its scores and the best strength written),
+`blocks` (the gradio Blocks), `standalone` (`python -m lora_trainer ui`).
 
 Importing this package does not import gradio; `build_blocks` does.
 """

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import time
 import traceback
+from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, ContextManager, Dict, List, Optional, Tuple
 
 from ..callbacks import Callbacks, HostInterface
 from ..errors import LoraTrainerError
@@ -18,6 +19,7 @@ from ..loss_plot import loss_image
 from . import dataset_panel as panel
 from .session import (PRESET_FIELDS, PRESETS, TEST_STRENGTHS, SessionCallbacks, TrainSession, advanced_fields,
                       form_to_config, in_tab_words, preset_values)
+from .strengths import run_test
 from .uploads import UPLOAD_TYPES
 
 POLL_SECONDS = 1.0
@@ -31,6 +33,7 @@ class Backend:
     # Client-side code run when Caption, Train or Test is clicked: it gets the handler's inputs and returns them with a
     # task id first (A1111: starts the WebUI's own progress bar for that id). None: no task id.
     job_js: Optional[str] = None
+    captioner_model: Optional[str] = None  # the captioner's (and the strength scorer's) CoCa model; None: the default
 
     def default_base_model(self) -> str:
         return ""
@@ -69,6 +72,8 @@ class Backend:
         from ..captions import DEFAULT_PRETRAINED, CaptionOptions, caption_folder
 
         options = CaptionOptions(trigger=trigger, pretrained=weights or DEFAULT_PRETRAINED)
+        if self.captioner_model:
+            options.model = self.captioner_model
         results = caption_folder(folder, options=options, callbacks=callbacks)
         return sum(1 for r in results if r.status == "new")
 
@@ -82,9 +87,32 @@ class Backend:
         The LoRA is saved by then: nothing here may turn the run into an error."""
         return ""
 
-    def test_grid(self, cfg: Any, lora_path: Path, prompt: str, seed: int, task_id: str = "") -> Tuple[Any, str]:
-        """(grid image, infotext of the preferred-strength picture for "send to txt2img", or '')."""
+    def test_job(self, task_id: str) -> ContextManager[Any]:
+        """What Test runs inside, rendering and scoring (A1111: one WebUI job, its progress bar under `task_id`)."""
+        return nullcontext()
+
+    def test_pictures(self, cfg: Any, lora_path: Path, prompt: str, seed: int) -> Tuple[List[Any], List[str]]:
+        """`prompt` at each of TEST_STRENGTHS from `seed`: (the pictures, the infotext of each for "Send to txt2img",
+        '' where the host has none). Whatever the host kept for them is handed back before this returns."""
         raise LoraTrainerError("This host cannot render a test grid.")
+
+    def scoring_memory(self) -> ContextManager[Any]:
+        """Held while the strength scorer's model is loaded (A1111: the WebUI's model off the GPU meanwhile)."""
+        return nullcontext()
+
+    def test_grid_file(self, lora_path: Path) -> Optional[Path]:
+        """Where Test also saves its grid, or None."""
+        return None
+
+    def after_test(self, cfg: Any, lora_path: Path, best: Optional[float]) -> str:
+        """Write the best strength Test found (None: not scored) where the host keeps a LoRA's settings; returns
+        what to say in the status. Here: the file's `modelspec.usage_hint`, its tensors untouched."""
+        if best is None:
+            return ""
+        from ..export import write_usage_weight
+
+        hint = write_usage_weight(lora_path, best, cfg.trigger_word)
+        return f"strength {best:g} written into the usage hint of {Path(lora_path).name}: {hint}"
 
     def add_send_buttons(self, gr: Any, infotext: Any) -> None:
         """Buttons that take the test's generation parameters to the host's own tabs (A1111: Send to txt2img)."""
@@ -208,8 +236,9 @@ def build_blocks(backend: Backend) -> Any:
             prompt = gr.Textbox(label="Test prompt", elem_id="lora_trainer_test_prompt")
             seed = gr.Number(label="Seed", value=1, precision=0)
             test_btn = gr.Button("Test", elem_id="lora_trainer_test")
-        grid = gr.Image(label="Test grid (strengths 0, 0.5, 0.6, 0.7, 0.8)", type="pil", interactive=False,
-                        elem_id="lora_trainer_grid")
+        strengths = ", ".join(f"{s:g}" for s in TEST_STRENGTHS)
+        grid = gr.Image(label=f"Test grid (strengths {strengths}; scores under each column)", type="pil",
+                        interactive=False, elem_id="lora_trainer_grid")
         infotext = gr.Textbox(visible=False, elem_id="lora_trainer_infotext")  # the test's generation parameters
         with gr.Row():
             backend.add_send_buttons(gr, infotext)
@@ -246,9 +275,9 @@ def build_blocks(backend: Backend) -> Any:
             while session.running:
                 time.sleep(POLL_SECONDS)
                 cb = session.callbacks
-                yield session.summary(), loss_image(cb.losses), str(cb.sample) if cb.sample else None
+                yield session.summary(), cb.plot(), str(cb.sample) if cb.sample else None
             cb = session.callbacks
-            yield session.summary(), loss_image(cb.losses), str(cb.sample) if cb.sample else None
+            yield session.summary(), cb.plot(), str(cb.sample) if cb.sample else None
 
         def on_preset(preset_value, low):
             values = preset_values(preset_value, low)
@@ -261,16 +290,16 @@ def build_blocks(backend: Backend) -> Any:
                 return "stopping after this step…"
             return "nothing is training"
 
-        def on_test(task, prompt_value, seed_value):
+        def on_test(task, prompt_value, seed_value, weights_value):
             session = TrainSession.current
             if session is None or session.result is None or session.result.lora_path is None:
                 return None, "", "Train a LoRA first."
             try:
-                image, info = backend.test_grid(session.cfg, session.result.lora_path, prompt_value,
-                                                int(seed_value or 1), task or backend.new_task_id())
+                tried = run_test(backend, session.cfg, session.result.lora_path, prompt_value, int(seed_value or 1),
+                                 task or backend.new_task_id(), weights_value)
             except LoraTrainerError as e:
                 return None, "", in_tab_words(str(e))
-            return image, info, f"grid at strengths {', '.join(f'{s:g}' for s in TEST_STRENGTHS)}"
+            return tried.grid, tried.infotext, tried.status
 
         load.click(on_load, [folder, *settings], shown_dataset)
         upload.upload(on_add, [upload, folder, *settings], [*shown_dataset, upload])
@@ -283,5 +312,6 @@ def build_blocks(backend: Backend) -> Any:
         stop_btn.click(on_stop, None, [status])
         for control in (preset, low_vram):
             control.change(on_preset, [preset, low_vram], [adv[key] for key in synced])
-        test_btn.click(on_test, [task_id, prompt, seed], [grid, infotext, status], **_js_kwargs(gr, backend.job_js))
+        test_btn.click(on_test, [task_id, prompt, seed, weights], [grid, infotext, status],
+                       **_js_kwargs(gr, backend.job_js)).then(None, None, None, **_js_kwargs(gr, backend.refresh_js))
     return blocks

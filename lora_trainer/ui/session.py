@@ -28,6 +28,8 @@ PRESET_FIELDS = frozenset(LOW_VRAM).union(*PRESETS.values())
 # Fields that have their own place in the tab rather than in the generated advanced form.
 MAIN_FIELDS = ("train_data_dir", "base_model", "trigger_word", "output_name", "output_dir")
 TEST_STRENGTHS = (0.0, 0.5, 0.6, 0.7, 0.8)
+# A new LoRA's strength (A1111: its card's preferred weight; the picture "Send to txt2img" takes) until Test scores one.
+PREFERRED_STRENGTH = 0.8
 # The config keys the tab shows under its own labels: its messages name the field the user sees
 # ("Image folder not found"), the CLI keeps the keys. The advanced form's labels are the keys themselves.
 TAB_FIELDS = {"train_data_dir": "Image folder", "output_name": "LoRA name", "trigger_word": "Trigger word",
@@ -119,6 +121,8 @@ class SessionCallbacks(Callbacks):
     def __init__(self, extra: Optional[Callbacks] = None) -> None:
         self.extra = extra or Callbacks()
         self.losses: List[float] = []
+        self.first_step = 1
+        self.val_losses: List[Tuple[int, float]] = []  # (step, val_loss)
         self.status = "starting"
         self.sample: Optional[Path] = None
         self.step = 0
@@ -138,8 +142,20 @@ class SessionCallbacks(Callbacks):
         self.extra.on_status(message)
 
     def on_loss(self, step: int, loss: float, lr: float) -> None:
+        if not self.losses:
+            self.first_step = step  # a resumed run starts after the resumed step
         self.losses.append(float(loss))
         self.extra.on_loss(step, loss, lr)
+
+    def on_validation(self, step: int, val_loss: float) -> None:
+        self.val_losses.append((step, float(val_loss)))
+        self.extra.on_validation(step, val_loss)
+
+    def plot(self) -> Any:
+        """The loss plot as the tab shows it: loss, smoothed loss and the validation losses."""
+        from ..loss_plot import loss_image
+
+        return loss_image(self.losses, val=self.val_losses, first_step=self.first_step)
 
     def on_sample(self, step: int, path: Path, image: Any = None) -> None:
         self.sample = Path(path)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Any, Optional, Tuple
+from typing import Any, List, Optional, Tuple
 
 from .blocks import Backend, build_blocks
 from .session import TEST_STRENGTHS
@@ -35,26 +35,29 @@ class StandaloneBackend(Backend):
         comps = copy.deepcopy(self.components) if self.components is not None else None
         return train(cfg, callbacks=callbacks, host=self.host(), components=comps)
 
-    def test_grid(self, cfg: Any, lora_path: Path, prompt: str, seed: int, task_id: str = "") -> Tuple[Any, str]:
+    def test_pictures(self, cfg: Any, lora_path: Path, prompt: str, seed: int) -> Tuple[List[Any], List[str]]:
         import torch
 
         from ..lora import load_lora_file
         from ..memory import release
         from ..model import load_components
-        from ..sample import render_grid
+        from ..sample import render_images
+        from ..score import deterministic
 
         comps = copy.deepcopy(self.components) if self.components is not None else load_components(cfg.base_model)
         load_lora_file(comps, lora_path)
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        prompt = prompt or cfg.trigger_word or "a picture"
-        out = Path(lora_path).with_suffix(".grid.png")
         try:
-            grid = render_grid(comps, [prompt], list(TEST_STRENGTHS), out, seed=seed, steps=self.sample_steps,
-                               device=device, size=self.sample_size or cfg.resolution)
+            with deterministic():  # the same pictures, so the same scores, for the same seed
+                [row] = render_images(comps, [prompt], list(TEST_STRENGTHS), seed=seed, steps=self.sample_steps,
+                                      device=device, size=self.sample_size or cfg.resolution)
         finally:
             del comps
-            release()  # the copy the grid was rendered with, handed back to the system
-        return grid, ""  # no txt2img tab to send parameters to
+            release()  # the copy the grid was rendered with, handed back before the scorer loads
+        return row, [""] * len(row)  # no txt2img tab to send parameters to
+
+    def test_grid_file(self, lora_path: Path) -> Optional[Path]:
+        return Path(lora_path).with_suffix(".grid.png")
 
 
 def serve(host: str = "127.0.0.1", port: int = 7861, output_root: str = "output", base_model: str = "",

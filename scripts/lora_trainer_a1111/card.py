@@ -1,5 +1,6 @@
 """The LoRA's extra-networks card: `<name>.json` (activation text, preferred weight, SD version) and its
-preview picture, the last sample grid or else the first training image that decodes."""
+preview picture, the last sample grid or else the first training image that decodes. Test's best strength
+becomes the card's preferred weight (`set_preferred_weight`)."""
 
 from __future__ import annotations
 
@@ -8,8 +9,10 @@ from pathlib import Path
 from typing import Any, Optional
 
 from lora_trainer.files import atomic_write_text, atomic_write_with
+from lora_trainer.ui.session import PREFERRED_STRENGTH
 
-PREFERRED_WEIGHT = 0.8  # the card's weight, and the test picture whose parameters "Send to txt2img" takes
+PREFERRED_WEIGHT = PREFERRED_STRENGTH  # the card's weight until Test scores the strengths
+PREFERRED_KEY = "preferred weight"  # extensions-builtin/Lora/ui_edit_user_metadata.py (A1111 1.10, Forge)
 SD_VERSION = {"sd1": "SD1", "sd2": "SD2", "sdxl": "SDXL"}  # ui_edit_user_metadata.py's "sd version" choices
 PREVIEW_SIDE = 1024  # the card's preview: a training photo may be 20 MB, the Lora pane shows a thumbnail
 
@@ -18,7 +21,7 @@ def write_card(lora_path: Path, trigger_word: str, family: str, preview: Any = N
     """The extra-networks card: `<name>.json` (ui_edit_user_metadata keys) and `<name>.preview.png`."""
     lora_path = Path(lora_path)
     card = {"description": description, "sd version": SD_VERSION.get(family, "Unknown"),
-            "activation text": trigger_word, "preferred weight": PREFERRED_WEIGHT, "negative text": "", "notes": ""}
+            "activation text": trigger_word, PREFERRED_KEY: PREFERRED_WEIGHT, "negative text": "", "notes": ""}
     path = atomic_write_text(lora_path.with_suffix(".json"), json.dumps(card, indent=4))
     if preview is not None:
         from PIL import Image
@@ -26,6 +29,17 @@ def write_card(lora_path: Path, trigger_word: str, family: str, preview: Any = N
         image = preview if isinstance(preview, Image.Image) else Image.open(preview)
         atomic_write_with(lora_path.with_suffix(".preview.png"), lambda tmp: image.save(tmp, format="PNG"))
     return path
+
+
+def set_preferred_weight(lora_path: Path, weight: float) -> Path:
+    """The card's preferred weight set to `weight`, everything else in it (edited in the WebUI or not) kept;
+    written atomically. A LoRA without a card gets one holding just that."""
+    path = Path(lora_path).with_suffix(".json")
+    card = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    if not isinstance(card, dict):
+        card = {}
+    card[PREFERRED_KEY] = float(weight)
+    return atomic_write_text(path, json.dumps(card, indent=4))
 
 
 def lora_family(lora_path: Path) -> str:

@@ -1,19 +1,20 @@
 """The A1111 / Forge glue: the core's HostInterface, the WebUI's progress bar and Interrupt, and the tab's
-backend (selected checkpoint, captioner weights folder, LoRA card, key check, txt2img test grid, Send to
-txt2img). The WebUI's modules are read at call time (`webui`); the card is `card`, the grid `testgrid`.
+backend (selected checkpoint, captioner weights folder, LoRA card, key check, txt2img test pictures and where
+Test's best strength goes, Send to txt2img). The WebUI's modules are read at call time (`webui`); the card is
+`card`, the pictures `testgrid`; labelling and scoring them is the tab's own (`lora_trainer.ui.strengths`).
 """
 
 from __future__ import annotations
 
 import sys
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, List, Optional, Tuple
+from typing import Any, Iterator, List, Optional, Tuple
 
 from lora_trainer.callbacks import Callbacks, HostInterface
 from lora_trainer.ui.blocks import Backend
-from lora_trainer.ui.session import TEST_STRENGTHS
 
-from .card import lora_family, preview_image, write_card
+from .card import lora_family, preview_image, set_preferred_weight, write_card
 from .keycheck import module_names_from_state_dict, unmatched_keys
 from .testgrid import release_test_memory, txt2img_pictures
 from .webui import webui_modules, is_forge, loaded_model, on_main_thread, webui_job
@@ -242,22 +243,51 @@ class A1111Backend(Backend):
             notes.append(_warning("the LoRA was not checked against the WebUI's LoRA loader", err))
         return "\n".join(n for n in notes if n)
 
-    def test_grid(self, cfg: Any, lora_path: Path, prompt: str, seed: int, task_id: str = "") -> Tuple[Any, str]:
-        from lora_trainer.sample import label_grid
+    def test_job(self, task_id: str) -> Any:
+        return webui_job(task_id or self.new_task_id())  # the renders and the scoring: one job, one progress bar
 
-        prompt = prompt or cfg.trigger_word
-        with webui_job(task_id or self.new_task_id()):
+    def test_pictures(self, cfg: Any, lora_path: Path, prompt: str, seed: int) -> Tuple[List[Any], List[str]]:
+        try:
+            return on_main_thread(lambda: txt2img_pictures(Path(lora_path).stem, prompt, seed, cfg.resolution))
+        finally:
             try:
-                pictures, infotext = on_main_thread(
-                    lambda: txt2img_pictures(Path(lora_path).stem, prompt, seed, cfg.resolution))
-            finally:
-                try:
-                    on_main_thread(release_test_memory)
-                except Exception as err:  # memory left to the WebUI must never cost the user the grid
-                    print(f"[LoRA Trainer] could not release the Test grid's memory: {type(err).__name__}: {err}",
-                          flush=True)
-        grid = label_grid([pictures], [f"strength {w:g}" for w in TEST_STRENGTHS], [prompt], seed)
-        return grid, infotext
+                on_main_thread(release_test_memory)
+            except Exception as err:  # memory left to the WebUI must never cost the user the grid
+                print(f"[LoRA Trainer] could not release the Test grid's memory: {type(err).__name__}: {err}",
+                      flush=True)
+
+    @contextmanager
+    def scoring_memory(self) -> Iterator[None]:
+        # As for captioning: the WebUI's model leaves the GPU while CoCa is on it, and comes back after.
+        self._host.free_gpu()
+        try:
+            yield
+        finally:
+            self._host.restore_gpu()
+
+    def after_test(self, cfg: Any, lora_path: Path, best: Optional[float]) -> str:
+        """The best strength into the card's preferred weight and the file's usage hint (each on its own, a failure
+        is a warning line), then the LoRA list refreshed so the Lora cards show it."""
+        from lora_trainer.export import write_usage_weight
+
+        notes, written = [], []
+        if best is not None:
+            lora_path = Path(lora_path)
+            try:
+                written.append(f"the card's preferred weight ({set_preferred_weight(lora_path, best).name})")
+            except Exception as err:
+                notes.append(_warning("the card's preferred weight was not updated", err))
+            try:
+                hint = write_usage_weight(lora_path, best, cfg.trigger_word)
+                written.append(f"the usage hint of {lora_path.name} ({hint})")
+            except Exception as err:
+                notes.append(_warning("the usage hint in the LoRA file was not updated", err))
+            self._host.refresh_loras()
+            notes.append(self._host.refresh_problem)
+        if written:
+            notes.insert(0, f"strength {best:g} written into {' and '.join(written)}")
+        notes += self._host.take_problems()  # from putting the WebUI's model back after scoring
+        return "\n".join(n for n in notes if n)
 
     def add_send_buttons(self, gr: Any, infotext: Any) -> None:
         try:

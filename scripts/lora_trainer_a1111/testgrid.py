@@ -9,18 +9,18 @@ from typing import Any, List, Tuple
 
 from lora_trainer.ui.session import TEST_STRENGTHS
 
-from .card import PREFERRED_WEIGHT
 from .webui import webui_modules, is_forge, loaded_model
 
 
-def txt2img_pictures(lora_name: str, prompt: str, seed: int, size: int, steps: int = 20) -> Tuple[List[Any], str]:
+def txt2img_pictures(lora_name: str, prompt: str, seed: int, size: int,
+                     steps: int = 20) -> Tuple[List[Any], List[str]]:
     """`prompt` at each test strength through the WebUI's own txt2img (fixed seed, as the textual-inversion
-    trainer renders its previews); returns the pictures and the infotext of the PREFERRED_WEIGHT one."""
+    trainer renders its previews); returns the pictures and their infotexts (the prompt with its <lora:…> tag)."""
     from modules import processing
 
     state = webui_modules()[0].state
     state.job_count = len(TEST_STRENGTHS)  # process_images sets it only while it is -1; one job per picture
-    pictures, infotext = [], ""
+    pictures, infotexts = [], []
     for w in TEST_STRENGTHS:
         text = f"{prompt} <lora:{lora_name}:{w:g}>" if w else prompt
         p = processing.StableDiffusionProcessingTxt2Img(prompt=text, seed=seed, steps=steps, width=size, height=size,
@@ -29,9 +29,8 @@ def txt2img_pictures(lora_name: str, prompt: str, seed: int, size: int, steps: i
         with closing(p):
             processed = processing.process_images(p)
         pictures.append(processed.images[0])
-        if w == PREFERRED_WEIGHT:
-            infotext = with_prompt(processed.infotexts[0], text)
-    return pictures, infotext
+        infotexts.append(with_prompt(processed.infotexts[0], text))
+    return pictures, infotexts
 
 
 def release_test_memory() -> None:

@@ -13,7 +13,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from helpers import TinyBackend  # noqa: E402
 
-EXPECTED = {"gradio3": "3.41.2", "gradio4": "4.40.0"}
+EXPECTED = {"gradio3": "3.41.2", "gradio4": "4.40.0", "gradio6": "6.31.0"}  # A1111, Forge, `pip install gradio`
 
 
 def _handlers(blocks):
@@ -22,14 +22,18 @@ def _handlers(blocks):
 
 
 @pytest.fixture
-def built(tmp_path, tiny_sd1):
+def tiny_backend(tmp_path, tiny_sd1):
+    return TinyBackend(tmp_path / "runs", components=tiny_sd1, sample_steps=2, sample_size=64)
+
+
+@pytest.fixture
+def built(tmp_path, tiny_backend):
     import gradio as gr
 
     from lora_trainer.ui import build_blocks
 
     assert gr.__version__ == EXPECTED[os.environ["LORA_TRAINER_UI"]]
-    backend = TinyBackend(tmp_path / "runs", components=tiny_sd1, sample_steps=2, sample_size=64)
-    return _handlers(build_blocks(backend)), tmp_path
+    return _handlers(build_blocks(tiny_backend)), tmp_path
 
 
 def test_blocks_build_with_generated_advanced_form():
@@ -59,9 +63,13 @@ def test_advanced_form_shows_and_follows_the_preset():
     assert shown["lora_rank"] == 32 and shown["gradient_checkpointing"] is True
 
 
-def test_folder_captions_train_and_grid(built, demo_folder):
-    h, tmp_path = built
+def test_folder_captions_train_and_grid(built, tiny_backend, demo_folder, tiny_coca, monkeypatch):
+    from huggingface_hub import constants
+
+    from lora_trainer.export import read_lora
     from lora_trainer.ui import preset_values
+
+    h, tmp_path = built
 
     adv = list(preset_values("style", False).values())  # what the form shows
     pics, rows, findings, status = h["on_load"](str(demo_folder), "inkwash", "style", False, *adv)
@@ -76,9 +84,32 @@ def test_folder_captions_train_and_grid(built, demo_folder):
     assert plot.size == (512, 256) and sample and Path(sample).is_file()
     assert (tmp_path / "runs" / "tiny-lora" / "tiny-lora.safetensors").is_file()
 
-    grid, infotext, status = h["on_test"]("", "inkwash house", 1)
+    lora = tmp_path / "runs" / "tiny-lora" / "tiny-lora.safetensors"
+    hint = read_lora(lora, with_tensors=False)[1]["modelspec.usage_hint"]
+    assert hint == "<lora:tiny-lora:0.7> inkwash"
+    # Without the captioner's weights: the plain grid, and the status says why it has no scores.
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-hf-cache"))
+    grid, infotext, status = h["on_test"]("", "inkwash house", 1, "(auto)")
     assert grid is not None and grid.width > grid.height and "0.5, 0.6, 0.7, 0.8" in status
     assert infotext == ""  # standalone: no txt2img to send parameters to
+    assert "scoring skipped: Captioner weights for coca_ViT-L-14" in status and '"Captioner weights"' in status
+    assert (lora.with_suffix(".grid.png")).is_file()
+    assert read_lora(lora, with_tensors=False)[1]["modelspec.usage_hint"] == hint  # nothing written
+
+    # With them (the tiny CoCa): the scores under each column, the best strength in the status and the usage hint.
+    config, weights, _ = tiny_coca
+    tiny_backend.captioner_model = str(config)
+    before = lora.read_bytes()
+    scored, infotext, status = h["on_test"]("", "inkwash house", 1, str(weights))
+    lines = status.splitlines()
+    assert lines[0] == "grid at strengths 0, 0.5, 0.6, 0.7, 0.8" and lines[1].startswith("best strength 0.")
+    best = lines[1].split()[2]
+    assert scored.width == grid.width and scored.height > grid.height  # one more line: the scores
+    after = read_lora(lora, with_tensors=False)[1]["modelspec.usage_hint"]
+    assert after == f"<lora:tiny-lora:{best}> inkwash" and lines[2].endswith(after)
+    tensor_bytes = [b[8 + int.from_bytes(b[:8], "little"):] for b in (before, lora.read_bytes())]
+    assert tensor_bytes[0] == tensor_bytes[1]  # the weights, byte for byte
+    assert h["on_test"]("", "inkwash house", 1, str(weights))[2] == status  # same seed, same scores
 
 
 def test_bad_name_is_shown_not_raised(built, demo_folder):
