@@ -1,4 +1,4 @@
-"""`python -m lora_trainer …`: train, plan, sample, score, demo, convert, caption, doctor from the command line.
+"""`python -m lora_trainer …`: train, plan, sample, score, demo, convert, merge, resize, caption, doctor.
 
 Errors the user can fix are printed as one line (exit code 2); `doctor` exits with 1 when the folder
 has an error-level finding. Ctrl-C stops training after the current step and leaves a resumable
@@ -77,6 +77,27 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--family", default="auto", choices=["auto", "sd1", "sd2", "sdxl"])
     c.add_argument("--alpha", type=float, default=None, help="alpha to write when the file has none")
 
+    g = sub.add_parser("merge", help="bake LoRAs into a checkpoint (--base), or merge several LoRAs into one")
+    g.add_argument("--base", default=None, metavar="CKPT",
+                   help="single-file .safetensors checkpoint (SD1.x/SD2.x/SDXL); without it the LoRAs become one LoRA")
+    g.add_argument("--lora", action="append", required=True, metavar="FILE[:STRENGTH]",
+                   help="a LoRA and its strength (default 1); repeat for several")
+    g.add_argument("--output", required=True, help="the new .safetensors file (an existing one is never replaced)")
+    g.add_argument("--precision", default=None, choices=["fp16", "bf16", "fp32"],
+                   help="dtype written (default: a checkpoint keeps each tensor's own, a LoRA is fp16)")
+    g.add_argument("--rank", type=int, default=None,
+                   help="without --base: factor each module's summed update by SVD to this rank "
+                   "(default: stack the ranks, exact)")
+
+    z = sub.add_parser("resize", help="reduce a LoRA's rank by SVD (kohya's resize: alpha keeps the update's scale)")
+    z.add_argument("--input", required=True)
+    z.add_argument("--output", required=True)
+    how = z.add_mutually_exclusive_group(required=True)
+    how.add_argument("--rank", type=int, help="the new rank of every module (never above its own)")
+    how.add_argument("--dynamic", metavar="sv_fro:X",
+                     help="per module, the smallest rank keeping X of the update's Frobenius norm")
+    z.add_argument("--precision", default="fp16", choices=["fp16", "bf16", "fp32"])
+
     k = sub.add_parser("caption", help="caption every image of a folder (open_clip CoCa + ranked tags)")
     k.add_argument("--input", required=True, help="the image folder")
     k.add_argument("--output", default=None, help="captions file (default: <input>/metadata.<format>)")
@@ -118,7 +139,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = _parser().parse_args(argv)
     try:
         return {"train": _train, "plan": _plan, "sample": _sample, "score": _score, "demo": _demo,
-                "convert": _convert, "caption": _caption, "doctor": _doctor, "ui": _ui}[args.command](args)
+                "convert": _convert, "merge": _merge, "resize": _resize, "caption": _caption, "doctor": _doctor, "ui": _ui}[args.command](args)
     except LoraTrainerError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -250,6 +271,38 @@ def _convert(args) -> int:
     meta.setdefault("ss_network_module", "networks.lora")
     out = save_lora(Path(args.output), kohya, meta)
     print(f"wrote {out} ({len(kohya) // 3} layers)")
+    return 0
+
+
+def _merge(args) -> int:
+    from .merge import merge_into_checkpoint, parse_lora_arg
+    from .resize import format_table, merge_lora_files
+
+    loras = [parse_lora_arg(text) for text in args.lora]
+    if args.rank is not None and args.rank < 1:
+        raise LoraTrainerError(f"--rank {args.rank}: give a rank of 1 or more.")
+    if args.base:
+        if args.rank is not None:
+            raise LoraTrainerError("--rank applies to merging LoRAs into one LoRA; leave it out with --base.")
+        out = merge_into_checkpoint(Path(args.base), loras, Path(args.output), args.precision)
+        print(f"checkpoint: {out}")
+        return 0
+    out, table = merge_lora_files(loras, Path(args.output), args.rank, args.precision or "fp16")
+    if args.rank is not None:
+        print(format_table(table))
+    print(f"LoRA: {out}")
+    return 0
+
+
+def _resize(args) -> int:
+    from .resize import format_table, parse_dynamic, resize_lora_file
+
+    if args.rank is not None and args.rank < 1:
+        raise LoraTrainerError(f"--rank {args.rank}: give a rank of 1 or more.")
+    fro = parse_dynamic(args.dynamic) if args.dynamic else None
+    out, table = resize_lora_file(Path(args.input), Path(args.output), args.rank, fro, args.precision)
+    print(format_table(table))
+    print(f"LoRA: {out}")
     return 0
 
 

@@ -75,6 +75,10 @@ class CheckpointFile(MutableMapping):
     def shape(self, key: str) -> tuple:
         return tuple(self._entries[self._names[key]]["shape"])
 
+    def stored_dtype(self, key: str) -> str:
+        """The dtype the file stores `key` in, as safetensors spells it (`F16`, `BF16`, ...)."""
+        return self._entries[self._names[key]]["dtype"]
+
     def __getitem__(self, key: str) -> torch.Tensor:
         return self.read(key, self.cast_to)
 
