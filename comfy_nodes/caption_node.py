@@ -32,7 +32,9 @@ def pretrained_for(choice: str) -> str:
 def weight_choices() -> list:
     """AUTO, then every weights file found: under models/lora_trainer/captioner/ by its relative name."""
     folder = weights_folder()
-    found = [p for m in MODELS for p in available_weights(m, DEFAULT_PRETRAINED, (folder,))]
+    # no pretrained tag: the Hugging Face cache look-up imports open_clip (seconds) on every /object_info,
+    # and AUTO finds that file anyway
+    found = [p for m in MODELS for p in available_weights(m, "", (folder,))]
     names = [p.relative_to(folder).as_posix() if p.is_relative_to(folder) else str(p) for p in found]
     return [AUTO, *dict.fromkeys(names)]
 

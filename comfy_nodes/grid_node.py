@@ -14,25 +14,14 @@ from typing import Any, List, Optional
 from ..lora_trainer.captions import DEFAULT_MODEL, MissingWeights
 from ..lora_trainer.config import field_help
 from ..lora_trainer.errors import ConfigError, DatasetError, in_field_words
+from ..lora_trainer.sample import parse_strengths
 from ..lora_trainer.score import StrengthScorer, check_weights, rank_strengths, read_trigger, with_base
 from .caption_node import AUTO, pretrained_for, weight_choices, weights_folder
 from .host import ComfyHost, load_lora_file
 from .images import image_to_pil, labelled_grid
 
-
 SCORE_MODEL = DEFAULT_MODEL  # the captioner's CoCa: its CLIP half scores (the same weights file)
 FROM_INPUT = "(from input)"  # a value the widget always has, even with models/loras empty
-
-
-def parse_strengths(text: str) -> List[float]:
-    try:
-        values = [float(part) for part in text.replace(";", ",").split(",") if part.strip()]
-    except ValueError:
-        raise ConfigError(f"strengths: write numbers separated by commas, e.g. 0.5,0.6,0.7,0.8 (got {text!r}).") \
-            from None
-    if not values or len(values) > 16:
-        raise ConfigError(f"strengths: give 1 to 16 values, e.g. 0.5,0.6,0.7,0.8 (got {text!r}).")
-    return values
 
 
 class LoRAStrengthGrid:

@@ -171,9 +171,9 @@ def _plan(args) -> int:
 def _sample(args) -> int:
     from .lora import load_lora_file
     from .model import load_components
-    from .sample import render_grid
+    from .sample import parse_strengths, render_grid
 
-    strengths = _strengths(args.strengths)
+    strengths = parse_strengths(args.strengths, "--strengths")
     components = load_components(args.base_model, allow_ckpt=args.allow_ckpt)
     load_lora_file(components, args.lora)
     out = Path(args.output) if args.output else Path(args.lora).with_suffix(".grid.png")
@@ -186,16 +186,6 @@ def _sample(args) -> int:
     return 0
 
 
-def _strengths(text: str) -> List[float]:
-    try:
-        strengths = [float(s) for s in text.split(",") if s.strip()]
-    except ValueError:
-        raise LoraTrainerError(f"--strengths {text!r}: give numbers separated by commas, e.g. 0.5,0.6,0.7") from None
-    if not strengths:
-        raise LoraTrainerError("--strengths is empty: give numbers separated by commas, e.g. 0.5,0.6,0.7")
-    return strengths
-
-
 def _score(args) -> int:
     import torch
 
@@ -204,11 +194,11 @@ def _score(args) -> int:
     from .lora import load_lora_file
     from .memory import release
     from .model import load_components
-    from .sample import label_grid, render_images
+    from .sample import label_grid, parse_strengths, render_images
     from .score import StrengthScorer, check_weights, deterministic, rank_strengths, read_trigger, reference_files
     from .score import with_base
 
-    strengths = _strengths(args.strengths)
+    strengths = parse_strengths(args.strengths, "--strengths")
     try:  # what can be missing is said now, not after minutes of rendering
         check_weights(args.clip_model, args.clip_weights)
     except MissingWeights as e:
@@ -252,18 +242,13 @@ def _demo(args) -> int:
 
 
 def _convert(args) -> int:
-    import json
-
-    from .export import read_lora, save_lora, to_kohya
+    from .export import peft_alpha, read_lora, save_lora, to_kohya
 
     tensors, meta = read_lora(Path(args.input))
     family = args.family
     if family == "auto":
         family = "sdxl" if any("text_encoder_2" in k or k.startswith("lora_te2_") for k in tensors) else "sd1"
-    alpha = args.alpha
-    adapter_config = Path(args.input).with_name("adapter_config.json")
-    if alpha is None and adapter_config.is_file():  # peft saves lora_alpha beside the weights
-        alpha = json.loads(adapter_config.read_text(encoding="utf-8")).get("lora_alpha")
+    alpha = args.alpha if args.alpha is not None else peft_alpha(Path(args.input))
     kohya = to_kohya(tensors, family, 2 if family == "sdxl" else 1, default_alpha=alpha)
     meta.setdefault("ss_output_name", Path(args.output).stem)
     meta.setdefault("ss_base_model_version", {"sdxl": "sdxl_base_v1-0", "sd2": "sd_v2"}.get(family, "sd_v1"))

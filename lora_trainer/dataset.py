@@ -73,10 +73,7 @@ class PreparedImage:
 def scan_images(cfg: TrainConfig, on_progress: Callable[[int, int], None] | None = None,
                 ) -> tuple[list[ImageRecord], DatasetReport]:
     """Validate every image in cfg.train_data_dir; raise DatasetError when none is usable."""
-    folder = Path(cfg.train_data_dir)
-    if not cfg.train_data_dir or not folder.is_dir():
-        raise DatasetError(f"train_data_dir not found: {cfg.train_data_dir or '(empty)'}. "
-                           "Point it at the folder that holds your training images.")
+    folder = image_folder(cfg)
     captions = read_captions(folder, cfg.metadata_path, cfg.caption_extension)
     report = DatasetReport(warnings=[str(p) for p in captions.problems])
     paths = list_images(folder)
@@ -112,7 +109,7 @@ def scan_images(cfg: TrainConfig, on_progress: Callable[[int, int], None] | None
         on_progress(len(paths), len(paths))
     _warn_unmatched(captions.captions, paths, captions.metadata_file, report)
     if not records:
-        raise DatasetError(_no_images_message(folder, report))
+        raise DatasetError(no_images_message(folder, report))
     return records, report
 
 
@@ -122,6 +119,15 @@ def unmatched_captions(captions: Mapping[str, str], paths: list[Path]) -> list[s
     return [n for n in captions if n.lower() not in present and n.rsplit("/", 1)[-1].lower() not in present]
 
 
+def image_folder(cfg: TrainConfig) -> Path:
+    """cfg.train_data_dir as a folder that exists, else the DatasetError that says what to set."""
+    folder = Path(cfg.train_data_dir)
+    if not cfg.train_data_dir or not folder.is_dir():
+        raise DatasetError(f"train_data_dir not found: {cfg.train_data_dir or '(empty)'}. "
+                           "Point it at the folder that holds your training images.")
+    return folder
+
+
 def _warn_unmatched(captions: dict[str, str], paths: list[Path], source: Path | None, report: DatasetReport) -> None:
     missing = unmatched_captions(captions, paths)
     if missing and source is not None:
@@ -129,7 +135,7 @@ def _warn_unmatched(captions: dict[str, str], paths: list[Path], source: Path | 
         report.warnings.append(f"{source.name} names {len(missing)} image(s) not in the folder: {shown}")
 
 
-def _no_images_message(folder: Path, report: DatasetReport) -> str:
+def no_images_message(folder: Path, report: DatasetReport) -> str:
     if report.skipped:
         reasons = "; ".join(f"{name}: {why}" for name, why in report.skipped[:5])
         more = f" (and {len(report.skipped) - 5} more)" if len(report.skipped) > 5 else ""

@@ -128,7 +128,7 @@ def build_metadata(cfg: Any, components: Any, info: Mapping[str, Any]) -> Dict[s
         "modelspec.prediction_type": pred,
         "modelspec.date": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(now)),
         "modelspec.trigger_phrase": cfg.trigger_word,
-        "modelspec.usage_hint": f"<lora:{cfg.name}:0.7>" + (f" {cfg.trigger_word}" if cfg.trigger_word else ""),
+        "modelspec.usage_hint": usage_hint(cfg.name, 0.7, cfg.trigger_word),
         "lora_trainer.config": cfg.to_json(),
     }
     if info.get("val_loss") is not None:  # validation: the loss on held-out images at these weights
@@ -216,6 +216,14 @@ def write_usage_weight(path: Path, weight: float, trigger: str = "") -> str:
 
 
 _LORA_TAG = re.compile(r"<lora:([^:>]+):[^>]*>")
+
+
+def peft_alpha(lora_path: Path) -> Optional[float]:
+    """The `lora_alpha` peft saves beside its weights (`adapter_config.json`), None when there is none."""
+    import json
+
+    config = Path(lora_path).with_name("adapter_config.json")
+    return json.loads(config.read_text(encoding="utf-8")).get("lora_alpha") if config.is_file() else None
 
 
 def to_kohya(tensors: Mapping[str, torch.Tensor], family: str, num_text_encoders: int,

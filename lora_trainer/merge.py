@@ -25,10 +25,9 @@ import torch
 
 from . import keymap
 from .errors import ConfigError, ModelError
-from .export import read_lora, to_kohya
+from .export import SAVE_DTYPES, peft_alpha, read_lora, to_kohya
 from .files import atomic_path
 
-PRECISIONS = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 _ST_NAMES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
 FAMILY_OF_VERSION = (("sdxl", "sdxl"), ("sd_v2", "sd2"), ("sd_v1", "sd1"), ("stable-diffusion-xl", "sdxl"),
                      ("stable-diffusion-v2", "sd2"), ("stable-diffusion-v1", "sd1"))
@@ -85,11 +84,8 @@ def load_lora(path: Path, strength: float, family: Optional[str], unet_config: o
                          f"{unknown[0]}): LoHa, LoKr, DoRA and other LyCORIS types cannot be merged.")
     own = lora_family(metadata, tensors)
     family = own or family or "sd1"  # converted in its own family; a mismatch with the base is reported later
-    alpha = None
-    adapter_config = path.with_name("adapter_config.json")
-    if adapter_config.is_file():  # peft saves lora_alpha beside the weights
-        alpha = json.loads(adapter_config.read_text(encoding="utf-8")).get("lora_alpha")
-    kohya = to_kohya(tensors, family, 2 if family == "sdxl" else 1, default_alpha=alpha, unet_config=unet_config)
+    kohya = to_kohya(tensors, family, 2 if family == "sdxl" else 1, default_alpha=peft_alpha(path),
+                     unet_config=unet_config)
     modules = {keymap.split_lora_key(k)[0] for k in tensors}
     if len(kohya) // 3 < len(modules):
         raise ModelError(f"{path.name}: some LoRA modules have no kohya name or lack their up or down weight; "
@@ -203,7 +199,7 @@ def merge_into_checkpoint(base_path: Path, loras: Sequence[Tuple[Path, float]], 
     _check_shapes(base, updates)
 
     def produce(key: str) -> torch.Tensor:
-        target = PRECISIONS[precision] if precision else None
+        target = SAVE_DTYPES[precision] if precision else None
         if key not in updates:
             return base.read(key, target)
         weight = base.read(key, torch.float32)
@@ -265,7 +261,7 @@ def write_streamed(path: Path, base, produce, metadata: Dict[str, str], precisio
     for key in keys:
         stored = base.stored_dtype(key)
         is_float = stored in ("F64", "F32", "F16", "BF16") or stored.startswith("F8")
-        name = _ST_NAMES[PRECISIONS[precision]] if precision and is_float else stored
+        name = _ST_NAMES[SAVE_DTYPES[precision]] if precision and is_float else stored
         size = torch.empty((), dtype=_torch_dtype(name)).element_size() * torch.Size(base.shape(key)).numel()
         header[key] = {"dtype": name, "shape": list(base.shape(key)), "data_offsets": [offset, offset + size]}
         offset += size

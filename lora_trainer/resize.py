@@ -21,8 +21,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 
 from .errors import ConfigError, ModelError
-from .export import ARCHITECTURE, BASE_MODEL_VERSION, save_lora
-from .merge import PRECISIONS, LoraInput, file_hash, load_lora, refuse_existing
+from .export import ARCHITECTURE, BASE_MODEL_VERSION, SAVE_DTYPES, save_lora
+from .merge import LoraInput, file_hash, load_lora, refuse_existing
 
 
 @dataclass
@@ -170,7 +170,7 @@ def merge_lora_files(loras: Sequence[Tuple[Path, float]], output: Path, rank: Op
     meta["lora_trainer.merged_loras"] = json.dumps(
         [{"file": x.path.name, "sshs_model_hash": file_hash(x.path), "strength": x.strength} for x in inputs])
     meta["lora_trainer.merge_method"] = "stacked ranks (exact)" if rank is None else f"svd rank {rank}"
-    dtype = PRECISIONS[precision]
+    dtype = SAVE_DTYPES[precision]
     return save_lora(Path(output), {k: v.to(dtype).contiguous() for k, v in tensors.items()}, meta), table
 
 
@@ -186,5 +186,5 @@ def resize_lora_file(path: Path, output: Path, rank: Optional[int] = None, fro: 
     meta["ss_network_alpha"] = str(alphas.pop()) if len(alphas) == 1 else "Dynamic"
     meta["lora_trainer.resized_from"] = json.dumps({"file": Path(path).name, "sshs_model_hash": file_hash(Path(path)),
                                                     "rank": rank, "sv_fro": fro})
-    dtype = PRECISIONS[precision]
+    dtype = SAVE_DTYPES[precision]
     return save_lora(Path(output), {k: v.to(dtype).contiguous() for k, v in tensors.items()}, meta), table

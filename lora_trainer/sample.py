@@ -21,6 +21,21 @@ from .model.precision import compute_dtype_of, is_offloaded
 
 
 @torch.no_grad()
+def parse_strengths(text: str, field: str = "strengths") -> List[float]:
+    """LoRA strengths as a user types them ("0.5,0.6,0.7"; ';' works too): 1 to 16 numbers, else a ConfigError
+    that names `field` (the CLI's --strengths, a node's input)."""
+    from .errors import ConfigError
+
+    try:
+        values = [float(part) for part in text.replace(";", ",").split(",") if part.strip()]
+    except ValueError:
+        raise ConfigError(f"{field}: write numbers separated by commas, e.g. 0.5,0.6,0.7,0.8 (got {text!r}).") \
+            from None
+    if not values or len(values) > 16:
+        raise ConfigError(f"{field}: give 1 to 16 values, e.g. 0.5,0.6,0.7,0.8 (got {text!r}).")
+    return values
+
+
 def generate(components: Any, prompt: str, negative_prompt: str = "", steps: int = 20, guidance_scale: float = 7.0,
              size: int = 512, seed: int = 1, device: Any = "cpu") -> Any:
     """One image as a PIL image: Euler sampling with classifier-free guidance."""

@@ -17,7 +17,7 @@ import torch
 from . import lora as lora_mod
 from .callbacks import Callbacks
 from .config import TrainConfig
-from .dataset import epoch_batches, optimizer_steps, scan_images
+from .dataset import batches_per_epoch, optimizer_steps, scan_images
 from .errors import ConfigError, TrainingError
 from .latents import LatentCache, TextEmbeddingCache, vae_fingerprint
 from .model.precision import load_dtype, place_base_weights, quantized_dtype, storage_dtype, store_base_weights
@@ -145,8 +145,8 @@ def prepare_run(cfg: TrainConfig, callbacks: Callbacks, base_weights: Optional[M
     if next(components.vae.parameters()).dtype != torch.float32:
         components.vae.to(dtype=torch.float32)  # fp16 VAEs overflow (SDXL); it only encodes
 
-    batches_per_epoch = len(epoch_batches(records, cfg, 0, cfg.seed))
-    _, total_steps = optimizer_steps(batches_per_epoch, cfg)
+    epoch_length = batches_per_epoch(records, cfg)  # counted, not built: no shuffled epoch just for its length
+    _, total_steps = optimizer_steps(epoch_length, cfg)
 
     optimizer = _optimizer(cfg, unet_params, te_params, device)
     from diffusers.optimization import get_scheduler
@@ -169,9 +169,9 @@ def prepare_run(cfg: TrainConfig, callbacks: Callbacks, base_weights: Optional[M
         text_cache = TextEmbeddingCache(lambda captions: encode_text(components, captions))
 
     run = Run(cfg, components, records, device, autocast_dtype, unet_params, te_params, optimizer, lr_scheduler,
-              scaler, generator, py_rng, latent_cache, text_cache, data_hash, total_steps, batches_per_epoch,
+              scaler, generator, py_rng, latent_cache, text_cache, data_hash, total_steps, epoch_length,
               output_dir, owns_components=owns_components, val_records=list(inputs.validation))
-    run.info.update(_run_info(cfg, records, batches_per_epoch, total_steps, autocast_dtype))
+    run.info.update(_run_info(cfg, records, epoch_length, total_steps, autocast_dtype))
     run.info["base_precision"] = str(storage).removeprefix("torch.")  # what was really used (auto resolved)
     if loaded is not None:
         _restore(run, loaded)

@@ -9,13 +9,13 @@ from typing import TYPE_CHECKING
 from ..captions import read_captions
 from ..dataset import (
     DatasetReport,
-    _no_images_message,
+    image_folder,
+    no_images_message,
     apply_trigger,
     batches_per_epoch,
     make_buckets,
     optimizer_steps,
 )
-from ..errors import DatasetError
 from ..images import list_images
 from .captions import caption_findings
 from .likeness import duplicate_findings
@@ -37,15 +37,12 @@ def examine(folder: str | Path | None = None, cfg: TrainConfig | None = None, me
     file is missing; everything else is a finding.
     """
     cfg = _config(folder, cfg, metadata)
-    folder = Path(cfg.train_data_dir)
-    if not cfg.train_data_dir or not folder.is_dir():
-        raise DatasetError(f"train_data_dir not found: {cfg.train_data_dir or '(empty)'}. "
-                           "Point it at the folder that holds your training images.")
+    folder = image_folder(cfg)
     captions = read_captions(folder, cfg.metadata_path, cfg.caption_extension)
     paths = list_images(folder)
     report = DoctorReport(str(folder), images=len(paths))
     if not paths:
-        report.findings.append(Finding(folder.name, "no_images", "error", _no_images_message(folder, DatasetReport()),
+        report.findings.append(Finding(folder.name, "no_images", "error", no_images_message(folder, DatasetReport()),
                                        "Put the training images directly in the folder."))
     looks = _look_all(paths, on_progress)
     buckets = make_buckets(cfg)

@@ -18,7 +18,7 @@ from ..errors import LoraTrainerError
 from ..loss_plot import loss_image
 from . import dataset_panel as panel
 from .session import (PRESET_FIELDS, PRESETS, TEST_STRENGTHS, SessionCallbacks, TrainSession, advanced_fields,
-                      form_to_config, in_tab_words, preset_values)
+                      described, form_to_config, in_tab_words, preset_values)
 from .strengths import run_test
 from .uploads import UPLOAD_TYPES
 
@@ -134,13 +134,13 @@ def start_run(backend: Backend, cfg: Any, task_id: str = "") -> TrainSession:
                 raise
             traceback.print_exc()
             result = _saved_result(callbacks)
-            notes.append(f"Warning: after the LoRA was saved: {_described(err)}")
+            notes.append(f"Warning: after the LoRA was saved: {described(err)}")
         if result is not None and not result.stopped:
             try:
                 notes.append(backend.after_training(cfg, result, session))
             except Exception as err:
                 traceback.print_exc()
-                notes.append(f"Warning: the LoRA is saved, but registering it failed: {_described(err)}")
+                notes.append(f"Warning: the LoRA is saved, but registering it failed: {described(err)}")
         session.notice = "\n".join(n for n in notes if n)
         return result
 
@@ -154,9 +154,6 @@ def _saved_result(callbacks: SessionCallbacks) -> Any:
 
     return TrainResult(callbacks.saved, None, None, callbacks.step, False, list(callbacks.losses))
 
-
-def _described(err: Exception) -> str:
-    return in_tab_words(str(err)) if isinstance(err, LoraTrainerError) else f"{type(err).__name__}: {err}"
 
 
 def _js_kwargs(gr: Any, js: Optional[str]) -> Dict[str, str]:

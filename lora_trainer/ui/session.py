@@ -62,6 +62,11 @@ def in_tab_words(message: str) -> str:
     return in_field_words(message, TAB_FIELDS)
 
 
+def described(err: Exception) -> str:
+    """An error for a status line: the core's message in the tab's words, else its type and text."""
+    return in_tab_words(str(err)) if isinstance(err, LoraTrainerError) else f"{type(err).__name__}: {err}"
+
+
 def advanced_fields() -> Dict[str, Dict[str, Any]]:
     """The config fields the advanced form is generated from (everything but the main fields)."""
     return {k: v for k, v in field_help().items() if k not in MAIN_FIELDS}

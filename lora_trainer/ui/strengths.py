@@ -20,7 +20,7 @@ from typing import Any, Dict, Sequence, Tuple
 
 from ..errors import LoraTrainerError
 from . import dataset_panel as panel
-from .session import PREFERRED_STRENGTH, TEST_STRENGTHS, in_tab_words
+from .session import PREFERRED_STRENGTH, TEST_STRENGTHS, described, in_tab_words
 
 
 @dataclass
@@ -58,7 +58,7 @@ def run_test(backend: Any, cfg: Any, lora_path: Path, prompt: str, seed: int, ta
         lines.append(backend.after_test(cfg, lora_path, report.best if report is not None else None))
     except Exception as err:  # the grid is there: a failed write is a warning
         traceback.print_exc()
-        lines.append(f"Warning: the best strength was not written: {_described(err)}")
+        lines.append(f"Warning: the best strength was not written: {described(err)}")
     shown = report.best if report is not None else PREFERRED_STRENGTH
     infotext = infotexts[list(TEST_STRENGTHS).index(shown)] if shown in TEST_STRENGTHS else ""
     return StrengthTest(grid, infotext, "\n".join(line for line in lines if line), report)
@@ -149,7 +149,4 @@ def best_line(report: Any) -> str:
     rule = report.note.split(", ", 1)[1] if report.note.startswith("best: ") else report.note
     return f"best strength {report.best:g} (combined {best.combined:.3f}): {rule}"
 
-
-def _described(err: Exception) -> str:
-    return in_tab_words(str(err)) if isinstance(err, LoraTrainerError) else f"{type(err).__name__}: {err}"
 

@@ -151,7 +151,7 @@ def _unzip(zip_name: str, path: Path, scratch: Path, result: Added) -> List[Tupl
                 out.parent.mkdir(parents=True)
                 with archive.open(info) as src, open(out, "wb") as dst:
                     shutil.copyfileobj(src, dst)
-            except (ImageLoadError, _Refused) as e:
+            except _Refused as e:
                 result.refused.append((shown, str(e)))
                 continue
             except (zipfile.BadZipFile, RuntimeError, zlib.error, EOFError, OSError) as e:  # RuntimeError: encrypted

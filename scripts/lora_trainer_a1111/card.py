@@ -11,7 +11,6 @@ from typing import Any, Optional
 from lora_trainer.files import atomic_write_text, atomic_write_with
 from lora_trainer.ui.session import PREFERRED_STRENGTH
 
-PREFERRED_WEIGHT = PREFERRED_STRENGTH  # the card's weight until Test scores the strengths
 PREFERRED_KEY = "preferred weight"  # extensions-builtin/Lora/ui_edit_user_metadata.py (A1111 1.10, Forge)
 SD_VERSION = {"sd1": "SD1", "sd2": "SD2", "sdxl": "SDXL"}  # ui_edit_user_metadata.py's "sd version" choices
 PREVIEW_SIDE = 1024  # the card's preview: a training photo may be 20 MB, the Lora pane shows a thumbnail
@@ -21,7 +20,7 @@ def write_card(lora_path: Path, trigger_word: str, family: str, preview: Any = N
     """The extra-networks card: `<name>.json` (ui_edit_user_metadata keys) and `<name>.preview.png`."""
     lora_path = Path(lora_path)
     card = {"description": description, "sd version": SD_VERSION.get(family, "Unknown"),
-            "activation text": trigger_word, PREFERRED_KEY: PREFERRED_WEIGHT, "negative text": "", "notes": ""}
+            "activation text": trigger_word, PREFERRED_KEY: PREFERRED_STRENGTH, "negative text": "", "notes": ""}
     path = atomic_write_text(lora_path.with_suffix(".json"), json.dumps(card, indent=4))
     if preview is not None:
         from PIL import Image
@@ -43,12 +42,11 @@ def set_preferred_weight(lora_path: Path, weight: float) -> Path:
 
 
 def lora_family(lora_path: Path) -> str:
-    """sd1, sd2 or sdxl, from the metadata the file was written with."""
+    """sd1, sd2 or sdxl, from the metadata the file was written with (its tensors are not read)."""
     from lora_trainer.export import read_lora
+    from lora_trainer.merge import lora_family as family_of
 
-    _, meta = read_lora(Path(lora_path))
-    version = str(meta.get("ss_base_model_version", ""))
-    return "sdxl" if version.startswith("sdxl") else "sd2" if version.startswith("sd_v2") else "sd1"
+    return family_of(read_lora(Path(lora_path), with_tensors=False)[1], {}) or "sd1"
 
 
 def preview_image(sample: Optional[Path], folder: str, skipped: Any = ()) -> Any:
