@@ -353,7 +353,10 @@ def test_test_scores_and_writes_the_best_strength_into_the_card_and_the_usage_hi
 
     lines = tried.status.splitlines()
     assert lines[0] == "grid at strengths 0, 0.5, 0.6, 0.7, 0.8"
-    assert lines[1].startswith(f"best strength {report.best:g} (combined ") and "fidelity stays within 0.03" in lines[1]
+    # the status names the rule that chose: which branch applies depends on the tiny random models' pictures
+    kept = any(s.fidelity >= report.base.fidelity - 0.03 for s in report.scores)
+    rule = "fidelity stays within 0.03" if kept else "no strength keeps the prompt"
+    assert lines[1].startswith(f"best strength {report.best:g} (combined ") and rule in lines[1]
     hint = f"<lora:{cfg.name}:{report.best:g}> inkwash"
     assert lines[2] == (f"strength {report.best:g} written into the card's preferred weight (lora.json) and the usage "
                         f"hint of lora.safetensors ({hint})")
