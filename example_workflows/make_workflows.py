@@ -1,12 +1,17 @@
-"""Write the example graph in ComfyUI's two formats.
+"""Write the example graphs in ComfyUI's two formats.
 
     python example_workflows/make_workflows.py
 
-One table of nodes and links below gives `caption_train_sample.json` (what the ComfyUI editor
-loads; ComfyUI lists every JSON directly in this folder as a template, so only editor graphs live
-here) and `api/caption_train_sample.json` (what `POST /prompt` takes). The template's thumbnail,
-`caption_train_sample.jpg`, is a screenshot of this graph in the real ComfyUI frontend, taken by
-tests/comfyui (COMFYUI_SCREENSHOT=example_workflows/caption_train_sample.jpg).
+One table of nodes and links per graph below gives `<name>.json` (what the ComfyUI editor loads;
+ComfyUI lists every JSON directly in this folder as a template, so only editor graphs live here) and
+`api/<name>.json` (what `POST /prompt` takes; frontend-only nodes such as a Note are left out). Each
+template's thumbnail, `<name>.jpg`, is a screenshot of its graph in the real ComfyUI frontend, taken
+by tests/comfyui (COMFYUI_SCREENSHOTS=example_workflows writes them all).
+
+- `caption_train_sample`: Caption Folder → Check Dataset → Train LoRA → KSampler and LoRA Strength Grid.
+- `merge_lora_into_checkpoint`: Load Checkpoint → LoraLoader → CheckpointSave, ComfyUI's own nodes: the
+  LoRA baked into a new checkpoint at a strength (tests/comfyui checks the file samples like the base
+  with the LoRA at that strength).
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ DATA = "/path/to/my_images"
 
 # id: (class, title, position, size, widgets (name, value) in widget order, inputs {name: (type, from id, slot)},
 #      outputs [(name, type)])
-NODES = {
+CAPTION_TRAIN_SAMPLE = {
     1: ("CheckpointLoaderSimple", "Load Checkpoint", (40, 300), (300, 100), [("ckpt_name", CKPT)], {},
         [("MODEL", "MODEL"), ("CLIP", "CLIP"), ("VAE", "VAE")]),
     2: ("LoraTrainerCaptionFolder", "Caption Folder", (40, 40), (300, 170),
@@ -62,22 +67,42 @@ NODES = {
          [("folder", ""), ("trigger_word", "xyzvillage"), ("config_file", "")], {"folder": ("STRING", 2, 0)},
          [("dataset_path", "STRING"), ("report", "STRING")]),
 }
+
+MERGE_NOTE = ("Bakes the LoRA into the checkpoint at Load LoRA's strengths (strength_model for the UNet, strength_clip "
+              "for the text encoder: keep them equal for what <lora:village:0.7> does). Save Checkpoint writes "
+              "output/checkpoints/v1-5+village-0.7_00001_.safetensors, in the precision ComfyUI runs the model in "
+              "(fp16 on most GPUs, fp32 on the CPU). Move it to models/checkpoints to load it. "
+              "python -m lora_trainer merge does the same without loading the model, keeping the base's precision.")
+MERGE_LORA_INTO_CHECKPOINT = {
+    1: ("CheckpointLoaderSimple", "Load Checkpoint", (40, 40), (300, 100), [("ckpt_name", CKPT)], {},
+        [("MODEL", "MODEL"), ("CLIP", "CLIP"), ("VAE", "VAE")]),
+    2: ("LoraLoader", "Load LoRA", (400, 40), (320, 130),
+        [("lora_name", "village.safetensors"), ("strength_model", 0.7), ("strength_clip", 0.7)],
+        {"model": ("MODEL", 1, 0), "clip": ("CLIP", 1, 1)}, [("MODEL", "MODEL"), ("CLIP", "CLIP")]),
+    3: ("CheckpointSave", "Save Checkpoint", (780, 40), (340, 100), [("filename_prefix", "checkpoints/v1-5+village-0.7")],
+        {"model": ("MODEL", 2, 0), "clip": ("CLIP", 2, 1), "vae": ("VAE", 1, 2)}, []),
+    4: ("Note", "Where the checkpoint goes", (40, 220), (1080, 110), [("text", MERGE_NOTE)], {}, []),
+}
+GRAPHS = {"caption_train_sample": CAPTION_TRAIN_SAMPLE, "merge_lora_into_checkpoint": MERGE_LORA_INTO_CHECKPOINT}
+VIRTUAL = {"Note"}  # nodes only the frontend knows: in the editor graph, never in the API one
 LINKED_WIDGETS = {"dataset_path", "folder", "trained_lora"}
 
 
-def api_format() -> dict:
+def api_format(nodes: dict) -> dict:
     prompt = {}
-    for nid, (cls, title, _, _, widgets, inputs, _) in NODES.items():
+    for nid, (cls, title, _, _, widgets, inputs, _) in nodes.items():
+        if cls in VIRTUAL:
+            continue
         values = {k: v for k, v in widgets if k != "control" and k not in inputs}
         values.update({name: [str(src), slot] for name, (_, src, slot) in inputs.items()})
         prompt[str(nid)] = {"class_type": cls, "inputs": values, "_meta": {"title": title}}
     return prompt
 
 
-def ui_format() -> dict:
-    links, outputs = [], {nid: [[] for _ in n[6]] for nid, n in NODES.items()}
+def ui_format(nodes: dict) -> dict:
+    links, outputs = [], {nid: [[] for _ in n[6]] for nid, n in nodes.items()}
     inputs_ui = {}
-    for nid, (_, _, _, _, widgets, inputs, _) in NODES.items():
+    for nid, (_, _, _, _, widgets, inputs, _) in nodes.items():
         rows = []
         for name, (tp, src, slot) in inputs.items():
             link_id = len(links) + 1
@@ -88,24 +113,24 @@ def ui_format() -> dict:
                 row["widget"] = {"name": name}
             rows.append(row)
         inputs_ui[nid] = rows
-    nodes = []
-    for order, (nid, (cls, title, pos, size, widgets, _, outs)) in enumerate(NODES.items()):
-        nodes.append({
+    shown = []
+    for order, (nid, (cls, title, pos, size, widgets, _, outs)) in enumerate(nodes.items()):
+        shown.append({
             "id": nid, "type": cls, "title": title, "pos": list(pos), "size": list(size), "flags": {}, "order": order,
             "mode": 0, "inputs": inputs_ui[nid],
             "outputs": [{"name": n, "type": t, "links": outputs[nid][i], "slot_index": i}
                         for i, (n, t) in enumerate(outs)],
             "properties": {"Node name for S&R": cls}, "widgets_values": [v for _, v in widgets],
         })
-    return {"last_node_id": max(NODES), "last_link_id": len(links), "nodes": nodes, "links": links, "groups": [],
+    return {"last_node_id": max(nodes), "last_link_id": len(links), "nodes": shown, "links": links, "groups": [],
             "config": {}, "extra": {}, "version": 0.4}
 
 
 def main() -> None:
     (HERE / "api").mkdir(exist_ok=True)
-    (HERE / "api" / "caption_train_sample.json").write_text(json.dumps(api_format(), indent=2) + "\n",
-                                                            encoding="utf-8")
-    (HERE / "caption_train_sample.json").write_text(json.dumps(ui_format(), indent=2) + "\n", encoding="utf-8")
+    for name, nodes in GRAPHS.items():
+        (HERE / "api" / f"{name}.json").write_text(json.dumps(api_format(nodes), indent=2) + "\n", encoding="utf-8")
+        (HERE / f"{name}.json").write_text(json.dumps(ui_format(nodes), indent=2) + "\n", encoding="utf-8")
 
 
 if __name__ == "__main__":

@@ -21,3 +21,15 @@ function loraTrainerRefreshNetworks() {
     });
     return [];
 }
+
+// After Merge into checkpoint: press the checkpoint dropdown's own refresh button, as a user would, so the page
+// lists the new file (the tab has refreshed the server-side list already). A1111's quicksettings button is
+// "refresh_sd_model_checkpoint" (ui_settings.py: "refresh_" + the option's key), Forge's "forge_refresh_checkpoint"
+// (modules_forge/main_entry.py).
+function loraTrainerRefreshCheckpoints() {
+    ['refresh_sd_model_checkpoint', 'forge_refresh_checkpoint'].forEach(function(id) {
+        var button = gradioApp().getElementById(id);
+        if (button) button.dispatchEvent(new Event('click'));
+    });
+    return [];
+}

@@ -72,13 +72,14 @@ class Checkpointer:
             "optimizer": run.optimizer.state_dict(),
             "lr_scheduler": run.lr_scheduler.state_dict(),
             "scaler": run.scaler.state_dict() if run.scaler is not None else {},
-            "rng": rng_state(run.generator, run.py_rng),
+            "rng": rng_state(),
             "started_at": run.started_at,
         }
         lora_fp32 = lora_state_dict(run.components, torch.float32)
         validation = {"id": self.validator.id, "best": self.best} if self.validator is not None else None
         self.last_state = save_state(Path(run.output_dir) / "state", run.position, lora_fp32, trainer, cfg,
-                                     run.data_hash, keep_last=cfg.save_last_n, validation=validation)
+                                     run.data_hash, keep_last=cfg.save_last_n, validation=validation,
+                                     processes=run.processes.world)
         self.cb.on_saved(self.last_file, final)
         return self.last_state
 
@@ -135,3 +136,22 @@ class Checkpointer:
             info["val_loss"] = self.val_losses[-1][1]
         tensors = lora_state_dict(run.components, SAVE_DTYPES[run.cfg.save_precision])
         return save_lora(path, tensors, build_metadata(run.cfg, run.components, info), overwrite=overwrite)
+
+
+class NoWrites:
+    """A process other than rank 0 at the save points: it writes nothing (rank 0 writes for all) and validates
+    nothing (rank 0 measures on the same weights)."""
+    validator = None
+    last_file = last_state = None
+
+    def __init__(self) -> None:
+        self.val_losses: List[Tuple[int, float]] = []
+
+    def after_step(self) -> None:
+        pass
+
+    def save_checkpoint(self, final: bool) -> None:
+        return None
+
+    def save_final(self) -> None:
+        return None

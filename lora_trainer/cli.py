@@ -8,6 +8,7 @@ state (a second Ctrl-C aborts; see console.py).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -24,6 +25,15 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--config", help="YAML config (see configs/)")
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     t.add_argument("--resume", metavar="DIR", help="continue from a run's output_dir or state folder")
+    t.add_argument("--gpus", type=int, default=1, metavar="N",
+                   help="train with N processes on this machine through torchrun (data parallel): N GPUs, or N CPU "
+                   "processes with device: cpu; batch_size is per process")
+    t.add_argument("--nnodes", type=int, default=1, metavar="M",
+                   help="machines taking part (run the same command on each, with --rdzv-endpoint)")
+    t.add_argument("--rdzv-endpoint", default=None, metavar="HOST:PORT",
+                   help="with --nnodes: where the machines meet (one of them; the same on every machine)")
+    t.add_argument("--rdzv-timeout", type=float, default=900, metavar="S",
+                   help="with --nnodes: how long to wait for the other machines (default: %(default)s s)")
 
     m = sub.add_parser("plan", help="predict a run's peak memory before loading anything, and what fits a budget")
     m.add_argument("--config", help="YAML config (see configs/)")
@@ -141,18 +151,35 @@ def main(argv: Optional[List[str]] = None) -> int:
         return {"train": _train, "plan": _plan, "sample": _sample, "score": _score, "demo": _demo,
                 "convert": _convert, "merge": _merge, "resize": _resize, "caption": _caption, "doctor": _doctor, "ui": _ui}[args.command](args)
     except LoraTrainerError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"{_rank_label()}error: {e}", file=sys.stderr)
         return 2
+
+
+def _rank_label() -> str:
+    """"[rank 1] " in the processes other than rank 0 of a torchrun run; "" elsewhere."""
+    from .distributed import launched_by_torchrun
+
+    rank = os.environ.get("RANK", "0")
+    return f"[rank {rank}] " if launched_by_torchrun() and rank != "0" else ""
 
 
 def _train(args) -> int:
     from .config import load_config
+    from .distributed import launched_by_torchrun, process_group
+    from .launch import STOPPED, launch
 
-    cfg = load_config(args.config, args.set)
-    result = run_training(cfg, resume=args.resume)
+    cfg = load_config(args.config, args.set)  # a bad config is said once, before any process starts
+    if (args.gpus != 1 or args.nnodes != 1) and not launched_by_torchrun():
+        again = ["--config", args.config] if args.config else []
+        again += [x for kv in args.set for x in ("--set", kv)] + (["--resume", args.resume] if args.resume else [])
+        return launch(again, args.gpus, cfg.device, args.nnodes, args.rdzv_endpoint, args.rdzv_timeout)
+    with process_group(cfg.device) as processes:
+        result = run_training(cfg, resume=args.resume, quiet=not processes.main)
+    if not processes.main:
+        return STOPPED if result.stopped else 0
     if result.stopped:
         print(f"stopped at step {result.steps}; continue with: --resume {cfg.output_dir}")
-        return 1
+        return STOPPED if processes.many else 1
     print(f"LoRA: {result.lora_path}")
     return 0
 
@@ -242,7 +269,7 @@ def _demo(args) -> int:
 
 
 def _convert(args) -> int:
-    from .export import peft_alpha, read_lora, save_lora, to_kohya
+    from .export import is_dora, network_metadata, peft_alpha, read_lora, save_lora, to_kohya
 
     tensors, meta = read_lora(Path(args.input))
     family = args.family
@@ -253,9 +280,10 @@ def _convert(args) -> int:
     meta.setdefault("ss_output_name", Path(args.output).stem)
     meta.setdefault("ss_base_model_version", {"sdxl": "sdxl_base_v1-0", "sd2": "sd_v2"}.get(family, "sd_v1"))
     meta.setdefault("ss_v2", str(family == "sd2"))
-    meta.setdefault("ss_network_module", "networks.lora")
+    for key, value in network_metadata(is_dora(kohya)).items():
+        meta.setdefault(key, value)
     out = save_lora(Path(args.output), kohya, meta)
-    print(f"wrote {out} ({len(kohya) // 3} layers)")
+    print(f"wrote {out} ({sum(k.endswith('.lora_down.weight') for k in kohya)} layers)")
     return 0
 
 

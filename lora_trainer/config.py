@@ -31,6 +31,7 @@ def _f(default: Any, help: str, group: str, choices: Optional[Iterable[Any]] = N
 PRECISIONS = ("auto", "no", "fp16", "bf16")
 BASE_PRECISIONS = ("auto", "fp32", "fp16", "bf16", "fp8")
 OPTIMIZERS = ("adamw", "adamw8bit")
+LORA_TYPES = ("lora", "dora")
 MAX_VALIDATION_IMAGES = 20  # validation passes stay under ~10 % of the training time (bench/validation_cost.py)
 SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 
@@ -86,13 +87,17 @@ class TrainConfig:
         "lora",
     )
     lora_dropout: float = _f(0.0, "Dropout on the LoRA path while training (the seeds suggest 0.1).", "lora")
+    lora_type: str = _f(
+        "lora", "lora, or dora: DoRA (peft's weight-decomposed LoRA) also learns the size of each output channel of "
+        "every trained layer; saved as LyCORIS does (a dora_scale per layer), it loads in ComfyUI and Forge but not "
+        "in AUTOMATIC1111 1.10, whose Lora extension scales DoRA weights per input channel.", "lora", LORA_TYPES)
     conv_rank: int = _f(0, "Rank for conv layers when target_modules has conv; 0 uses lora_rank.", "lora")
     conv_alpha: float = _f(0.0, "Alpha for conv layers; 0 uses lora_alpha.", "lora")
     train_text_encoder: bool = _f(False, "Also train LoRA on the text encoder(s) (SDXL: both).", "lora")
     text_encoder_lr: float = _f(0.0, "Learning rate for the text encoder LoRA; 0 uses learning_rate.", "lora")
     init_lora: str = _f("", "Start from an existing LoRA file (ours, kohya or peft/diffusers naming).", "lora")
     # --- training ---------------------------------------------------------------------------
-    batch_size: int = _f(1, "Images per step.", "training")
+    batch_size: int = _f(1, "Images per step, in each process with --gpus.", "training")
     epochs: int = _f(10, "Passes over the dataset (x repeats).", "training")
     max_train_steps: int = _f(0, "Stop after this many optimizer steps; 0 uses epochs.", "training")
     learning_rate: float = _f(1e-4, "Learning rate for the UNet LoRA.", "training")
@@ -176,6 +181,9 @@ class TrainConfig:
         if not ok:
             raise ConfigError(f"memory_budget_gb must be a number of GB, auto or off (got {self.memory_budget_gb!r}).")
         self._validate_validation()
+        if self.lora_type == "dora" and self.offload == "blocks":
+            raise ConfigError("lora_type: dora cannot use offload: blocks: DoRA reads each layer's whole weight for "
+                              "its norm in every step. Use offload: none (base_precision: fp8 also saves memory).")
         if not self.target_modules:
             raise ConfigError("target_modules is empty: list at least one, e.g. [q_proj, v_proj].")
 

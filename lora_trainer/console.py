@@ -15,21 +15,24 @@ from .callbacks import Callbacks
 class ConsoleCallbacks(Callbacks):
     """A tqdm bar with the loss, status lines above it, and Ctrl-C as a graceful stop."""
 
-    def __init__(self, unit: str = "step") -> None:
+    def __init__(self, unit: str = "step", quiet: bool = False) -> None:
         self.unit = unit
+        self.quiet = quiet  # a torchrun process other than rank 0: rank 0 shows the run
         self.bar = None
         self.stop_requested = False
 
     def on_progress(self, step: int, total: int) -> None:
         from tqdm import tqdm
 
+        if self.quiet:
+            return
         if self.bar is None:
             self.bar = tqdm(total=total, initial=step, unit=self.unit, dynamic_ncols=True)
         self.bar.n = step
         self.bar.refresh()
 
     def on_status(self, message: str) -> None:
-        if message:
+        if message and not self.quiet:
             (self.bar.write if self.bar is not None else print)(message)
 
     def on_loss(self, step: int, loss: float, lr: float) -> None:
@@ -51,11 +54,11 @@ class ConsoleCallbacks(Callbacks):
             self.bar.close()
 
 
-def run_training(cfg, resume: Optional[str] = None, components=None):
+def run_training(cfg, resume: Optional[str] = None, components=None, quiet: bool = False):
     """Train with the console bar and Ctrl-C handling (shared by `train` and `demo`)."""
     from .train import train
 
-    console = ConsoleCallbacks()
+    console = ConsoleCallbacks(quiet=quiet)
     previous = signal.getsignal(signal.SIGINT)
 
     def on_interrupt(signum, frame):

@@ -277,23 +277,28 @@ def _by_bucket(records: list[ImageRecord], cfg: TrainConfig) -> dict[Bucket, lis
     return dict(sorted(groups.items()))
 
 
-def epoch_batches(records: list[ImageRecord], cfg: TrainConfig, epoch: int, seed: int,
+def epoch_batches(records: list[ImageRecord], cfg: TrainConfig, epoch: int, seed: int, processes: int = 1,
                   ) -> list[list[tuple[ImageRecord, Bucket]]]:
-    """One epoch: each image `repeats` times, batches of one bucket each, in a (seed, epoch)-seeded order."""
+    """One epoch: each image `repeats` times, batches of one bucket each, in a (seed, epoch)-seeded order.
+
+    With several processes these are the global batches (batch_size × processes), which they share.
+    """
     rng = random.Random(f"lora-scripts:{seed}:{epoch}")  # str seeds are hashed stably across runs
+    size = cfg.batch_size * processes
     batches = []
     for bucket, group in _by_bucket(records, cfg).items():
         items = group * cfg.repeats
         rng.shuffle(items)
-        for start in range(0, len(items), cfg.batch_size):
-            batches.append([(record, bucket) for record in items[start:start + cfg.batch_size]])
+        for start in range(0, len(items), size):
+            batches.append([(record, bucket) for record in items[start:start + size]])
     rng.shuffle(batches)
     return batches
 
 
-def batches_per_epoch(records: list[ImageRecord], cfg: TrainConfig) -> int:
+def batches_per_epoch(records: list[ImageRecord], cfg: TrainConfig, processes: int = 1) -> int:
     """len(epoch_batches(...)) without building them: for step counts and schedulers."""
-    return sum(math.ceil(len(g) * cfg.repeats / cfg.batch_size) for g in _by_bucket(records, cfg).values())
+    size = cfg.batch_size * processes
+    return sum(math.ceil(len(g) * cfg.repeats / size) for g in _by_bucket(records, cfg).values())
 
 
 def optimizer_steps(batches: int, cfg: TrainConfig) -> tuple[int, int]:

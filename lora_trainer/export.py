@@ -41,8 +41,12 @@ def named_models(components: Any) -> List[Tuple[str, nn.Module]]:
 
 
 def lora_state_dict(components: Any, dtype: torch.dtype = torch.float16) -> Dict[str, torch.Tensor]:
-    """The kohya-layout tensors of every LoRA layer in `components`."""
-    from .lora import ADAPTER, lora_layers
+    """The kohya-layout tensors of every LoRA layer in `components`.
+
+    A DoRA layer adds `<module>.dora_scale` (dora.py), always in fp32: it multiplies the base weight itself, which
+    fp16 rounding would rescale by up to 0.05 % per row."""
+    from .dora import kohya_scale
+    from .lora import ADAPTER, dora_module, lora_layers
 
     out: Dict[str, torch.Tensor] = {}
     for prefix, model in named_models(components):
@@ -51,6 +55,10 @@ def lora_state_dict(components: Any, dtype: torch.dtype = torch.float16) -> Dict
             out[f"{key}.lora_down.weight"] = _cpu(layer.lora_A[ADAPTER].weight, dtype)
             out[f"{key}.lora_up.weight"] = _cpu(layer.lora_B[ADAPTER].weight, dtype)
             out[f"{key}.alpha"] = torch.tensor(float(layer.lora_alpha[ADAPTER]), dtype=dtype)
+            dora = dora_module(layer)
+            if dora is not None:
+                out[f"{key}.dora_scale"] = _cpu(kohya_scale(dora.weight, layer.get_base_layer().weight.dim()),
+                                                torch.float32)
     return out
 
 
@@ -72,12 +80,11 @@ def build_metadata(cfg: Any, components: Any, info: Mapping[str, Any]) -> Dict[s
         "ss_base_model_version": BASE_MODEL_VERSION[family] + ("_v" if pred == "v_prediction" and family == "sd2"
                                                               else ""),
         "ss_v2": str(family == "sd2"),
-        "ss_network_module": "networks.lora",
+        **network_metadata(cfg.lora_type == "dora", {"conv_dim": cfg.conv_rank, "conv_alpha": cfg.conv_alpha}
+                           if cfg.conv_rank else {}),
         "ss_network_dim": cfg.lora_rank,
         "ss_network_alpha": cfg.lora_alpha,
         "ss_network_dropout": cfg.lora_dropout,
-        "ss_network_args": json.dumps({"conv_dim": cfg.conv_rank, "conv_alpha": cfg.conv_alpha}
-                                      if cfg.conv_rank else {}),
         "ss_sd_model_name": components.name,
         "ss_new_sd_model_hash": components.resolved_hash(),
         "ss_resolution": f"({res[0]}, {res[1]})",
@@ -93,7 +100,8 @@ def build_metadata(cfg: Any, components: Any, info: Mapping[str, Any]) -> Dict[s
         "ss_optimizer": cfg.optimizer,
         "ss_batch_size_per_device": cfg.batch_size,
         "ss_gradient_accumulation_steps": cfg.gradient_accumulation_steps,
-        "ss_total_batch_size": cfg.batch_size * cfg.gradient_accumulation_steps,
+        "ss_total_batch_size": cfg.batch_size * info.get("processes", 1) * cfg.gradient_accumulation_steps,
+        "lora_trainer.processes": info.get("processes", 1),  # torchrun processes that shared each batch
         "ss_gradient_checkpointing": cfg.gradient_checkpointing,
         "ss_mixed_precision": info.get("mixed_precision", cfg.mixed_precision),
         "lora_trainer.base_precision": info.get("base_precision", cfg.base_precision),
@@ -135,6 +143,19 @@ def build_metadata(cfg: Any, components: Any, info: Mapping[str, Any]) -> Dict[s
         meta["lora_trainer.val_loss"] = repr(float(info["val_loss"]))
     return {k: v if isinstance(v, str) else json.dumps(v) if isinstance(v, (dict, list)) else str(v)
             for k, v in meta.items()}
+
+
+def network_metadata(dora: bool, args: Optional[Mapping[str, Any]] = None) -> Dict[str, str]:
+    """`ss_network_module` / `ss_network_args` as kohya's scripts record them: a DoRA file the way LyCORIS's
+    network module does (`dora_wd`, `wd_on_output`; its args are strings), so tools and UIs can tell."""
+    if not dora:
+        return {"ss_network_module": "networks.lora", "ss_network_args": json.dumps(dict(args or {}))}
+    lycoris = {"algo": "lora", "dora_wd": "True", "wd_on_output": "True", **{k: str(v) for k, v in (args or {}).items()}}
+    return {"ss_network_module": "lycoris.kohya", "ss_network_args": json.dumps(lycoris)}
+
+
+def is_dora(tensors: Mapping[str, Any]) -> bool:
+    return any(k.endswith(".dora_scale") for k in tensors)
 
 
 def save_lora(path: Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str],
@@ -228,12 +249,16 @@ def peft_alpha(lora_path: Path) -> Optional[float]:
 
 def to_kohya(tensors: Mapping[str, torch.Tensor], family: str, num_text_encoders: int,
              default_alpha: Optional[float] = None, unet_config: Any = None) -> Dict[str, torch.Tensor]:
-    """Any supported LoRA spelling → kohya keys (down/up/alpha), keeping alpha = rank when absent.
+    """Any supported LoRA spelling → kohya keys (down/up/alpha, and dora_scale for DoRA), keeping alpha = rank
+    when absent.
 
     peft/diffusers files carry no alpha: `default_alpha` (peft's adapter_config lora_alpha) is
-    used when given, else alpha = rank, which is what those loaders assume (scale 1).
+    used when given, else alpha = rank, which is what those loaders assume (scale 1). peft's DoRA
+    `lora_magnitude_vector` becomes kohya's (out, 1, …) dora_scale (dora.py).
     SDXL kohya files written with CompVis block names are mapped with diffusers' own table.
     """
+    from .dora import kohya_scale
+
     te_prefixes = keymap.text_encoder_prefixes(family, num_text_encoders)
     parts: Dict[str, Dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
@@ -257,6 +282,10 @@ def to_kohya(tensors: Mapping[str, torch.Tensor], family: str, num_text_encoders
         rank = p["down"].shape[0]
         alpha = p["alpha"] if "alpha" in p else torch.tensor(float(default_alpha or rank))
         out[f"{name}.alpha"] = alpha.reshape(())
+        if "magnitude" in p:
+            out[f"{name}.dora_scale"] = kohya_scale(p["magnitude"], p["down"].dim())
+        elif "dora_scale" in p:
+            out[f"{name}.dora_scale"] = p["dora_scale"]
     if not out:
         raise ModelError("No LoRA weights found: expected kohya (lora_unet_…lora_down.weight) or "
                          "peft/diffusers (unet.…lora_A.weight) keys.")

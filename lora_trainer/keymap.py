@@ -50,6 +50,9 @@ _PART_ALIASES = {
     "lora_A.default.weight": "down", "lora_B.default.weight": "up",
     "lora.down.weight": "down", "lora.up.weight": "up",
     "lora_linear_layer.down.weight": "down", "lora_linear_layer.up.weight": "up",
+    # DoRA: kohya/LyCORIS `dora_scale` as written; peft's magnitude, shaped its own way (export.to_kohya)
+    "dora_scale": "dora_scale", "lora_magnitude_vector": "magnitude", "lora_magnitude_vector.weight": "magnitude",
+    "lora_magnitude_vector.default": "magnitude", "lora_magnitude_vector.default.weight": "magnitude",
 }
 # diffusers / peft component prefixes → kohya prefixes (SD1/SD2 vs SDXL decided by the caller).
 _FOREIGN_COMPONENTS = (
@@ -63,7 +66,7 @@ _FOREIGN_COMPONENTS = (
 
 
 def split_lora_key(key: str) -> Optional[Tuple[str, str]]:
-    """`<module>.<part>` → (module, part in down/up/alpha), for any of the known spellings."""
+    """`<module>.<part>` → (module, part in down/up/alpha/dora_scale/magnitude), for any of the known spellings."""
     for suffix in sorted(_PART_ALIASES, key=len, reverse=True):
         if key.endswith("." + suffix):
             return key[: -len(suffix) - 1], _PART_ALIASES[suffix]

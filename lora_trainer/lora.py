@@ -8,12 +8,13 @@ modules; nothing is patched process-wide.
 
 from __future__ import annotations
 
-from typing import Dict, Iterable, List, Tuple
+from typing import Dict, Iterable, List, Optional, Set, Tuple
 
 import torch
 from torch import nn
 
-from .errors import ConfigError
+from . import dora as dora_math
+from .errors import ConfigError, ModelError
 
 ADAPTER = "default"
 
@@ -86,15 +87,19 @@ def add_lora(
     dropout: float = 0.0,
     conv_rank: int = 0,
     conv_alpha: float = 0.0,
+    dora: bool = False,
 ) -> List[nn.Parameter]:
-    """Wrap `targets` of `model` with LoRA adapters and return the trainable parameters.
+    """Wrap `targets` of `model` with LoRA adapters (`dora`: peft's DoRA) and return the trainable parameters.
 
     Every base weight is frozen; only the LoRA A/B matrices train, in fp32 whatever the base's dtype. B starts at zero, so the
     wrapped model computes exactly what the base model did until the first step. ResNet convs
     take `conv_rank`/`conv_alpha` (peft's rank_pattern, keyed by the conv's own short name,
-    which every peft version matches the same way).
+    which every peft version matches the same way). A DoRA magnitude starts as its weight's row norms.
     """
     from peft import LoraConfig, inject_adapter_in_model
+
+    if dora:
+        dora_math.require_peft()
 
     short_names = {t.rsplit(".", 1)[-1] for t in targets}
     convs = [c for c in CONV_NAMES if c in short_names] if conv_rank or conv_alpha else []
@@ -106,18 +111,30 @@ def add_lora(
         rank_pattern={c: conv_rank or rank for c in convs},
         alpha_pattern={c: conv_alpha or alpha for c in convs},
         init_lora_weights=True,
+        **({"use_dora": True} if dora else {}),
     )
     model.requires_grad_(False)
-    inject_adapter_in_model(config, model, adapter_name=ADAPTER)
+    modules = dict(model.named_modules()) if dora else {}
+    with dora_math.norm_readable([modules[t].weight for t in targets if t in modules]):
+        inject_adapter_in_model(config, model, adapter_name=ADAPTER)
     params = lora_parameters(model)
     if any(p.dtype != torch.float32 for p in params):  # peft gives the adapter the base layer's dtype (fp8, half)
         for p in params:
             p.data = p.data.float()
         for layer in lora_layers(model).values():  # initialised again in fp32, not rounded to the base's dtype
             layer.reset_lora_parameters(ADAPTER, True)
+    for layer in lora_layers(model).values():
+        if dora_module(layer) is not None:
+            dora_math.start(dora_module(layer), layer.get_base_layer().weight)
     for p in params:
         p.requires_grad_(True)
     return params
+
+
+def dora_module(layer: nn.Module) -> Optional[nn.Module]:
+    """peft's DoRA part of a LoRA layer (its `weight` is the magnitude), None for a plain LoRA layer."""
+    magnitudes = getattr(layer, "lora_magnitude_vector", None)
+    return magnitudes[ADAPTER] if magnitudes is not None and ADAPTER in magnitudes else None
 
 
 def lora_layers(model: nn.Module) -> Dict[str, nn.Module]:
@@ -132,10 +149,16 @@ def lora_parameters(model: nn.Module) -> List[nn.Parameter]:
 
 
 def set_lora_scale(models: Iterable[nn.Module], scale: float) -> None:
-    """Multiply every LoRA update by `scale` (the `<lora:name:scale>` strength) in place."""
+    """Multiply every LoRA update by `scale` (the `<lora:name:scale>` strength) in place.
+
+    A DoRA layer keeps alpha / rank inside its norm and scales its output's change instead, as the hosts do."""
     for model in models:
         for layer in lora_layers(model).values():
-            layer.scaling[ADAPTER] = scale * layer.lora_alpha[ADAPTER] / layer.r[ADAPTER]
+            dora = dora_module(layer)
+            if dora is not None:
+                dora_math.set_strength(dora, scale)
+            inside = 1.0 if dora is not None else scale
+            layer.scaling[ADAPTER] = inside * layer.lora_alpha[ADAPTER] / layer.r[ADAPTER]
 
 
 def add_lora_to_components(components, cfg) -> Tuple[List[nn.Parameter], List[nn.Parameter]]:
@@ -144,8 +167,9 @@ def add_lora_to_components(components, cfg) -> Tuple[List[nn.Parameter], List[nn
     Returns (unet LoRA parameters, text-encoder LoRA parameters).
     """
     unet_targets = resolve_targets(components.unet, cfg.target_modules, UNET_TARGETS)
+    dora = cfg.lora_type == "dora"
     unet_params = add_lora(components.unet, unet_targets, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout,
-                           cfg.conv_rank, cfg.conv_alpha)
+                           cfg.conv_rank, cfg.conv_alpha, dora)
     te_params: List[nn.Parameter] = []
     for te in components.text_encoders:
         te.requires_grad_(False)
@@ -153,7 +177,7 @@ def add_lora_to_components(components, cfg) -> Tuple[List[nn.Parameter], List[nn
             targets = resolve_targets(te, cfg.target_modules, TEXT_TARGETS, strict=False)
             if not targets:
                 targets = resolve_targets(te, ["attn"], TEXT_TARGETS)
-            te_params += add_lora(te, targets, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout)
+            te_params += add_lora(te, targets, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, dora=dora)
     return unet_params, te_params
 
 
@@ -175,43 +199,26 @@ def load_lora_into(components, kohya: Dict[str, torch.Tensor], dropout: float = 
 
     Used for `init_lora` (continue from an existing LoRA), for resuming, and for sampling a
     saved file. Ranks and alphas come from the file; a file whose linear (or conv) layers mix
-    several ranks is refused, since one peft config carries one rank per layer kind.
+    several ranks is refused, since one peft config carries one rank per layer kind. A file with
+    `dora_scale` tensors becomes peft's DoRA, its magnitudes those tensors.
     """
     from . import keymap
-    from .errors import ModelError
     from .export import named_models
 
     unet_params: List[nn.Parameter] = []
     te_params: List[nn.Parameter] = []
     used = set()
     names = {k.rsplit(".", 2)[0] if k.endswith(".weight") else k.rsplit(".", 1)[0] for k in kohya}
+    dora = _is_dora(kohya, names)
     for prefix, model in named_models(components):
         table = keymap.reverse_table(prefix, [n for n, _ in model.named_modules()])
         hits = {table[n]: n for n in names if n in table}
         if not hits:
             continue
-        groups: Dict[bool, set] = {True: set(), False: set()}
-        for module_name, key in hits.items():
-            is_conv = module_name.rsplit(".", 1)[-1] in CONV_NAMES
-            rank = kohya[f"{key}.lora_down.weight"].shape[0]
-            alpha = float(kohya[f"{key}.alpha"]) if f"{key}.alpha" in kohya else float(rank)
-            groups[is_conv].add((rank, alpha))
-        for kind, pairs in groups.items():
-            if len(pairs) > 1:
-                raise ModelError(f"This LoRA mixes ranks/alphas {sorted(pairs)} across its {'conv' if kind else 'linear'}"
-                                 " layers; continue from a LoRA with one rank per layer kind.")
-        rank, alpha = next(iter(groups[False] or groups[True]))
-        conv_rank, conv_alpha = next(iter(groups[True])) if groups[True] else (0, 0.0)
-        params = add_lora(model, list(hits), rank, alpha, dropout, conv_rank, conv_alpha)
-        layers = lora_layers(model)
-        with torch.no_grad():
-            for module_name, key in hits.items():
-                layer = layers[module_name]
-                layer.lora_A[ADAPTER].weight.copy_(kohya[f"{key}.lora_down.weight"].reshape_as(
-                    layer.lora_A[ADAPTER].weight))
-                layer.lora_B[ADAPTER].weight.copy_(kohya[f"{key}.lora_up.weight"].reshape_as(
-                    layer.lora_B[ADAPTER].weight))
-                used.add(key)
+        (rank, alpha), (conv_rank, conv_alpha) = _ranks(hits, kohya)
+        params = add_lora(model, list(hits), rank, alpha, dropout, conv_rank, conv_alpha, dora)
+        _copy_weights(lora_layers(model), hits, kohya)
+        used.update(hits.values())
         for p in params:
             p.requires_grad_(trainable)
         (unet_params if prefix == keymap.UNET_PREFIX else te_params).extend(params)
@@ -223,3 +230,47 @@ def load_lora_into(components, kohya: Dict[str, torch.Tensor], dropout: float = 
         raise ModelError(f"{len(unused)} LoRA layers do not exist in the base model (e.g. {unused[0]}): "
                          "the LoRA was made for another model family.")
     return unet_params, te_params
+
+
+def _is_dora(kohya: Dict[str, torch.Tensor], names: Set[str]) -> bool:
+    """Whether a kohya state dict is DoRA; one peft config is DoRA or not, so a mix is refused."""
+    plain = sorted(n for n in names if f"{n}.dora_scale" not in kohya)
+    if plain and len(plain) < len(names):
+        raise ModelError(f"This LoRA mixes DoRA and plain LoRA layers (e.g. {plain[0]} has no dora_scale); "
+                         "continue from a LoRA that is all one or the other.")
+    return not plain
+
+
+def _ranks(hits: Dict[str, str], kohya: Dict[str, torch.Tensor]) -> Tuple[Tuple[int, float], Tuple[int, float]]:
+    """((rank, alpha) of the linear layers, (rank, alpha) of the convs or (0, 0.0)) of a file's modules."""
+    groups: Dict[bool, set] = {True: set(), False: set()}
+    for module_name, key in hits.items():
+        is_conv = module_name.rsplit(".", 1)[-1] in CONV_NAMES
+        rank = kohya[f"{key}.lora_down.weight"].shape[0]
+        alpha = float(kohya[f"{key}.alpha"]) if f"{key}.alpha" in kohya else float(rank)
+        groups[is_conv].add((rank, alpha))
+    for kind, pairs in groups.items():
+        if len(pairs) > 1:
+            raise ModelError(f"This LoRA mixes ranks/alphas {sorted(pairs)} across its {'conv' if kind else 'linear'}"
+                             " layers; continue from a LoRA with one rank per layer kind.")
+    linear = next(iter(groups[False] or groups[True]))
+    return linear, next(iter(groups[True])) if groups[True] else (0, 0.0)
+
+
+def _copy_weights(layers: Dict[str, nn.Module], hits: Dict[str, str], kohya: Dict[str, torch.Tensor]) -> None:
+    """The file's down/up (and DoRA magnitudes) into the wrapped layers `hits` names."""
+    with torch.no_grad():
+        for module_name, key in hits.items():
+            layer = layers[module_name]
+            down, up = layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight
+            down.copy_(kohya[f"{key}.lora_down.weight"].reshape_as(down))
+            up.copy_(kohya[f"{key}.lora_up.weight"].reshape_as(up))
+            dora = dora_module(layer)
+            if dora is None:
+                continue
+            scale = kohya[f"{key}.dora_scale"]
+            if scale.shape[0] != up.shape[0] or scale.numel() != up.shape[0]:  # ComfyUI's test of the axis
+                raise ModelError(f"{key}: its dora_scale {tuple(scale.shape)} scales input channels (LyCORIS "
+                                 "wd_on_output=False); peft's DoRA, which this trainer uses, scales output channels, "
+                                 "so it cannot sample or continue from this file (merge --base can bake it in).")
+            dora.weight.copy_(scale.reshape_as(dora.weight))

@@ -92,7 +92,7 @@ def start_of_step(run: Any) -> tuple:
     from .state import Position, rng_state
 
     pos = run.position
-    return Position(pos.step, pos.epoch, pos.batch), rng_state(run.generator, run.py_rng)
+    return Position(pos.step, pos.epoch, pos.batch), rng_state()
 
 
 def back_off(run: Any, callbacks: Any, step_start: tuple, err: BaseException) -> None:
@@ -108,7 +108,9 @@ def back_off(run: Any, callbacks: Any, step_start: tuple, err: BaseException) ->
     release()
     done = run.info.setdefault("memory_changes", [])
     position, rng = step_start
-    change = next_change(run.cfg, run.device.type, batch=False) if len(done) < MAX_BACK_OFFS else None
+    # Several processes must keep one setting: a step-down on one alone would part them, so they stop instead.
+    alone = not run.processes.many
+    change = next_change(run.cfg, run.device.type, batch=False) if alone and len(done) < MAX_BACK_OFFS else None
     if change is None:
         raise TrainingError(
             f"Out of GPU memory at step {position.step + 1}" + (f" even after {_said(done)}" if done else "") +
@@ -117,7 +119,7 @@ def back_off(run: Any, callbacks: Any, step_start: tuple, err: BaseException) ->
             "--budget-gb to see what fits.") from None
     apply_in_place(run, change)
     run.position.step, run.position.epoch, run.position.batch = position.step, position.epoch, position.batch
-    restore_rng(rng, run.generator, run.py_rng)
+    restore_rng(rng)
     done.append(change)
     callbacks.on_status(f"out of GPU memory at step {position.step + 1}: continuing with {_said([change])} "
                         f"(step-down {len(done)} of at most {MAX_BACK_OFFS})")

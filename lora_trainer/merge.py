@@ -1,5 +1,8 @@
 """Bake LoRAs into a single-file checkpoint: W' = W + strength · (alpha / rank) · up @ down.
 
+A DoRA file (a `dora_scale` per module) is baked in as the hosts apply it (dora.py): W' = W + strength ·
+(dora_scale · (W + ΔW) / ‖W + ΔW‖ − W), ΔW = (alpha / rank) · up @ down.
+
 The result keeps the base file's own layout and keys (SD1.x, SD2.x, SDXL), so every host loads it
 as it loaded the base. Which original-layout key a kohya module lands in is not a table written
 here: the project's own LDM → diffusers conversion (diffusers' UNet converter, `text_convert` for
@@ -24,6 +27,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 
 from . import keymap
+from .dora import decomposed
 from .errors import ConfigError, ModelError
 from .export import SAVE_DTYPES, peft_alpha, read_lora, to_kohya
 from .files import atomic_path
@@ -38,7 +42,7 @@ class LoraInput:
     """One LoRA file in kohya names, with the strength it is merged at."""
     path: Path
     strength: float
-    tensors: Dict[str, torch.Tensor]  # kohya layout: <module>.lora_down.weight / .lora_up.weight / .alpha
+    tensors: Dict[str, torch.Tensor]  # kohya layout: <module>.lora_down.weight / .lora_up.weight / .alpha (/ .dora_scale)
     metadata: Dict[str, str]
     family: Optional[str]  # what the file says it was made for (None: it does not say)
 
@@ -47,10 +51,23 @@ class LoraInput:
 
     def factors(self, module: str) -> Tuple[torch.Tensor, torch.Tensor, float]:
         """(up, down, strength · alpha / rank) of one module, in float32."""
+        up, down, alpha = self._parts(module)
+        return up, down, self.strength * alpha / down.shape[0]
+
+    def merged_into(self, module: str, weight: torch.Tensor) -> torch.Tensor:
+        """`weight` (float32: a module's weight, or its rows of a fused one) with this module merged in."""
+        dora_scale = self.tensors.get(f"{module}.dora_scale")
+        if dora_scale is None:
+            up, down, scale = self.factors(module)
+            return weight + scale * torch.mm(up.flatten(1), down.flatten(1)).reshape(weight.shape)
+        up, down, alpha = self._parts(module)
+        delta = alpha / down.shape[0] * torch.mm(up.flatten(1), down.flatten(1)).reshape(weight.shape)
+        return decomposed(weight, delta, dora_scale.float(), self.strength)
+
+    def _parts(self, module: str) -> Tuple[torch.Tensor, torch.Tensor, float]:
         down = self.tensors[f"{module}.lora_down.weight"].float()
         up = self.tensors[f"{module}.lora_up.weight"].float()
-        alpha = float(self.tensors.get(f"{module}.alpha", torch.tensor(float(down.shape[0]))))
-        return up, down, self.strength * alpha / down.shape[0]
+        return up, down, float(self.tensors.get(f"{module}.alpha", torch.tensor(float(down.shape[0]))))
 
 
 def parse_lora_arg(text: str) -> Tuple[Path, float]:
@@ -80,14 +97,14 @@ def load_lora(path: Path, strength: float, family: Optional[str], unet_config: o
     tensors, metadata = read_lora(path)
     unknown = sorted(k for k in tensors if keymap.split_lora_key(k) is None)
     if unknown:
-        raise ModelError(f"{path.name} holds {len(unknown)} tensors that are not plain LoRA weights (e.g. "
-                         f"{unknown[0]}): LoHa, LoKr, DoRA and other LyCORIS types cannot be merged.")
+        raise ModelError(f"{path.name} holds {len(unknown)} tensors that are not LoRA or DoRA weights (e.g. "
+                         f"{unknown[0]}): LoHa, LoKr and other LyCORIS types cannot be merged.")
     own = lora_family(metadata, tensors)
     family = own or family or "sd1"  # converted in its own family; a mismatch with the base is reported later
     kohya = to_kohya(tensors, family, 2 if family == "sdxl" else 1, default_alpha=peft_alpha(path),
                      unet_config=unet_config)
     modules = {keymap.split_lora_key(k)[0] for k in tensors}
-    if len(kohya) // 3 < len(modules):
+    if sum(k.endswith(".lora_down.weight") for k in kohya) < len(modules):
         raise ModelError(f"{path.name}: some LoRA modules have no kohya name or lack their up or down weight; "
                          "the file cannot be merged whole.")
     return LoraInput(path, strength, kohya, metadata, own)
@@ -205,8 +222,7 @@ def merge_into_checkpoint(base_path: Path, loras: Sequence[Tuple[Path, float]], 
         weight = base.read(key, torch.float32)
         for lora, module, part in updates[key]:
             rows = _rows(weight, part)
-            up, down, scale = lora.factors(module)
-            rows += scale * torch.mm(up.flatten(1), down.flatten(1)).reshape(rows.shape)
+            rows.copy_(lora.merged_into(module, rows))
         return weight.to(target or _torch_dtype(base.stored_dtype(key)))
 
     stale = ("modelspec.hash_sha256", "sshs_model_hash")  # hashes of the base's own bytes
@@ -237,10 +253,19 @@ def _check_shapes(base, updates) -> None:
             down = lora.tensors[f"{module}.lora_down.weight"]
             up = lora.tensors[f"{module}.lora_up.weight"]
             ok = up.shape[0] == rows and up.flatten(1).shape[1] == down.shape[0] and \
-                rows * down.flatten(1).shape[1] == numel
+                rows * down.flatten(1).shape[1] == numel and _dora_fits(lora, module, rows)
             if not ok:
                 raise ModelError(f"{lora.path.name}: {module} (up {tuple(up.shape)}, down {tuple(down.shape)}) does "
                                  f"not fit {key} {shape}: the LoRA was made for another model.")
+
+
+def _dora_fits(lora: LoraInput, module: str, rows: int) -> bool:
+    """A dora_scale holds one value per output row ((rows, 1, …)) or per input column ((1, in, …))."""
+    scale = lora.tensors.get(f"{module}.dora_scale")
+    if scale is None:
+        return True
+    columns = lora.tensors[f"{module}.lora_down.weight"].shape[1]  # a conv's input channels, not its k×k
+    return scale.numel() == rows and scale.shape[0] == rows or scale.shape[0] == 1 and scale.numel() == columns
 
 
 def _torch_dtype(name: str) -> torch.dtype:

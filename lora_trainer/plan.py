@@ -140,7 +140,7 @@ def _change_steps(cfg: TrainConfig, dev: Any, batch_changes: bool = True) -> Lis
         steps.append({"gradient_checkpointing": True})
     if cfg.base_precision != "fp8":
         steps.append({"base_precision": "fp8"})
-    if dev.type == "cuda" and cfg.offload != "blocks":
+    if dev.type == "cuda" and cfg.offload != "blocks" and cfg.lora_type != "dora":  # DoRA reads whole weights
         steps.append({"offload": "blocks"})
     batch, accum = cfg.batch_size, cfg.gradient_accumulation_steps
     while batch_changes and batch > 1:  # the same effective batch in smaller pieces

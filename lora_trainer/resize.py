@@ -9,6 +9,10 @@ With a target rank the summed update of each module is factored by SVD instead.
 down), the new down is Vh[:R], the new up U[:, :R]·S[:R], and alpha is rescaled to keep alpha/rank, so the
 update keeps its scale: alpha' = alpha · R / rank. A host (and this project's read path) then applies
 alpha'/R · up' @ down' = alpha/rank · (the best rank-R approximation of up @ down).
+
+DoRA files (dora.py): `resize` keeps each module's dora_scale and resizes the direction update ΔW, which a host
+then normalises as before. Merging them without a base is refused: a magnitude rescales W + ΔW as a whole, so
+several DoRA (or DoRA and plain) updates do not add up to one file without the base weights.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 
 from .errors import ConfigError, ModelError
-from .export import ARCHITECTURE, BASE_MODEL_VERSION, SAVE_DTYPES, save_lora
+from .export import ARCHITECTURE, BASE_MODEL_VERSION, SAVE_DTYPES, is_dora, network_metadata, save_lora
 from .merge import LoraInput, file_hash, load_lora, refuse_existing
 
 
@@ -83,6 +87,8 @@ def resize_lora(tensors: Dict[str, torch.Tensor], rank: Optional[int] = None,
         out[f"{module}.lora_down.weight"] = new_down
         out[f"{module}.lora_up.weight"] = new_up
         out[f"{module}.alpha"] = torch.tensor(alpha * new / old)
+        if f"{module}.dora_scale" in tensors:
+            out[f"{module}.dora_scale"] = tensors[f"{module}.dora_scale"].float()
         table.append(Kept(module, old, new, fraction))
     if not table:
         raise ModelError("No LoRA modules found to resize.")
@@ -92,6 +98,10 @@ def resize_lora(tensors: Dict[str, torch.Tensor], rank: Optional[int] = None,
 def merge_loras(loras: Sequence[LoraInput], rank: Optional[int] = None) -> Tuple[Dict[str, torch.Tensor], List[Kept]]:
     """One kohya LoRA whose update is Σ s_i · alpha_i/r_i · up_i @ down_i per module: stacked (exact) or, with
     `rank`, the SVD of each module's summed update (the table says how much of it was kept)."""
+    dora = [lora.path.name for lora in loras if is_dora(lora.tensors)]
+    if dora:
+        raise ModelError(f"{dora[0]} is a DoRA file: its magnitudes rescale the base weight as a whole, so it cannot "
+                         "be merged into another LoRA without the base. Merge it into a checkpoint (--base) instead.")
     modules: Dict[str, List[LoraInput]] = {}
     for lora in loras:
         for module in lora.modules():
@@ -138,16 +148,17 @@ def _common_family(loras: Sequence[LoraInput]) -> str:
     return said.pop() if said else "sd1"
 
 
-def _metadata(family: str, name: str, table: Sequence[Kept], base: Dict[str, str]) -> Dict[str, str]:
+def _metadata(family: str, name: str, table: Sequence[Kept], base: Dict[str, str],
+              dora: bool = False) -> Dict[str, str]:
     """kohya/modelspec keys for a new LoRA file: `base`'s (a resize keeps its input's training record; a merge
     passes only what says which model the LoRAs are for), the ranks and alphas of the new file."""
     ranks = sorted({r.new_rank for r in table})
     meta = {k: v for k, v in base.items() if k.startswith(("ss_", "modelspec."))}
-    meta.pop("ss_network_args", None)  # conv_dim/conv_alpha of the old file no longer hold
+    meta.update(network_metadata(dora))  # conv_dim/conv_alpha of the old file no longer hold
     meta.update({
         "ss_output_name": name, "modelspec.title": name,
         "ss_base_model_version": base.get("ss_base_model_version", BASE_MODEL_VERSION[family]),
-        "ss_v2": str(family == "sd2"), "ss_network_module": "networks.lora",
+        "ss_v2": str(family == "sd2"),
         "ss_network_dim": str(ranks[0]) if len(ranks) == 1 else "Dynamic",
         "ss_network_alpha": str(ranks[0]) if len(ranks) == 1 else "Dynamic",
         "modelspec.sai_model_spec": "1.0.0",
@@ -181,7 +192,7 @@ def resize_lora_file(path: Path, output: Path, rank: Optional[int] = None, fro: 
     lora = load_lora(Path(path), 1.0, None)
     tensors, table = resize_lora(lora.tensors, rank, fro)
     family = lora.family or "sd1"
-    meta = _metadata(family, Path(output).stem, table, lora.metadata)
+    meta = _metadata(family, Path(output).stem, table, lora.metadata, is_dora(tensors))
     alphas = {round(float(v), 6) for k, v in tensors.items() if k.endswith(".alpha")}
     meta["ss_network_alpha"] = str(alphas.pop()) if len(alphas) == 1 else "Dynamic"
     meta["lora_trainer.resized_from"] = json.dumps({"file": Path(path).name, "sshs_model_hash": file_hash(Path(path)),

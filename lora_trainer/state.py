@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import random
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -34,6 +33,8 @@ RESUMABLE_CHANGES = {
     # Validation only measures: its images, noise levels and best file may change (validation_split may not:
     # it decides which images are trained on). A changed validation set starts the best val_loss afresh.
     "validation_dir", "validation_timesteps", "save_best",
+    # Checked as the global batch (batch_size × processes) instead: what the batches and draws depend on.
+    "batch_size",
 }
 
 
@@ -56,10 +57,12 @@ class Position:
 
 
 def save_state(folder: Path, position: Position, lora: Dict[str, torch.Tensor], trainer: Dict[str, Any],
-               cfg: Any, data_hash: str, keep_last: int, validation: Optional[Dict[str, Any]] = None) -> Path:
+               cfg: Any, data_hash: str, keep_last: int, validation: Optional[Dict[str, Any]] = None,
+               processes: int = 1) -> Path:
     """Write one state folder atomically (temp folder + rename) and prune old ones.
 
     `validation` (JSON-able: the validation set's id and the best val_loss so far) is kept for a resume.
+    `processes` is how many shared each batch: a resume may use another count with the same global batch.
     """
     from safetensors.torch import save_file
 
@@ -72,7 +75,8 @@ def save_state(folder: Path, position: Position, lora: Dict[str, torch.Tensor], 
         torch.save(trainer, tmp / "trainer.pt")
         meta = {"version": STATE_VERSION, "step": position.step, "epoch": position.epoch,
                 "batch": position.batch, "dataset_hash": data_hash, "config": math_config(cfg),
-                "name": cfg.name, "validation": validation or {}}
+                "name": cfg.name, "validation": validation or {}, "processes": processes,
+                "global_batch": cfg.batch_size * processes}
         (tmp / STATE_FILE).write_text(json.dumps(meta, indent=1), encoding="utf-8")
         usual_mode(tmp)  # mkdtemp's folder and safetensors' file are private otherwise
         if target.exists():
@@ -113,8 +117,8 @@ class LoadedState:
     validation: Optional[Dict[str, Any]] = None  # what save_state was given: the best val_loss so far
 
 
-def load_state(path: Path, cfg: Any, data_hash: str) -> LoadedState:
-    """Read and check a state folder against this run's config and dataset."""
+def load_state(path: Path, cfg: Any, data_hash: str, processes: int = 1) -> LoadedState:
+    """Read and check a state folder against this run's config, dataset and global batch."""
     from safetensors.torch import load_file
 
     folder = find_state(path)
@@ -129,6 +133,7 @@ def load_state(path: Path, cfg: Any, data_hash: str) -> LoadedState:
         diffs = ", ".join(f"{k} ({meta['config'].get(k)!r} → {getattr(cfg, k)!r})" for k in changed[:5])
         raise ResumeError(f"{folder} was trained with other settings: {diffs}. Resume with the same config, "
                           "or start a new run with another output_dir.")
+    _check_global_batch(folder, meta, cfg.batch_size, processes)
     if meta.get("dataset_hash") != data_hash:
         raise ResumeError(f"{folder} was trained on other images or captions than {cfg.train_data_dir} holds now. "
                           "Restore the images, or start a new run (init_lora can continue from its LoRA).")
@@ -141,27 +146,36 @@ def load_state(path: Path, cfg: Any, data_hash: str) -> LoadedState:
                        meta.get("validation") or {})
 
 
-def rng_state(generator: torch.Generator, py_rng: random.Random) -> Dict[str, Any]:
-    state: Dict[str, Any] = {"torch": torch.get_rng_state(), "generator": generator.get_state(),
-                             "python": _py_state(py_rng.getstate())}
+def _check_global_batch(folder: Path, meta: Dict[str, Any], batch_size: int, processes: int) -> None:
+    """A run resumes exactly on any process count whose batch_size × processes is the state's: the batches and each
+    image's draws depend on the global batch only (see distributed.py)."""
+    was = int(meta.get("processes", 1))
+    was_batch = int(meta.get("global_batch", meta.get("config", {}).get("batch_size", batch_size)))
+    if was_batch == batch_size * processes:
+        return
+    if was_batch % processes == 0:
+        fix = f"set batch_size: {was_batch // processes} for {processes} process{'es' * (processes > 1)}"
+    else:
+        fix = f"use {was} process{'es' * (was > 1)} with batch_size: {was_batch // was}"
+    raise ResumeError(f"{folder} was trained with a global batch of {was_batch} ({was} process{'es' * (was > 1)} × "
+                      f"batch_size {was_batch // was}); this run's is {batch_size * processes} ({processes} × "
+                      f"{batch_size}). To resume exactly, {fix}.")
+
+
+def rng_state() -> Dict[str, Any]:
+    """The global generators' states: LoRA dropout draws from them (everything else is drawn per image from the
+    seed and its place, see train.py). Every process starts from the same seed and draws alike, so rank 0's
+    state serves them all."""
+    state: Dict[str, Any] = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
-def restore_rng(state: Dict[str, Any], generator: torch.Generator, py_rng: random.Random) -> None:
+def restore_rng(state: Dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
-    generator.set_state(state["generator"])
-    version, internal, gauss = state["python"]
-    py_rng.setstate((version, tuple(internal), gauss))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _py_state(state: tuple) -> list:
-    # weights_only torch.load reads lists and ints; keep the tuple shape out of the pickle.
-    version, internal, gauss = state
-    return [version, list(internal), gauss]
 
 
 def latest_state(output_dir: Path) -> Optional[Path]:

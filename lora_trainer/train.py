@@ -7,6 +7,7 @@ memory around the run.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import random
 import time
@@ -21,6 +22,7 @@ import torch.nn.functional as F
 from .callbacks import Callbacks, HostInterface, MultiCallbacks
 from .config import TrainConfig
 from .dataset import epoch_batches, plan_crop, prepare_image, process_caption
+from .distributed import current, syncing
 from .errors import TrainingError
 from .latents import encode_pixels
 from .memory import back_off, fit_budget, forget_frames, release, start_of_step
@@ -44,22 +46,25 @@ def train(cfg: TrainConfig, callbacks: Optional[Callbacks] = None, host: Optiona
           resume: Optional[str] = None, components: Any = None) -> TrainResult:
     """Train a LoRA as `cfg` says. `base_weights` is a host's in-memory state dict (original layout).
 
-    Every run writes `output_dir/logs` (TensorBoard + train.jsonl), whichever front end started it.
+    Every run writes `output_dir/logs` (TensorBoard + train.jsonl), whichever front end started it. Under
+    torchrun (see distributed.py) every process calls this; only rank 0 writes and returns the LoRA's path.
     """
-    from .checkpoints import Checkpointer
+    from .checkpoints import Checkpointer, NoWrites
     from .monitor import log_callbacks
 
     cb = callbacks or Callbacks()
     host = host or HostInterface()
-    inputs = check_inputs(cfg, cb, resume)  # bad images or a foreign resume folder: the host keeps its GPU
-    loggers = log_callbacks(Path(cfg.output_dir), cb)
+    procs = current()
+    inputs = check_inputs(cfg, cb, resume, procs)  # bad images or a foreign resume folder: the host keeps its GPU
+    loggers = log_callbacks(Path(cfg.output_dir), cb) if procs.main else []
     cb = MultiCallbacks(cb, *loggers)
     host.free_gpu()
     run = checkpointer = None
     try:
-        cfg = fit_budget(cfg, cb, base_weights, components)  # after free_gpu: "auto" counts what the host freed
-        run = prepare_run(cfg, cb, base_weights, base_name, resume, components, inputs)
-        checkpointer = Checkpointer(run, cb, host)
+        # After free_gpu: "auto" counts what the host freed. Every process takes rank 0's plan: one global batch.
+        cfg = procs.from_main(fit_budget(cfg, cb, base_weights, components))
+        run = prepare_run(cfg, cb, base_weights, base_name, resume, components, inputs, procs)
+        checkpointer = Checkpointer(run, cb, host) if procs.main else NoWrites()
         losses, stopped = _loop(run, cb, checkpointer)
         if stopped:
             state = checkpointer.save_checkpoint(final=False)
@@ -83,7 +88,7 @@ def train(cfg: TrainConfig, callbacks: Optional[Callbacks] = None, host: Optiona
 
 
 def _loop(run: Run, cb: Callbacks, checkpointer: Any) -> "tuple[List[float], bool]":
-    cfg, pos = run.cfg, run.position
+    cfg, pos, procs = run.cfg, run.position, run.processes
     losses: List[float] = []
     if checkpointer.validator is not None:
         checkpointer.validator.prepare(cb)  # before the caches below send the VAE away
@@ -96,19 +101,22 @@ def _loop(run: Run, cb: Callbacks, checkpointer: Any) -> "tuple[List[float], boo
     cb.on_progress(pos.step, run.total_steps)
     step_loss, micro, t0 = 0.0, 0, time.perf_counter()
     while pos.step < run.total_steps:
-        batches = epoch_batches(run.records, cfg, pos.epoch, cfg.seed)
+        batches = epoch_batches(run.records, cfg, pos.epoch, cfg.seed, procs.world)
         while pos.batch < len(batches) and pos.step < run.total_steps:
             if micro == 0:
-                if cb.should_stop():  # only between optimizer steps: the state stays exact
+                # Only between optimizer steps (the state stays exact), and all processes at the same one.
+                if procs.total([cb.should_stop()])[0]:
                     return losses, True
                 step_start = start_of_step(run)
             try:
-                loss = _micro_step(run, batches[pos.batch], pos.epoch, pos.batch) / cfg.gradient_accumulation_steps
-                _backward(run, loss)
+                step_done = micro + 1 == cfg.gradient_accumulation_steps or pos.batch + 1 == len(batches)
+                with syncing(run.replica, step_done):  # gradients are averaged over processes once per step
+                    loss = _micro_step(run, batches[pos.batch], pos.epoch, pos.batch) / cfg.gradient_accumulation_steps
+                    _backward(run, loss)
                 step_loss += loss.item()
                 micro, pos.batch = micro + 1, pos.batch + 1
-                step_done = micro == cfg.gradient_accumulation_steps or pos.batch == len(batches)
                 if step_done:
+                    step_loss = procs.total([step_loss])[0] / procs.world  # the global batch's, as one process has it
                     _check_finite(step_loss, pos.step + 1)  # before the update: weights and checkpoints stay clean
                     _optimizer_step(run)
             except torch.cuda.OutOfMemoryError as err:  # step down a setting and redo this step exactly
@@ -137,21 +145,43 @@ def _check_finite(step_loss: float, step: int) -> None:
 
 
 def _micro_step(run: Run, batch: list, epoch: int, index: int) -> torch.Tensor:
-    """Loss of one bucket-shaped micro-batch (mean over its images)."""
-    comps, cfg, dev = run.components, run.cfg, run.device
-    latents, sizes, crops, targets = _batch_latents(run, batch, epoch, index)
-    captions = [process_caption(record.caption, cfg, run.py_rng) for record, _ in batch]
-    with _autocast(run):
-        hidden, pooled = _text(run, captions)
-        added = _added_cond(run, pooled, sizes, crops, targets)
-        latents = latents.to(dev, torch.float32)
-        noise = torch.randn(latents.shape, generator=run.generator).to(dev)
-        if cfg.noise_offset:
-            noise += cfg.noise_offset * torch.randn((*latents.shape[:2], 1, 1), generator=run.generator).to(dev)
-        sched = comps.noise_scheduler
-        timesteps = torch.randint(0, sched.config.num_train_timesteps, (latents.shape[0],),
-                                  generator=run.generator).to(dev)
-    return image_losses(run, latents, noise, timesteps, hidden, added).mean()
+    """Loss of one bucket-shaped micro-batch: the mean over its images, or this process's part of it.
+
+    Each image's noise, timestep and caption dropout/shuffle are drawn from the seed and its place in the
+    (global) batch, like its crop and flip: whichever process trains it, and after any resume, it gets the same.
+    """
+    cfg, dev = run.cfg, run.device
+    places, weight = run.processes.share(len(batch), cfg.batch_size)
+    latents, sizes, crops, targets = _batch_latents(run, [(i, *batch[i]) for i in places], epoch, index)
+    captions = [process_caption(batch[i][0].caption, cfg, random.Random(f"{_place(cfg, epoch, index, i)}:caption"))
+                for i in places]
+    draws = [_noise_and_timestep(run, latents.shape[1:], _place(cfg, epoch, index, i)) for i in places]
+    noise = torch.stack([n for n, _ in draws]).to(dev)
+    timesteps = torch.tensor([t for _, t in draws], dtype=torch.long, device=dev)
+    latents = latents.to(dev, torch.float32)
+
+    def compute() -> torch.Tensor:  # text encoders and UNet in one forward: DDP syncs whatever of them trains
+        with _autocast(run):
+            hidden, pooled = _text(run, captions)
+            added = _added_cond(run, pooled, sizes, crops, targets)
+        return image_losses(run, latents, noise, timesteps, hidden, added).sum() * weight
+
+    return run.replica(compute) if run.replica is not None else compute()
+
+
+def _place(cfg: TrainConfig, epoch: int, index: int, i: int) -> str:
+    return f"{cfg.seed}:{epoch}:{index}:{i}"
+
+
+def _noise_and_timestep(run: Run, shape: torch.Size, place: str) -> Tuple[torch.Tensor, int]:
+    """One image's noise (with noise_offset) and timestep, from a generator seeded by its place alone."""
+    seed = int.from_bytes(hashlib.sha256(f"{place}:noise".encode()).digest()[:8], "little") >> 1
+    generator = torch.Generator("cpu").manual_seed(seed)
+    noise = torch.randn(shape, generator=generator)
+    if run.cfg.noise_offset:
+        noise += run.cfg.noise_offset * torch.randn((shape[0], 1, 1), generator=generator)
+    steps = run.components.noise_scheduler.config.num_train_timesteps
+    return noise, int(torch.randint(0, steps, (1,), generator=generator))
 
 
 def image_losses(run: Run, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor, hidden: torch.Tensor,
@@ -169,11 +199,12 @@ def image_losses(run: Run, latents: torch.Tensor, noise: torch.Tensor, timesteps
     return loss
 
 
-def _batch_latents(run: Run, batch: list, epoch: int, index: int):
-    """Latents of a batch from the cache, or freshly encoded; plus SDXL's size conditioning."""
+def _batch_latents(run: Run, images: list, epoch: int, index: int):
+    """Latents of (place in the batch, record, bucket) from the cache, or freshly encoded; plus SDXL's size
+    conditioning."""
     cfg = run.cfg
     out, sizes, crops, targets = [], [], [], []
-    for i, (record, bucket) in enumerate(batch):
+    for i, record, bucket in images:
         flip = cfg.flip_aug and _sample_rng(cfg.seed, epoch, index, i).random() < 0.5
         crop = plan_crop(record, bucket, flip, _crop_rng(cfg, record, epoch, index, i))
         original, top_left, target = crop.conditioning(record, bucket)
@@ -210,28 +241,48 @@ def _sample_rng(seed: int, epoch: int, index: int, i: int) -> random.Random:
 
 
 def _fill_latent_cache(run: Run, cb: Callbacks) -> None:
-    """Encode every latent the run will need up front, then move the VAE off the GPU."""
-    cfg = run.cfg
-    batches = epoch_batches(run.records, cfg, 0, cfg.seed)
-    todo = {(record.name, bucket): (record, bucket, index, i)
-            for index, batch in enumerate(batches) for i, (record, bucket) in enumerate(batch)}
-    for done, (record, bucket, index, i) in enumerate(todo.values(), 1):
-        for flip in (False, True) if cfg.flip_aug else (False,):
-            _latent(run, record, bucket, plan_crop(record, bucket, flip, _crop_rng(cfg, record, 0, index, i)))
-        if done == len(todo) or done % 25 == 0:
-            cb.on_status(f"caching latents {done}/{len(todo)}")
+    """Encode every latent the run will need up front, then move the VAE off the GPU.
+
+    Several processes encode a share each into the disk cache, wait for each other, then read the rest.
+    """
+    cfg, procs = run.cfg, run.processes
+    batches = epoch_batches(run.records, cfg, 0, cfg.seed, procs.world)
+    todo = list({(record.name, bucket): (record, bucket, index, i)
+                 for index, batch in enumerate(batches) for i, (record, bucket) in enumerate(batch)}.values())
+
+    def cache(items: list, say: str = "") -> None:
+        for done, (record, bucket, index, i) in enumerate(items, 1):
+            for flip in (False, True) if cfg.flip_aug else (False,):
+                _latent(run, record, bucket, plan_crop(record, bucket, flip, _crop_rng(cfg, record, 0, index, i)))
+            if say and (done == len(items) or done % 25 == 0):
+                cb.on_status(f"{say} {done}/{len(items)}")
+
+    cache(todo[procs.rank::procs.world], "caching latents")
+    if procs.many:
+        procs.wait_for_all()
+        cache(todo)  # the others' shares from the disk (encoded here if this machine does not see their files)
     _discard_after_caching(run, run.components.vae)  # every latent is cached now: its memory goes to training
     release(collect=False)
 
 
 def _fill_text_cache(run: Run, cb: Callbacks) -> None:
-    """Encode every caption the run can use up front, then move the text encoders off the GPU."""
+    """Encode every caption the run can use up front, then move the text encoders off the GPU.
+
+    Several processes encode a share each and pass the embeddings to each other.
+    """
+    procs, memory = run.processes, run.text_cache.memory
     captions = sorted({record.caption for record in run.records + run.val_records})
     if run.cfg.caption_dropout_rate:
         captions.append("")
+    mine = captions[procs.rank::procs.world]
     with _autocast(run):
-        for start in range(0, len(captions), 16):
-            run.text_cache(captions[start:start + 16])
+        for start in range(0, len(mine), 16):
+            run.text_cache(mine[start:start + 16])
+    if procs.many:
+        on_cpu = {c: tuple(None if t is None else t.cpu() for t in memory[c]) for c in mine}
+        for share in procs.gather(on_cpu):
+            memory.update({c: tuple(None if t is None else t.to(run.device) for t in pair)
+                           for c, pair in share.items()})
     cb.on_status(f"cached {len(captions)} text embeddings")
     for te in run.components.text_encoders:
         _discard_after_caching(run, te)

@@ -6,7 +6,6 @@ global, so a multi-GPU wrapper can build one Run per process.
 
 from __future__ import annotations
 
-import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +17,7 @@ from . import lora as lora_mod
 from .callbacks import Callbacks
 from .config import TrainConfig
 from .dataset import batches_per_epoch, optimizer_steps, scan_images
+from .distributed import SINGLE, Processes, replicate
 from .errors import ConfigError, TrainingError
 from .latents import LatentCache, TextEmbeddingCache, vae_fingerprint
 from .model.precision import load_dtype, place_base_weights, quantized_dtype, storage_dtype, store_base_weights
@@ -37,8 +37,6 @@ class Run:
     optimizer: torch.optim.Optimizer
     lr_scheduler: Any
     scaler: Optional[Any]
-    generator: torch.Generator
-    py_rng: random.Random
     latent_cache: Optional[LatentCache]
     text_cache: Optional[TextEmbeddingCache]
     data_hash: str
@@ -51,6 +49,8 @@ class Run:
     owns_components: bool = False  # loaded by the run (not passed in): it may free them as it goes
     val_records: List[Any] = field(default_factory=list)  # validation images: never in `records`
     validation_state: Dict[str, Any] = field(default_factory=dict)  # from the resumed state: the best val_loss
+    processes: Processes = SINGLE  # this process's place among the torchrun processes sharing each batch
+    replica: Optional[torch.nn.Module] = None  # the DDP wrapper the forward runs through (several processes)
 
     @property
     def params(self) -> List[torch.nn.Parameter]:
@@ -59,6 +59,11 @@ class Run:
     @property
     def trains_text_encoder(self) -> bool:
         return bool(self.te_params)
+
+    @property
+    def global_batch(self) -> int:
+        """Images per micro-batch over all processes (the optimizer step takes gradient_accumulation_steps)."""
+        return self.cfg.batch_size * self.processes.world
 
 
 def pick_device(cfg: TrainConfig) -> torch.device:
@@ -95,21 +100,22 @@ class Inputs:
     validation: List[Any] = field(default_factory=list)  # held out (validation_split) or validation_dir's images
 
 
-def check_inputs(cfg: TrainConfig, callbacks: Callbacks, resume: Optional[str] = None) -> Inputs:
+def check_inputs(cfg: TrainConfig, callbacks: Callbacks, resume: Optional[str] = None,
+                 processes: Processes = SINGLE) -> Inputs:
     records, report = scan_images(cfg)
     callbacks.on_status(report.summary())
     records, held_out = validation_records(cfg, records, callbacks)  # held-out images never reach a batch
     data_hash = dataset_hash(records)
-    loaded = load_state(Path(resume), cfg, data_hash) if resume else None
+    loaded = load_state(Path(resume), cfg, data_hash, processes.world) if resume else None
     return Inputs(records, data_hash, loaded, list(report.skipped), held_out)
 
 
 def prepare_run(cfg: TrainConfig, callbacks: Callbacks, base_weights: Optional[Mapping[str, torch.Tensor]] = None,
                 base_name: Optional[str] = None, resume: Optional[str] = None, components: Any = None,
-                inputs: Optional[Inputs] = None) -> Run:
+                inputs: Optional[Inputs] = None, processes: Processes = SINGLE) -> Run:
     from .model import load_components
 
-    inputs = inputs or check_inputs(cfg, callbacks, resume)
+    inputs = inputs or check_inputs(cfg, callbacks, resume, processes)
     records, data_hash, loaded = inputs.records, inputs.data_hash, inputs.loaded
     torch.manual_seed(cfg.seed)
 
@@ -145,7 +151,7 @@ def prepare_run(cfg: TrainConfig, callbacks: Callbacks, base_weights: Optional[M
     if next(components.vae.parameters()).dtype != torch.float32:
         components.vae.to(dtype=torch.float32)  # fp16 VAEs overflow (SDXL); it only encodes
 
-    epoch_length = batches_per_epoch(records, cfg)  # counted, not built: no shuffled epoch just for its length
+    epoch_length = batches_per_epoch(records, cfg, processes.world)  # counted, not built: no epoch just for this
     _, total_steps = optimizer_steps(epoch_length, cfg)
 
     optimizer = _optimizer(cfg, unet_params, te_params, device)
@@ -154,11 +160,10 @@ def prepare_run(cfg: TrainConfig, callbacks: Callbacks, base_weights: Optional[M
     lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps,
                                  num_training_steps=total_steps)
     scaler = torch.amp.GradScaler("cuda") if autocast_dtype == torch.float16 else None
-    generator = torch.Generator("cpu").manual_seed(cfg.seed)
-    py_rng = random.Random(cfg.seed)
 
     output_dir = Path(cfg.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    if processes.main:  # the others write only their share of the latent cache
+        output_dir.mkdir(parents=True, exist_ok=True)
     latent_cache = None
     if cfg.cache_latents:
         latent_cache = LatentCache(output_dir / "cache" / "latents", vae_fingerprint(components.vae))
@@ -169,13 +174,15 @@ def prepare_run(cfg: TrainConfig, callbacks: Callbacks, base_weights: Optional[M
         text_cache = TextEmbeddingCache(lambda captions: encode_text(components, captions))
 
     run = Run(cfg, components, records, device, autocast_dtype, unet_params, te_params, optimizer, lr_scheduler,
-              scaler, generator, py_rng, latent_cache, text_cache, data_hash, total_steps, epoch_length,
-              output_dir, owns_components=owns_components, val_records=list(inputs.validation))
-    run.info.update(_run_info(cfg, records, epoch_length, total_steps, autocast_dtype))
+              scaler, latent_cache, text_cache, data_hash, total_steps, epoch_length, output_dir,
+              owns_components=owns_components, val_records=list(inputs.validation), processes=processes)
+    run.info.update(_run_info(cfg, records, epoch_length, total_steps, autocast_dtype, processes.world))
     run.info["base_precision"] = str(storage).removeprefix("torch.")  # what was really used (auto resolved)
     if loaded is not None:
         _restore(run, loaded)
         callbacks.on_status(f"resumed from {loaded.folder} at step {run.position.step}")
+    if processes.many:  # after the restore: every process starts from the same LoRA weights
+        run.replica = replicate([components.unet, *(components.text_encoders if te_params else [])], device)
     return run
 
 
@@ -210,7 +217,7 @@ def _restore(run: Run, loaded: LoadedState) -> None:
     run.lr_scheduler.load_state_dict(trainer["lr_scheduler"])
     if run.scaler is not None and trainer.get("scaler"):
         run.scaler.load_state_dict(trainer["scaler"])
-    restore_rng(trainer["rng"], run.generator, run.py_rng)
+    restore_rng(trainer["rng"])
     run.position = loaded.position
     run.validation_state = dict(loaded.validation or {})
     run.started_at = trainer.get("started_at", run.started_at)
@@ -219,7 +226,8 @@ def _restore(run: Run, loaded: LoadedState) -> None:
                             "raise epochs or max_train_steps to train further.")
 
 
-def _run_info(cfg: TrainConfig, records, batches_per_epoch: int, total_steps: int, autocast_dtype) -> Dict[str, Any]:
+def _run_info(cfg: TrainConfig, records, batches_per_epoch: int, total_steps: int, autocast_dtype,
+              processes: int) -> Dict[str, Any]:
     """What the LoRA's metadata records about the data and the run."""
     from collections import Counter
 
@@ -231,6 +239,7 @@ def _run_info(cfg: TrainConfig, records, batches_per_epoch: int, total_steps: in
         "num_images": len(records) * cfg.repeats,
         "batches_per_epoch": batches_per_epoch,
         "max_train_steps": total_steps,
+        "processes": processes,
         "dataset_dirs": {folder: {"n_repeats": cfg.repeats, "img_count": len(records)}},
         "tag_frequency": {folder: dict(tags)},
         "mixed_precision": {None: "no", torch.float16: "fp16", torch.bfloat16: "bf16"}[autocast_dtype],

@@ -549,3 +549,248 @@ def test_test_grid_hands_back_what_the_webui_kept(webui, make_cfg, tmp_path, mon
     assert torch.equal(merged.weight, torch.zeros(2, 2)) and merged.weight.requires_grad  # restored, untouched otherwise
     assert networks.loaded_networks == [] and networks.networks_in_memory == {}
     assert conds == [None] and webui.state.current_latent is None
+
+
+# -- Merge into checkpoint ------------------------------------------------------------------------
+
+@pytest.fixture
+def ckpt_folder(webui, tiny_sd1_file):
+    """The tiny SD1 checkpoint as a real file in the WebUI's checkpoint folder (models/Stable-diffusion), listed."""
+    import shutil
+
+    folder = Path(webui.sd_models.model_path)
+    folder.mkdir(parents=True)
+    shutil.copy(tiny_sd1_file, folder / "base.safetensors")
+    webui.sd_models.list_models()
+    webui.calls.clear()
+    return folder
+
+
+def _finished_run(monkeypatch, lora_path):
+    """The tab's last run, done, with `lora_path` as its LoRA (where Test and Merge into checkpoint find it)."""
+    from lora_trainer.ui import TrainSession
+
+    monkeypatch.setattr(TrainSession, "current", None)  # put back after the test
+    session = TrainSession(lambda callbacks: types.SimpleNamespace(lora_path=lora_path, stopped=False)).start()
+    session.wait(10)
+    return session
+
+
+def _a_lora(webui, family="sd1"):
+    from test_merge import lora_file
+
+    webui.lora_dir.mkdir(parents=True, exist_ok=True)
+    return lora_file(family, webui.lora_dir / "style.safetensors")
+
+
+def _merged(backend, base, strength, name=""):
+    from lora_trainer.ui.merging import run_merge
+
+    return list(run_merge(backend, base, strength, name))
+
+
+def test_merge_into_checkpoint_lands_in_the_webuis_checkpoint_list(webui, ckpt_folder, make_cfg, tiny_train,
+                                                                   monkeypatch, tmp_path):
+    """Train in the tab, then Merge into checkpoint: the fields offer the card's preferred weight and the default
+    name; the file lands in models/Stable-diffusion as the core's merge writes it, byte for byte; the WebUI's
+    checkpoint list is refreshed as its refresh button does it and the tab's Base model list shows the new file; the
+    WebUI's model, its GPU and its job queue are left alone."""
+    from lora_trainer_a1111.card import set_preferred_weight
+    from lora_trainer_a1111.host import A1111Backend
+    from safetensors.torch import load_file
+
+    from lora_trainer.merge import merge_into_checkpoint
+    from lora_trainer.ui import TrainSession
+    from lora_trainer.ui.merging import field_values
+
+    monkeypatch.setattr(TrainSession, "current", None)
+    backend = A1111Backend()
+    assert field_values(backend, "base.safetensors", "") == (1.0, "")  # nothing trained yet
+    session = _start(backend, make_cfg(max_train_steps=1, base_model=str(ckpt_folder / "base.safetensors")))
+    session.wait(120)
+    lora = session.result.lora_path
+    assert field_values(backend, "base.safetensors", "") == (0.8, "base+lora-0.8.safetensors")  # the card's weight
+    set_preferred_weight(lora, 0.6)  # as Test writes its best strength
+    assert field_values(backend, "base.safetensors", "") == (0.6, "base+lora-0.6.safetensors")
+    assert field_values(backend, "base.safetensors", "my merge") == (0.6, "my merge")  # a typed name stays
+
+    webui.calls.clear()
+    jobs = (list(webui.progress.log), list(webui.state.log))
+    lines = _merged(backend, "base.safetensors", 0.6)
+    out = ckpt_folder / "base+lora-0.6.safetensors"
+    assert all(line.startswith(f"Merging lora.safetensors at 0.6 into base.safetensors → {out}: ")
+               for line in lines[:-1])
+    done = lines[-1].splitlines()
+    assert done[0].startswith(f"Merged lora.safetensors at 0.6 into base.safetensors: {out} (") and len(done) == 2
+    assert done[1] == 'In the WebUI\'s checkpoint list as "base+lora-0.6.safetensors".'
+    assert webui.calls == [("list_models",)]  # the refresh button's refresh_checkpoints; no model moved, no unload
+    assert (list(webui.progress.log), list(webui.state.log)) == jobs  # no WebUI job: generations need not wait
+    assert "base+lora-0.6.safetensors" in backend.base_model_choices()
+    assert backend.resolve_base_model("base+lora-0.6.safetensors") == str(out)  # selectable as a base too
+    assert not list(ckpt_folder.glob(".*.tmp"))
+
+    reference = merge_into_checkpoint(ckpt_folder / "base.safetensors", [(lora, 0.6)], tmp_path / "ref.safetensors")
+    assert out.read_bytes() == reference.read_bytes()
+    base, merged = load_file(str(ckpt_folder / "base.safetensors")), load_file(str(out))
+    assert list(base) == list(merged) and any(not base[k].equal(merged[k]) for k in base)  # the LoRA is in
+
+
+def test_merge_never_overwrites_and_names_the_existing_file(webui, ckpt_folder, monkeypatch):
+    from lora_trainer_a1111.host import A1111Backend
+
+    backend = A1111Backend()
+    _finished_run(monkeypatch, _a_lora(webui))
+    first = ckpt_folder / "base+style-1.safetensors"
+    assert _merged(backend, "base.safetensors", 1.0)[-1].startswith(f"Merged style.safetensors at 1 into "
+                                                                    f"base.safetensors: {first} (")
+    written = first.read_bytes()
+    for name in ("", "base+style-1.safetensors", "base+style-1"):  # the default name again, typed, without suffix
+        assert _merged(backend, "base.safetensors", 1.0, name) == [
+            f'{first} already exists and is never overwritten: give another name in "Merged checkpoint name".']
+    mine = ckpt_folder / "mine.safetensors"
+    mine.write_bytes(b"a checkpoint of the user's")
+    assert _merged(backend, "base.safetensors", 0.5, "mine")[-1].startswith(f"{mine} already exists")
+    assert first.read_bytes() == written and mine.read_bytes() == b"a checkpoint of the user's"
+    assert webui.calls == [("list_models",)]  # only the first merge refreshed the list
+
+
+@pytest.mark.parametrize("strength", ["abc", "", None, float("nan"), float("inf"), 2.5, -3, 0])
+def test_merge_refuses_a_bad_strength_in_one_line(webui, ckpt_folder, monkeypatch, strength):
+    from lora_trainer_a1111.host import A1111Backend
+
+    _finished_run(monkeypatch, _a_lora(webui))
+    [line] = _merged(A1111Backend(), "base.safetensors", strength)
+    if strength == 0:
+        assert line.startswith("Strength 0 merges nothing (the result would be the Base model)")
+    else:
+        assert line == f"Strength {strength!r}: give a number from -1 to 2 (the LoRA's weight in the merged " \
+                       "checkpoint, as in <lora:name:weight>)."
+    assert [p.name for p in ckpt_folder.iterdir()] == ["base.safetensors"] and webui.calls == []
+
+
+def test_merge_before_a_lora_is_trained_says_train_first(webui, ckpt_folder, monkeypatch):
+    import threading
+
+    from lora_trainer_a1111.host import A1111Backend
+
+    from lora_trainer.ui import TrainSession
+    from lora_trainer.ui.merging import field_values
+
+    backend = A1111Backend()
+    monkeypatch.setattr(TrainSession, "current", None)
+    assert _merged(backend, "base.safetensors", 1.0) == [
+        "Train a LoRA first: Merge into checkpoint bakes the LoRA this tab trained into the Base model."]
+    release = threading.Event()
+    running = TrainSession(lambda callbacks: release.wait(10)).start()  # a run that has not saved its LoRA yet
+    try:
+        assert _merged(backend, "base.safetensors", 1.0) == [
+            "The LoRA is still training: merge it when the run is done."]
+        assert field_values(backend, "base.safetensors", "") == (1.0, "")
+    finally:
+        release.set()
+        running.wait(10)
+    assert [p.name for p in ckpt_folder.iterdir()] == ["base.safetensors"] and webui.calls == []
+
+
+@pytest.mark.parametrize("name", ["../evil", "sub/x", "..", ".hidden", "a:b", "x\\y", "name."])
+def test_merge_name_is_a_plain_file_name(webui, ckpt_folder, monkeypatch, name):
+    from lora_trainer_a1111.host import A1111Backend
+
+    _finished_run(monkeypatch, _a_lora(webui))
+    [line] = _merged(A1111Backend(), "base.safetensors", 1.0, name)
+    assert line.startswith(f"Merged checkpoint name {name!r}: give a plain file name")
+    assert [p.name for p in ckpt_folder.iterdir()] == ["base.safetensors"]
+    assert not list(ckpt_folder.parent.glob("*.safetensors")) and webui.calls == []
+
+
+def test_merge_errors_from_the_core_are_one_line_and_write_nothing(webui, ckpt_folder, monkeypatch, tmp_path):
+    from lora_trainer_a1111.host import A1111Backend
+
+    backend = A1111Backend()
+    _finished_run(monkeypatch, _a_lora(webui, "sdxl"))  # a LoRA made for SDXL, an SD1 base
+    line = _merged(backend, "base.safetensors", 1.0)[-1]  # after the merge's progress lines, if any
+    assert line == "Not merged: style.safetensors is an SDXL LoRA and base.safetensors is an SD 1.x checkpoint: merge " \
+                   "LoRAs made for the base's family."
+    ckpt = tmp_path / "old.ckpt"
+    ckpt.write_bytes(b"pickle")
+    line = _merged(backend, str(ckpt), 1.0)[-1]
+    assert line.startswith("Not merged: old.ckpt: merge reads .safetensors checkpoints only")
+    [line] = _merged(backend, "gone.safetensors", 1.0)
+    assert line == 'Base model gone.safetensors: no checkpoint file there. Pick a checkpoint in "Base model" (a ' \
+                   '.safetensors file).'
+    assert [p.name for p in ckpt_folder.iterdir()] == ["base.safetensors"] and webui.calls == []
+
+
+@pytest.mark.parametrize("forge", [False, True], ids=["a1111", "forge"])
+def test_merge_writes_into_ckpt_dir_when_set(monkeypatch, tmp_path, tiny_sd1_file, forge):
+    """--ckpt-dir, where the WebUI's own Checkpoint Merger writes too; the same on Forge."""
+    import shutil
+
+    monkeypatch.syspath_prepend(str(ROOT / "scripts"))
+    model = types.SimpleNamespace() if forge else types.SimpleNamespace(state_dict=dict, is_sd2=False)
+    webui = webui_stubs.install(monkeypatch, tmp_path, Path(tiny_sd1_file), model, forge=forge)
+    webui.shared.cmd_opts.ckpt_dir = str(tmp_path / "my checkpoints")
+    Path(webui.shared.cmd_opts.ckpt_dir).mkdir()
+    base = Path(webui.shared.cmd_opts.ckpt_dir) / "base.safetensors"
+    shutil.copy(tiny_sd1_file, base)
+    webui.sd_models.list_models()
+    from lora_trainer_a1111.host import A1111Backend, is_forge
+
+    assert is_forge() == forge
+    _finished_run(monkeypatch, _a_lora(webui))
+    lines = _merged(A1111Backend(), "base.safetensors", 0.5)
+    out = base.parent / "base+style-0.5.safetensors"
+    assert out.is_file() and lines[-1].endswith('In the WebUI\'s checkpoint list as "base+style-0.5.safetensors".')
+    assert not Path(webui.sd_models.model_path).exists()  # models/Stable-diffusion untouched
+
+
+def test_merge_list_refresh_failure_is_a_warning_and_the_file_stays(webui, ckpt_folder, monkeypatch):
+    from lora_trainer_a1111.host import A1111Backend
+
+    def busy():
+        raise RuntimeError("the list is busy")
+
+    monkeypatch.setattr(webui.shared_items, "refresh_checkpoints", busy)
+    _finished_run(monkeypatch, _a_lora(webui))
+    done = _merged(A1111Backend(), "base.safetensors", 0.7)[-1].splitlines()
+    assert done[0].startswith("Merged style.safetensors at 0.7") and (ckpt_folder / "base+style-0.7.safetensors").is_file()
+    assert done[1] == "Warning: the checkpoint list was not refreshed (press its refresh button): RuntimeError: the " \
+                      "list is busy"
+
+
+def test_merge_shows_how_much_is_written_and_runs_one_at_a_time(webui, ckpt_folder, monkeypatch):
+    """While the merge writes (under its temporary name) the status says how much is on disk; a second Merge
+    meanwhile is told to wait; the first then finishes."""
+    import threading
+
+    import lora_trainer.merge as core
+    from lora_trainer_a1111.host import A1111Backend
+
+    from lora_trainer.files import atomic_path
+    from lora_trainer.ui import merging
+
+    go = threading.Event()
+
+    def slow_merge(base, loras, output, precision=None):  # the core's contract: atomic, one output file
+        with atomic_path(output) as tmp:
+            tmp.write_bytes(b"\0" * (1 << 20))
+            go.wait(10)
+        return output
+
+    monkeypatch.setattr(core, "merge_into_checkpoint", slow_merge)
+    monkeypatch.setattr(merging, "POLL_SECONDS", 0.05)
+    _finished_run(monkeypatch, _a_lora(webui))
+    backend = A1111Backend()
+    seen, second = [], None
+    for line in merging.run_merge(backend, "base.safetensors", 0.8, ""):
+        seen.append(line)
+        if " 1.0 MB of about " in line and second is None:
+            second = _merged(backend, "base.safetensors", 0.5, "other")
+            go.set()
+    out = ckpt_folder / "base+style-0.8.safetensors"
+    written = [line for line in seen if " 1.0 MB of about " in line]
+    assert written and written[0].startswith(f"Merging style.safetensors at 0.8 into base.safetensors → {out}: "
+                                             "1.0 MB of about ")
+    assert second == ["A merge is already running: wait for it to end."]
+    assert seen[-1].startswith(f"Merged style.safetensors at 0.8 into base.safetensors: {out} (1.0 MB, ")
+    assert _merged(backend, "base.safetensors", 0.5, "other")[-1].startswith("Merged")  # the lock is free again

@@ -313,11 +313,20 @@ def test_example_workflows_match_the_nodes(pack, comfy):
     folder = ROOT / "example_workflows"
     api = json.loads((folder / "api" / "caption_train_sample.json").read_text(encoding="utf-8"))
     ui = json.loads((folder / "caption_train_sample.json").read_text(encoding="utf-8"))
-    # ComfyUI lists every JSON directly in example_workflows/ as a template, with <name>.jpg as its picture
-    for template in folder.glob("*.json"):
+    # ComfyUI lists every JSON directly in example_workflows/ as a template, with <name>.jpg as its picture; each has
+    # its POST /prompt twin in api/ with the same nodes (but the frontend's Notes) and links
+    templates = sorted(folder.glob("*.json"))
+    assert [t.name for t in templates] == ["caption_train_sample.json", "merge_lora_into_checkpoint.json"]
+    for template in templates:
         graph = json.loads(template.read_text(encoding="utf-8"))
         assert {"nodes", "links", "version"} <= set(graph), f"{template.name} is not an editor graph"
         assert template.with_suffix(".jpg").is_file(), f"{template.name} has no thumbnail"
+        twin = json.loads((folder / "api" / template.name).read_text(encoding="utf-8"))
+        assert sorted(n["type"] for n in graph["nodes"] if n["type"] != "Note") == \
+            sorted(n["class_type"] for n in twin.values())
+        assert len(graph["links"]) == sum(isinstance(v, list) for n in twin.values() for v in n["inputs"].values())
+    merge = json.loads((folder / "api" / "merge_lora_into_checkpoint.json").read_text(encoding="utf-8"))
+    assert [n["class_type"] for n in merge.values()] == ["CheckpointLoaderSimple", "LoraLoader", "CheckpointSave"]
     ours = [n for n in api.values() if n["class_type"] in pack.NODE_CLASS_MAPPINGS]
     assert {n["class_type"] for n in ours} == set(pack.NODE_CLASS_MAPPINGS)
     for node in ours:

@@ -7,7 +7,11 @@
 - `progress`: add_task_to_queue / start_task / finish_task / create_task_id, and `progress_of(id)` computing
   what POST /internal/progress answers (active, queued, completed, progress = job_no/job_count + ...);
 - `sd_models`: model_data.sd_model (peek), select_checkpoint(), checkpoint_tiles(), checkpoint_aliases,
-  send_model_to_cpu/device (A1111) or unload_model_weights (Forge, where the former are no-ops);
+  send_model_to_cpu/device (A1111) or unload_model_weights (Forge, where the former are no-ops); model_path
+  (<models>/Stable-diffusion), checkpoints_list and list_models(), which clears the list and registers the --ckpt
+  file, then every .safetensors/.ckpt under --ckpt-dir and model_path (title: the path relative to its folder, as
+  CheckpointInfo names a file whose sha256 is not cached yet); `shared_items.refresh_checkpoints()` calls it, as
+  the checkpoint dropdown's refresh button does (the same in Forge);
 - `processing`: StableDiffusionProcessingTxt2Img(**kw) + process_images(p) → Processed(images, infotexts);
   process_images sets state.job_count only while it is -1 and calls state.nextjob() per picture; its
   infotext's prompt line lacks the <lora:...> tags (seen in a real A1111 1.10.1 run), "Lora hashes" has them;
@@ -144,16 +148,22 @@ def install(monkeypatch: Any, tmp_path: Path, checkpoint: Path, sd_model: Any, f
     calls: list = []
     state = State()
     info = types.SimpleNamespace(filename=str(checkpoint), title=f"{checkpoint.name} [0123456789]")
-    shared = types.SimpleNamespace(cmd_opts=types.SimpleNamespace(lora_dir=str(tmp_path / "Lora"), api_auth=None),
+    shared = types.SimpleNamespace(cmd_opts=types.SimpleNamespace(lora_dir=str(tmp_path / "Lora"), api_auth=None,
+                                                                  ckpt_dir=None),
                                    state=state, opts=types.SimpleNamespace())
     sd_models = types.SimpleNamespace(model_data=types.SimpleNamespace(sd_model=sd_model),
-                                      select_checkpoint=lambda: info, checkpoint_tiles=lambda: [info.title],
+                                      select_checkpoint=lambda: info,
+                                      checkpoints_list={info.title: info},
                                       checkpoint_aliases={info.title: info, checkpoint.name: info},
+                                      model_path=str(tmp_path / "models" / "Stable-diffusion"),
                                       send_model_to_cpu=lambda m: None if forge else calls.append(("cpu", m)),
                                       send_model_to_device=lambda m: None if forge else calls.append(("gpu", m)),
                                       unload_model_weights=lambda *a: calls.append(("unload",)))
+    sd_models.checkpoint_tiles = lambda: list(sd_models.checkpoints_list)
+    sd_models.list_models = lambda: _list_models(sd_models, shared.cmd_opts, info, calls)
     modules = dict(
         shared=shared, sd_models=sd_models, devices=types.SimpleNamespace(torch_gc=lambda: None),
+        shared_items=types.SimpleNamespace(refresh_checkpoints=lambda: sd_models.list_models()),
         paths=types.SimpleNamespace(models_path=str(tmp_path / "models"), data_path=str(tmp_path)),
         call_queue=types.SimpleNamespace(queue_lock=threading.Lock()), progress=_progress_module(state),
         processing=_processing_module(state, calls), infotext_utils=_infotext_module(),
@@ -171,6 +181,22 @@ def install(monkeypatch: Any, tmp_path: Path, checkpoint: Path, sd_model: Any, f
         monkeypatch.delitem(sys.modules, "modules_forge", raising=False)
     return types.SimpleNamespace(calls=calls, state=state, checkpoint=info, lora_dir=tmp_path / "Lora",
                                  sd_model=sd_model, **modules)
+
+
+def _list_models(sd_models: Any, cmd_opts: Any, ckpt: Any, calls: list) -> None:
+    calls.append(("list_models",))
+    sd_models.checkpoints_list.clear()
+    sd_models.checkpoint_aliases.clear()
+    found = [(ckpt, Path(ckpt.filename).name)]  # the --ckpt file, as A1111 registers it first
+    for folder in filter(None, [cmd_opts.ckpt_dir, sd_models.model_path]):
+        for path in sorted(Path(folder).rglob("*")):
+            if path.suffix in (".safetensors", ".ckpt") and not path.name.endswith((".vae.safetensors", ".vae.ckpt")):
+                rel = path.relative_to(folder).as_posix()
+                found.append((types.SimpleNamespace(filename=str(path), title=rel), path.stem))
+    for entry, stem in found:
+        sd_models.checkpoints_list[entry.title] = entry
+        for alias in filter(None, [entry.title, stem]):
+            sd_models.checkpoint_aliases[alias] = entry
 
 
 def _install_forge(monkeypatch: Any, calls: list) -> None:

@@ -17,6 +17,7 @@ from ..callbacks import Callbacks, HostInterface
 from ..errors import LoraTrainerError
 from ..loss_plot import loss_image
 from . import dataset_panel as panel
+from .merging import add_merge_panel
 from .session import (PRESET_FIELDS, PRESETS, TEST_STRENGTHS, SessionCallbacks, TrainSession, advanced_fields,
                       described, form_to_config, in_tab_words, preset_values)
 from .strengths import run_test
@@ -116,6 +117,23 @@ class Backend:
 
     def add_send_buttons(self, gr: Any, infotext: Any) -> None:
         """Buttons that take the test's generation parameters to the host's own tabs (A1111: Send to txt2img)."""
+
+    # Client-side code run after Merge into checkpoint (A1111/Forge: press the checkpoint list's refresh button).
+    checkpoints_js: Optional[str] = None
+
+    def checkpoint_dir(self, base_path: Path) -> Path:
+        """Where Merge into checkpoint writes (A1111/Forge: the WebUI's checkpoint folder); here: beside the base."""
+        return Path(base_path).parent
+
+    def preferred_strength(self, lora_path: Path) -> Optional[float]:
+        """The LoRA's strength as the host keeps it, or None. Here: the weight in the file's usage hint."""
+        from .merging import usage_hint_weight
+
+        return usage_hint_weight(lora_path)
+
+    def after_merge(self, checkpoint: Path) -> str:
+        """Make the host list a checkpoint Merge into checkpoint wrote; returns what to add to the status, or ''."""
+        return ""
 
 
 def start_run(backend: Backend, cfg: Any, task_id: str = "") -> TrainSession:
@@ -239,6 +257,7 @@ def build_blocks(backend: Backend) -> Any:
         infotext = gr.Textbox(visible=False, elem_id="lora_trainer_infotext")  # the test's generation parameters
         with gr.Row():
             backend.add_send_buttons(gr, infotext)
+        merge = add_merge_panel(gr, backend, base, lambda js: _js_kwargs(gr, js))
 
         settings = [trigger, preset, low_vram, *adv.values()]  # what the doctor checks against, as a run gets them
         shown_dataset = [gallery, table, findings, status]
@@ -304,11 +323,14 @@ def build_blocks(backend: Backend) -> Any:
         caption_btn.click(on_caption, [task_id, folder, weights, *settings], shown_dataset,
                           **_js_kwargs(gr, backend.job_js))
         weights_refresh.click(on_weights_refresh, None, [weights])
-        train_btn.click(on_train, [task_id, folder, trigger, name, base, preset, low_vram, *adv.values()], [status, plot, sample],
-                        **_js_kwargs(gr, backend.job_js)).then(None, None, None, **_js_kwargs(gr, backend.refresh_js))
+        trained = train_btn.click(on_train, [task_id, folder, trigger, name, base, preset, low_vram, *adv.values()],
+                                  [status, plot, sample], **_js_kwargs(gr, backend.job_js))
         stop_btn.click(on_stop, None, [status])
         for control in (preset, low_vram):
             control.change(on_preset, [preset, low_vram], [adv[key] for key in synced])
-        test_btn.click(on_test, [task_id, prompt, seed, weights], [grid, infotext, status],
-                       **_js_kwargs(gr, backend.job_js)).then(None, None, None, **_js_kwargs(gr, backend.refresh_js))
+        tested = test_btn.click(on_test, [task_id, prompt, seed, weights], [grid, infotext, status],
+                                **_js_kwargs(gr, backend.job_js))
+        for event in (trained, tested):  # the host's LoRA list, then the merge fields for the new LoRA's strength
+            event.then(None, None, None, **_js_kwargs(gr, backend.refresh_js)).then(
+                merge.refresh_fields, [base, merge.name], [merge.strength, merge.name])
     return blocks

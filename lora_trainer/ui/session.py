@@ -41,6 +41,7 @@ CLI_PHRASES = {
     "Pass --pretrained PATH to a .safetensors/.bin file, or a tag such as mscoco_finetuned_laion2B-s13B-b90k.":
         'Pick a .safetensors/.bin file in "Captioner weights", or (auto).',
     "pass --pretrained PATH (a weights file) or an open_clip pretrained tag.": 'pick a file in "Captioner weights".',
+    "give another --output.": 'give another name in "Merged checkpoint name".',  # merge: a file appeared meanwhile
 }
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 _.\-]{0,99}$")
 

@@ -1,6 +1,7 @@
 """The LoRA's extra-networks card: `<name>.json` (activation text, preferred weight, SD version) and its
 preview picture, the last sample grid or else the first training image that decodes. Test's best strength
-becomes the card's preferred weight (`set_preferred_weight`)."""
+becomes the card's preferred weight (`set_preferred_weight`), which Merge into checkpoint starts from
+(`preferred_weight`)."""
 
 from __future__ import annotations
 
@@ -39,6 +40,18 @@ def set_preferred_weight(lora_path: Path, weight: float) -> Path:
         card = {}
     card[PREFERRED_KEY] = float(weight)
     return atomic_write_text(path, json.dumps(card, indent=4))
+
+
+def preferred_weight(lora_path: Path) -> Optional[float]:
+    """The card's preferred weight, or None when there is no card or it holds none (0 is "none" to the WebUI too:
+    ui_extra_networks_lora.py falls back to the default multiplier)."""
+    path = Path(lora_path).with_suffix(".json")
+    card = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    weight = card.get(PREFERRED_KEY) if isinstance(card, dict) else None
+    try:
+        return float(weight) or None
+    except (TypeError, ValueError):
+        return None
 
 
 def lora_family(lora_path: Path) -> str:

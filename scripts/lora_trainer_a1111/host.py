@@ -1,7 +1,8 @@
 """The A1111 / Forge glue: the core's HostInterface, the WebUI's progress bar and Interrupt, and the tab's
 backend (selected checkpoint, captioner weights folder, LoRA card, key check, txt2img test pictures and where
-Test's best strength goes, Send to txt2img). The WebUI's modules are read at call time (`webui`); the card is
-`card`, the pictures `testgrid`; labelling and scoring them is the tab's own (`lora_trainer.ui.strengths`).
+Test's best strength goes, Send to txt2img, the checkpoint folder and list for Merge into checkpoint). The WebUI's
+modules are read at call time (`webui`); the card is `card`, the pictures `testgrid`, the checkpoint side of a merge
+`merging`; labelling and scoring the pictures and the merge itself are the tab's own (`lora_trainer.ui`).
 """
 
 from __future__ import annotations
@@ -14,8 +15,9 @@ from typing import Any, Iterator, List, Optional, Tuple
 from lora_trainer.callbacks import Callbacks, HostInterface
 from lora_trainer.ui.blocks import Backend
 
-from .card import lora_family, preview_image, set_preferred_weight, write_card
-from .keycheck import module_names_from_state_dict, unmatched_keys
+from . import merging
+from .card import lora_family, preferred_weight, preview_image, set_preferred_weight, write_card
+from .keycheck import A1111_DORA, module_names_from_state_dict, unmatched_keys
 from .testgrid import release_test_memory, txt2img_pictures
 from .webui import webui_modules, is_forge, loaded_model, on_main_thread, webui_job
 
@@ -166,6 +168,7 @@ class A1111Backend(Backend):
     title = "Train LoRA"
     refresh_js = "() => { if (window.loraTrainerRefreshNetworks) loraTrainerRefreshNetworks(); }"
     job_js = "loraTrainerStartJob"
+    checkpoints_js = "() => { if (window.loraTrainerRefreshCheckpoints) loraTrainerRefreshCheckpoints(); }"
 
     def __init__(self, host: Optional[A1111Host] = None) -> None:
         self._host = host or A1111Host()
@@ -220,8 +223,11 @@ class A1111Backend(Backend):
                 self._host.restore_gpu()
 
     def train(self, cfg: Any, callbacks: Callbacks, task_id: str = "") -> Any:
+        from lora_trainer.errors import ConfigError
         from lora_trainer.train import train
 
+        if cfg.lora_type == "dora" and not is_forge():
+            raise ConfigError(A1111_DORA)
         callbacks.on_status("waiting for the WebUI's current job to finish")
         with webui_job(task_id or self.new_task_id()):
             return train(cfg, callbacks=callbacks, host=self._host)
@@ -288,6 +294,15 @@ class A1111Backend(Backend):
             notes.insert(0, f"strength {best:g} written into {' and '.join(written)}")
         notes += self._host.take_problems()  # from putting the WebUI's model back after scoring
         return "\n".join(n for n in notes if n)
+
+    def checkpoint_dir(self, base_path: Path) -> Path:
+        return merging.checkpoint_dir()  # --ckpt-dir, else models/Stable-diffusion: where the WebUI's merger writes
+
+    def preferred_strength(self, lora_path: Path) -> Optional[float]:
+        return preferred_weight(lora_path)  # the card's: 0.8 after training, Test's best strength after Test
+
+    def after_merge(self, checkpoint: Path) -> str:
+        return merging.after_merge(checkpoint)
 
     def add_send_buttons(self, gr: Any, infotext: Any) -> None:
         try:

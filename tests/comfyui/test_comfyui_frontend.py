@@ -1,7 +1,8 @@
 """The pack in ComfyUI's real frontend (comfyui-frontend-package 1.35.9), in headless Debian chromium.
 
-The example UI graph loads with no missing node and every widget of our nodes holding the value the
-file gives; a screenshot of the canvas is kept (COMFYUI_SCREENSHOT=path, e.g. for docs/). A fresh
+Each example UI graph loads with no missing node and every widget of our nodes (in the merge graph, of every node)
+holding the value the file gives; a screenshot of its canvas is taken (COMFYUI_SCREENSHOTS=example_workflows keeps
+them as the templates' thumbnails, <name>.jpg). A fresh
 Train LoRA node is checked the way a user meets it: its seed's "control after generate" mode, and
 a learning rate typed into the widget's prompt dialog.
 """
@@ -17,8 +18,9 @@ import pytest
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 LAUNCH_ARGS = ["--no-sandbox", "--headless=new", "--disable-background-networking", "--disable-component-update",
                "--disable-sync", "--no-first-run"]
-UI_GRAPH = "caption_train_sample.json"
 OURS = ("LoraTrainerCaptionFolder", "LoraTrainerTrain", "LoraTrainerStrengthGrid")
+# each example UI graph: the node types whose widgets are checked against the file (None: every node)
+UI_GRAPHS = {"caption_train_sample.json": OURS, "merge_lora_into_checkpoint.json": None}
 MISSING_NODES_DIALOG = ".p-dialog[aria-labelledby='global-missing-nodes']"  # 1.35.9's "This workflow has missing nodes"
 EMPTY_GRAPH = {"last_node_id": 0, "last_link_id": 0, "nodes": [], "links": [], "groups": [], "config": {},
                "extra": {}, "version": 0.4}
@@ -70,7 +72,8 @@ def browser(comfy_server):
         chromium.close()
 
 
-def test_example_graph_loads_with_its_widget_values(browser, example_workflow, tmp_path):
+@pytest.mark.parametrize("ui_graph", list(UI_GRAPHS))
+def test_example_graph_loads_with_its_widget_values(browser, example_workflow, tmp_path, ui_graph):
     page = browser.page
     # The check below would see the dialog: a graph with an unknown node opens it.
     browser.load({**EMPTY_GRAPH, "last_node_id": 1, "nodes": [
@@ -82,7 +85,7 @@ def test_example_graph_loads_with_its_widget_values(browser, example_workflow, t
     page.keyboard.press("Escape")
     dialog.wait_for(state="detached", timeout=10_000)
 
-    workflow = example_workflow(UI_GRAPH)
+    workflow = example_workflow(ui_graph)
     browser.load(workflow)
     assert page.locator(MISSING_NODES_DIALOG).count() == 0, page.locator(MISSING_NODES_DIALOG).inner_text()
     graph = page.evaluate("""() => {
@@ -90,14 +93,16 @@ def test_example_graph_loads_with_its_widget_values(browser, example_workflow, t
         return {nodes: g.nodes.length, links: links instanceof Map ? links.size : Object.keys(links).length,
                 widgets: Object.fromEntries(g.nodes.map(n => [n.id, (n.widgets ?? []).map(w => [w.name, w.value])]))};
     }""")
-    assert (graph["nodes"], graph["links"]) == (len(workflow["nodes"]), len(workflow["links"]))  # 12, 19
-    shot = Path(os.environ.get("COMFYUI_SCREENSHOT") or tmp_path / "comfyui_graph.png")
+    assert (graph["nodes"], graph["links"]) == (len(workflow["nodes"]), len(workflow["links"]))  # 12, 19; 4, 5
+    keep = os.environ.get("COMFYUI_SCREENSHOTS")
+    shot = Path(keep) / Path(ui_graph).with_suffix(".jpg").name if keep else tmp_path / "comfyui_graph.png"
     page.screenshot(path=str(shot), clip=_graph_on_screen(page))
     assert shot.stat().st_size > 20_000
 
     mismatched = []
+    checked = UI_GRAPHS[ui_graph]
     for node in workflow["nodes"]:
-        if node["type"] not in OURS:
+        if checked is not None and node["type"] not in checked:
             continue
         live, saved = graph["widgets"][str(node["id"])], node["widgets_values"]
         for i in range(max(len(live), len(saved))):
@@ -106,7 +111,7 @@ def test_example_graph_loads_with_its_widget_values(browser, example_workflow, t
             if value != in_file:
                 mismatched.append(f"{node['type']} #{node['id']} widget {i} {name}: file {in_file!r}, "
                                   f"frontend {value!r}")
-    assert not mismatched, f"after loading {UI_GRAPH}:\n" + "\n".join(mismatched)
+    assert not mismatched, f"after loading {ui_graph}:\n" + "\n".join(mismatched)
     assert not browser.errors, browser.errors
     assert not [f for f in browser.failed if "/extensions/" in f], browser.failed
 

@@ -31,9 +31,12 @@ def entry(webui, monkeypatch):  # noqa: F811
     return registered, module
 
 
-def test_entry_registers_and_builds_the_tab(entry, webui, tmp_path):  # noqa: F811
+def test_entry_registers_and_builds_the_tab(entry, webui, tmp_path, monkeypatch):  # noqa: F811
     import gradio as gr
 
+    from lora_trainer.ui import TrainSession
+
+    monkeypatch.setattr(TrainSession, "current", None)  # no LoRA trained in this process yet
     registered, _ = entry
     assert set(registered) == {"on_ui_tabs", "on_ui_settings", "on_app_started"}
     [(blocks, title, elem_id)] = registered["on_ui_tabs"]()
@@ -60,6 +63,24 @@ def test_entry_registers_and_builds_the_tab(entry, webui, tmp_path):  # noqa: F8
     js = (ROOT / "javascript" / "lora_trainer.js").read_text()
     assert "function loraTrainerStartJob(" in js and "requestProgress(id, gradioApp().getElementById(" \
         "'lora_trainer_status')" in js
+
+    # Merge into checkpoint: the LoRA's strength (1 until a LoRA is trained), the new file's name, the button; it
+    # merges the Base model field's checkpoint, and the page then presses the WebUI's checkpoint refresh button.
+    assert by_id["lora_trainer_merge_strength"].value == 1.0 and by_id["lora_trainer_merge_name"].value == ""
+    assert "lora_trainer_merge" in by_id and "lora_trainer_merge_status" in by_id
+    button = next(c["id"] for c in config["components"] if c.get("props", {}).get("elem_id") == "lora_trainer_merge_button")
+    [merge] = [d for d in config["dependencies"] if d["outputs"] and  # gradio 3 lists the .then()s' targets too
+               button in [t[0] if isinstance(t, (list, tuple)) else t for t in d["targets"]]]
+    assert [ids[i] for i in merge["inputs"]] == ["lora_trainer_base", "lora_trainer_merge_strength",
+                                                 "lora_trainer_merge_name"]
+    assert [ids[i] for i in merge["outputs"]] == ["lora_trainer_merge_status", "lora_trainer_base"]
+    assert [d for d in config["dependencies"] if d.get("js") == _entry_backend(entry).checkpoints_js]
+    assert "function loraTrainerRefreshCheckpoints(" in js
+    assert "'refresh_sd_model_checkpoint'" in js and "'forge_refresh_checkpoint'" in js
+
+
+def _entry_backend(entry):
+    return entry[1]._backend
 
 
 class _Backend(Backend):

@@ -184,3 +184,33 @@ def test_caption_uses_the_picked_weights_and_names_the_field(built, demo_folder,
     status = h["on_caption"]("", str(demo_folder), str(weights), "inkwash", "style", False, *adv)[3]
     assert seen == [str(weights)] and '"Captioner weights"' in status and "--pretrained" not in status
     assert h["on_weights_refresh"]()["choices"]  # (auto) at least
+
+
+def test_merge_into_checkpoint_from_the_standalone_tab(tmp_path, tiny_sd1, tiny_sd1_file, demo_folder):
+    """The merge panel's handlers: after Train the fields offer the file's usage-hint weight and the default name, a
+    changed strength renames a default name (a typed one stays), Merge writes beside the base (the standalone's
+    checkpoint folder) and never over an existing file."""
+    import shutil
+
+    from lora_trainer.ui import build_blocks, preset_values
+
+    models = tmp_path / "models"
+    models.mkdir()
+    base = Path(shutil.copy(tiny_sd1_file, models / "tiny-sd1.safetensors"))
+    backend = TinyBackend(tmp_path / "runs", base_model=str(base), components=tiny_sd1, sample_steps=2, sample_size=64)
+    h = _handlers(build_blocks(backend))
+    adv = list(preset_values("style", False).values())
+    message = list(h["on_train"]("", str(demo_folder), "inkwash", "tiny-lora", str(base), "style", False, *adv))[-1][0]
+    assert message.startswith("Done: 3 steps"), message
+    assert h["on_fields"](str(base), "") == (0.7, "tiny-sd1+tiny-lora-0.7.safetensors")  # the usage hint's 0.7
+    assert h["on_name"](str(base), 0.5, "tiny-sd1+tiny-lora-0.7.safetensors") == "tiny-sd1+tiny-lora-0.5.safetensors"
+    assert h["on_name"](str(base), 0.5, "my merge") == "my merge"
+
+    updates = list(h["on_merge"](str(base), 0.5, "tiny-sd1+tiny-lora-0.5.safetensors"))
+    out = models / "tiny-sd1+tiny-lora-0.5.safetensors"
+    status = updates[-1][0]
+    assert status.startswith(f"Merged tiny-lora.safetensors at 0.5 into tiny-sd1.safetensors: {out} ("), status
+    assert out.is_file() and len(status.splitlines()) == 1  # the standalone has no checkpoint list to refresh
+    again = list(h["on_merge"](str(base), 0.5, "tiny-sd1+tiny-lora-0.5.safetensors"))[-1][0]
+    assert again == f'{out} already exists and is never overwritten: give another name in "Merged checkpoint name".'
+    assert list(h["on_merge"]("", "x", ""))[-1][0].startswith("Strength 'x': give a number")

@@ -1,7 +1,8 @@
 """The standalone UI in headless Chromium (Debian's chromium via Playwright; gradio4 stage): load a folder with a
 truncated PNG and a duplicate and see the doctor's findings table, add a zip of images from the browser, caption the
 folder, see the advanced form follow Low VRAM, train the tiny model for 3 steps, see the loss plot and samples, render the test grid,
-take a screenshot (LORA_TRAINER_SCREENSHOT=path also keeps it, e.g. docs/standalone_ui.png)."""
+take a screenshot (LORA_TRAINER_SCREENSHOT=path also keeps it, e.g. docs/standalone_ui.png), then open "Merge into
+checkpoint": its fields show the trained LoRA's strength and name, and Merge writes the checkpoint beside the base."""
 
 from __future__ import annotations
 
@@ -41,7 +42,7 @@ def _fake_caption_folder(folder, options=None, **_):
     write_captions(folder, captions, fmt="csv")
 
 
-def test_standalone_ui_in_chromium(tmp_path, tiny_sd1, monkeypatch):
+def test_standalone_ui_in_chromium(tmp_path, tiny_sd1, tiny_sd1_file, monkeypatch):
     assert CHROMIUM, "apt-get install -y chromium (run_tests.sh does it for this stage)"
     from playwright.sync_api import expect, sync_playwright
 
@@ -64,7 +65,11 @@ def test_standalone_ui_in_chromium(tmp_path, tiny_sd1, monkeypatch):
     with zipfile.ZipFile(upload, "w") as z:
         z.write(big / "img004.png", "holiday/beach.png")
 
-    blocks = build_blocks(TinyBackend(tmp_path / "runs", components=tiny_sd1, sample_steps=2, sample_size=64))
+    models = tmp_path / "models"  # the base as a file, for Merge into checkpoint (training uses tiny_sd1 itself)
+    models.mkdir()
+    base = Path(shutil.copy(tiny_sd1_file, models / "tiny-sd1.safetensors"))
+    blocks = build_blocks(TinyBackend(tmp_path / "runs", base_model=str(base), components=tiny_sd1, sample_steps=2,
+                                      sample_size=64))
     blocks.queue()
     port = _free_port()
     blocks.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
@@ -116,6 +121,21 @@ def test_standalone_ui_in_chromium(tmp_path, tiny_sd1, monkeypatch):
             expect(page.locator("#lora_trainer_grid img")).to_be_visible(timeout=120_000)
             shot = tmp_path / "tab.png"
             page.screenshot(path=str(shot), full_page=True)
+
+            # Merge into checkpoint: the fields were filled after Train (the usage hint's 0.7, the default name)
+            page.locator("#lora_trainer_merge").get_by_text("Merge into checkpoint").first.click()
+            name = page.locator("#lora_trainer_merge_name textarea")
+            expect(name).to_have_value("tiny-sd1+tiny-lora-0.7.safetensors", timeout=30_000)
+            expect(page.locator("#lora_trainer_merge_strength input[type=number]")).to_have_value("0.7")
+            page.locator("#lora_trainer_merge_button").click()
+            merged = models / "tiny-sd1+tiny-lora-0.7.safetensors"
+            merge_status = page.locator("#lora_trainer_merge_status textarea")
+            expect(merge_status).to_have_value(re.compile(f"^Merged tiny-lora.safetensors at 0.7 into "
+                                                          f"tiny-sd1.safetensors: {re.escape(str(merged))} "),
+                                               timeout=60_000)
+            assert merged.is_file()
+            page.locator("#lora_trainer_merge_button").click()  # again: never over the file just written
+            expect(merge_status).to_have_value(re.compile("already exists and is never overwritten"), timeout=30_000)
             browser.close()
     finally:
         blocks.close()
