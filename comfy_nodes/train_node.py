@@ -16,7 +16,7 @@ import torch
 from ..lora_trainer.config import load_config
 from ..lora_trainer.doctor import examine
 from ..lora_trainer.errors import ConfigError
-from ..lora_trainer.memory import budget_left_at_default
+from ..lora_trainer.plan import budget_left_at_default
 from ..lora_trainer.train import TrainResult, train
 from .fingerprint import folder_fingerprint
 from .host import ComfyCallbacks, ComfyHost, check_lora_keys, graph_weights, load_lora_file

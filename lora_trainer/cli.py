@@ -196,7 +196,7 @@ def _plan(args) -> int:
 
 
 def _sample(args) -> int:
-    from .lora import load_lora_file
+    from .export import load_lora_file
     from .model import load_components
     from .sample import parse_strengths, render_grid
 
@@ -218,7 +218,7 @@ def _score(args) -> int:
 
     from .captions.weights import MissingWeights
     from .files import atomic_write_with
-    from .lora import load_lora_file
+    from .export import load_lora_file
     from .memory import release
     from .model import load_components
     from .sample import label_grid, parse_strengths, render_images

@@ -33,13 +33,6 @@ ARCHITECTURE = {
 }
 
 
-def named_models(components: Any) -> List[Tuple[str, nn.Module]]:
-    """(kohya prefix, model) for the UNet and each text encoder."""
-    tes = list(components.text_encoders)
-    prefixes = keymap.text_encoder_prefixes(components.family, len(tes))
-    return [(keymap.UNET_PREFIX, components.unet)] + list(zip(prefixes, tes))
-
-
 def lora_state_dict(components: Any, dtype: torch.dtype = torch.float16) -> Dict[str, torch.Tensor]:
     """The kohya-layout tensors of every LoRA layer in `components`.
 
@@ -49,7 +42,7 @@ def lora_state_dict(components: Any, dtype: torch.dtype = torch.float16) -> Dict
     from .lora import ADAPTER, dora_module, lora_layers
 
     out: Dict[str, torch.Tensor] = {}
-    for prefix, model in named_models(components):
+    for prefix, model in keymap.named_models(components):
         for name, layer in lora_layers(model).items():
             key = keymap.kohya_name(prefix, name)
             out[f"{key}.lora_down.weight"] = _cpu(layer.lora_A[ADAPTER].weight, dtype)
@@ -196,6 +189,16 @@ def read_lora(path: Path, with_tensors: bool = True) -> Tuple[Dict[str, torch.Te
     except Exception as e:  # safetensors raises several types for a damaged header
         raise ModelError(f"{path.name} is not a readable .safetensors file ({e}).") from None
     return tensors, metadata
+
+
+def load_lora_file(components: Any, path: Path, dropout: float = 0.0,
+                   trainable: bool = False) -> Tuple[List[nn.Parameter], List[nn.Parameter]]:
+    """Read a LoRA file in any supported spelling and wrap `components` with it (lora.load_lora_into)."""
+    from .lora import load_lora_into
+
+    tensors, _ = read_lora(Path(path))
+    kohya = to_kohya(tensors, components.family, len(components.text_encoders), unet_config=components.unet.config)
+    return load_lora_into(components, kohya, dropout, trainable)
 
 
 def update_metadata(path: Path, changes: Mapping[str, str]) -> Path:

@@ -14,7 +14,7 @@ separators and part of names), so it is resolved against the model's own module 
 from __future__ import annotations
 
 import re
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 UNET_PREFIX = "lora_unet"
 TEXT_PREFIX = "text_model."
@@ -23,6 +23,12 @@ TEXT_PREFIX = "text_model."
 def text_encoder_prefixes(family: str, count: int) -> List[str]:
     """kohya prefixes of the text encoders, in the order the model lists them."""
     return ["lora_te1", "lora_te2"] if family == "sdxl" or count == 2 else ["lora_te"]
+
+
+def named_models(components: Any) -> List[Tuple[str, Any]]:
+    """(kohya prefix, model) for the UNet and each text encoder."""
+    tes = list(components.text_encoders)
+    return [(UNET_PREFIX, components.unet)] + list(zip(text_encoder_prefixes(components.family, len(tes)), tes))
 
 
 def canonical_module_name(prefix: str, module_name: str) -> str:

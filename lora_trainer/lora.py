@@ -181,18 +181,6 @@ def add_lora_to_components(components, cfg) -> Tuple[List[nn.Parameter], List[nn
     return unet_params, te_params
 
 
-def load_lora_file(components, path, dropout: float = 0.0,
-                   trainable: bool = False) -> Tuple[List[nn.Parameter], List[nn.Parameter]]:
-    """Read a LoRA file in any supported spelling and wrap `components` with it (see load_lora_into)."""
-    from pathlib import Path
-
-    from .export import read_lora, to_kohya
-
-    tensors, _ = read_lora(Path(path))
-    kohya = to_kohya(tensors, components.family, len(components.text_encoders), unet_config=components.unet.config)
-    return load_lora_into(components, kohya, dropout, trainable)
-
-
 def load_lora_into(components, kohya: Dict[str, torch.Tensor], dropout: float = 0.0,
                    trainable: bool = False) -> Tuple[List[nn.Parameter], List[nn.Parameter]]:
     """Wrap exactly the layers a kohya-layout state dict names and load its weights.
@@ -203,14 +191,13 @@ def load_lora_into(components, kohya: Dict[str, torch.Tensor], dropout: float = 
     `dora_scale` tensors becomes peft's DoRA, its magnitudes those tensors.
     """
     from . import keymap
-    from .export import named_models
 
     unet_params: List[nn.Parameter] = []
     te_params: List[nn.Parameter] = []
     used = set()
     names = {k.rsplit(".", 2)[0] if k.endswith(".weight") else k.rsplit(".", 1)[0] for k in kohya}
     dora = _is_dora(kohya, names)
-    for prefix, model in named_models(components):
+    for prefix, model in keymap.named_models(components):
         table = keymap.reverse_table(prefix, [n for n, _ in model.named_modules()])
         hits = {table[n]: n for n in names if n in table}
         if not hits:

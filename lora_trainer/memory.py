@@ -60,22 +60,13 @@ def forget_frames(err: BaseException) -> None:
 MAX_BACK_OFFS = 3
 
 
-def budget_is_set(budget: str) -> bool:
-    """False for off, 0 and empty (the front ends turn the default 0 into auto on a GPU; off stays off)."""
-    return str(budget).strip().lower() not in ("", "0", "0.0", "off")
-
-
-def budget_left_at_default(budget: str) -> bool:
-    """The default 0, not an explicit off or number: the tab and the ComfyUI node make it auto on a GPU."""
-    return str(budget).strip() in ("", "0", "0.0")
-
-
 def fit_budget(cfg: Any, callbacks: Any, base_weights: Any = None, components: Any = None) -> Any:
     """`cfg` with the memory plan's changes applied when `memory_budget_gb` is set; says which."""
+    from .plan import apply_plan, budget_is_set, plan_memory
+
     if not budget_is_set(cfg.memory_budget_gb):
         return cfg
     from .model.detect import detect_family
-    from .plan import apply_plan, plan_memory
 
     family = components.family if components is not None else \
         detect_family(list(base_weights)) if base_weights is not None else None

@@ -166,10 +166,18 @@ def _default_device(cfg: TrainConfig) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def budget_is_set(budget: str) -> bool:
+    """False for off, 0 and empty (the front ends turn the default 0 into auto on a GPU; off stays off)."""
+    return str(budget).strip().lower() not in ("", "0", "0.0", "off")
+
+
+def budget_left_at_default(budget: str) -> bool:
+    """The default 0, not an explicit off or number: the tab and the ComfyUI node make it auto on a GPU."""
+    return str(budget).strip() in ("", "0", "0.0")
+
+
 def resolve_budget(budget_gb: Any, dev: Any) -> Optional[int]:
     """Bytes of the budget: None for no budget; "auto" is the device's free memory now, less a margin."""
-    from .memory import budget_is_set
-
     if budget_gb is None or not budget_is_set(budget_gb):
         return None
     if str(budget_gb).strip().lower() == "auto":

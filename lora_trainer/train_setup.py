@@ -19,6 +19,7 @@ from .config import TrainConfig
 from .dataset import batches_per_epoch, optimizer_steps, scan_images
 from .distributed import SINGLE, Processes, replicate
 from .errors import ConfigError, TrainingError
+from .export import load_lora_file
 from .latents import LatentCache, TextEmbeddingCache, vae_fingerprint
 from .model.precision import load_dtype, place_base_weights, quantized_dtype, storage_dtype, store_base_weights
 from .state import LoadedState, Position, dataset_hash, load_state
@@ -190,7 +191,7 @@ def _attach_lora(components: Any, cfg: TrainConfig, loaded: Optional[LoadedState
     if loaded is not None:
         return lora_mod.load_lora_into(components, loaded.lora, cfg.lora_dropout, trainable=True)
     if cfg.init_lora:
-        return lora_mod.load_lora_file(components, cfg.init_lora, cfg.lora_dropout, trainable=True)
+        return load_lora_file(components, cfg.init_lora, cfg.lora_dropout, trainable=True)
     return lora_mod.add_lora_to_components(components, cfg)
 
 

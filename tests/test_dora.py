@@ -21,9 +21,9 @@ from lora_trainer import keymap
 from lora_trainer.config import TrainConfig
 from lora_trainer.dora import decomposed
 from lora_trainer.errors import ConfigError, ModelError
-from lora_trainer.export import build_metadata, lora_state_dict, named_models, read_lora, save_lora, to_kohya
-from lora_trainer.lora import (ADAPTER, add_lora_to_components, dora_module, load_lora_file, lora_layers,
-                               set_lora_scale)
+from lora_trainer.export import build_metadata, load_lora_file, lora_state_dict, read_lora, save_lora, to_kohya
+from lora_trainer.keymap import named_models
+from lora_trainer.lora import ADAPTER, add_lora_to_components, dora_module, lora_layers, set_lora_scale
 
 ROOT = Path(__file__).resolve().parents[1]
 COMFYUI = [ROOT / ".ci" / "envs" / "comfyui-src", ROOT / ".ci" / "envs" / "comfyui"]

@@ -10,7 +10,8 @@ from test_export import ALL_TARGETS, trained_like
 
 from lora_trainer import keymap
 from lora_trainer.errors import ConfigError, ModelError
-from lora_trainer.export import lora_state_dict, named_models, read_lora, save_lora
+from lora_trainer.export import lora_state_dict, read_lora, save_lora
+from lora_trainer.keymap import named_models
 from lora_trainer.merge import merge_into_checkpoint, module_map, parse_lora_arg
 
 
@@ -183,7 +184,7 @@ def update_of(path, module):
 def test_stacked_merge_loads_as_both_loras_fused(tiny_sd1, tmp_path):
     from test_export import unet_output
 
-    from lora_trainer.lora import load_lora_file
+    from lora_trainer.export import load_lora_file
     from lora_trainer.resize import merge_lora_files
 
     a = lora_file("sd1", tmp_path / "a.safetensors")
@@ -217,7 +218,7 @@ def test_svd_merge_keeps_the_best_rank_r_update(tmp_path):
 def test_resize_error_bounds_and_alpha_keeps_the_scale(tiny_sd1, tmp_path):
     from test_export import unet_output
 
-    from lora_trainer.lora import load_lora_file
+    from lora_trainer.export import load_lora_file
     from lora_trainer.resize import resize_lora_file
 
     a = lora_file("sd1", tmp_path / "a.safetensors")

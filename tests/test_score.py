@@ -61,7 +61,7 @@ def references(tmp_path):
 
 
 def _render(base_file, lora_path, strengths):
-    from lora_trainer.lora import load_lora_file
+    from lora_trainer.export import load_lora_file
     from lora_trainer.model import load_components
     from lora_trainer.sample import render_images
 

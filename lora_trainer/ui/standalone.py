@@ -38,7 +38,7 @@ class StandaloneBackend(Backend):
     def test_pictures(self, cfg: Any, lora_path: Path, prompt: str, seed: int) -> Tuple[List[Any], List[str]]:
         import torch
 
-        from ..lora import load_lora_file
+        from ..export import load_lora_file
         from ..memory import release
         from ..model import load_components
         from ..sample import render_images
