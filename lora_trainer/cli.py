@@ -269,7 +269,7 @@ def _demo(args) -> int:
 
 
 def _convert(args) -> int:
-    from .export import is_dora, network_metadata, peft_alpha, read_lora, save_lora, to_kohya
+    from .export import dora_on_output, is_dora, network_metadata, peft_alpha, read_lora, save_lora, to_kohya
 
     tensors, meta = read_lora(Path(args.input))
     family = args.family
@@ -280,7 +280,7 @@ def _convert(args) -> int:
     meta.setdefault("ss_output_name", Path(args.output).stem)
     meta.setdefault("ss_base_model_version", {"sdxl": "sdxl_base_v1-0", "sd2": "sd_v2"}.get(family, "sd_v1"))
     meta.setdefault("ss_v2", str(family == "sd2"))
-    for key, value in network_metadata(is_dora(kohya)).items():
+    for key, value in network_metadata(is_dora(kohya), on_output=dora_on_output(kohya)).items():
         meta.setdefault(key, value)
     out = save_lora(Path(args.output), kohya, meta)
     print(f"wrote {out} ({sum(k.endswith('.lora_down.weight') for k in kohya)} layers)")

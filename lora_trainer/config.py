@@ -88,9 +88,9 @@ class TrainConfig:
     )
     lora_dropout: float = _f(0.0, "Dropout on the LoRA path while training (the seeds suggest 0.1).", "lora")
     lora_type: str = _f(
-        "lora", "lora, or dora: DoRA (peft's weight-decomposed LoRA) also learns the size of each output channel of "
-        "every trained layer; saved as LyCORIS does (a dora_scale per layer), it loads in ComfyUI and Forge but not "
-        "in AUTOMATIC1111 1.10, whose Lora extension scales DoRA weights per input channel.", "lora", LORA_TYPES)
+        "lora", "lora, or dora: DoRA (weight-decomposed LoRA) also learns the size of each input channel of every "
+        "trained layer; saved as kohya-era DoRA files are (a dora_scale per layer), which AUTOMATIC1111 1.10, "
+        "ComfyUI and Forge all apply exactly.", "lora", LORA_TYPES)
     conv_rank: int = _f(0, "Rank for conv layers when target_modules has conv; 0 uses lora_rank.", "lora")
     conv_alpha: float = _f(0.0, "Alpha for conv layers; 0 uses lora_alpha.", "lora")
     train_text_encoder: bool = _f(False, "Also train LoRA on the text encoder(s) (SDXL: both).", "lora")

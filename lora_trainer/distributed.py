@@ -14,7 +14,7 @@ the A1111/Forge tab and the ComfyUI nodes train in the host's own process, on it
 from __future__ import annotations
 
 import os
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Iterator, List, Sequence, Tuple
@@ -152,9 +152,8 @@ def replicate(modules: Sequence[torch.nn.Module], device: torch.device) -> torch
     DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(trained, ignore)
     ids = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" \
         else None
-    return DistributedDataParallel(trained, device_ids=ids)  # buffers are ignored above: none to sync
-
-
-def syncing(replica: Any, sync: bool):
-    """DDP's no_sync for the micro-batches before the last of an accumulated step; nothing to do alone."""
-    return replica.no_sync() if replica is not None and not sync else nullcontext()
+    # static_graph: every micro-batch uses the same weights in the same order, and reentrant gradient
+    # checkpointing (transformers < 4.35 text encoders) needs it to find the gradients of checkpointed layers.
+    # It cannot be combined with no_sync, so gradients are averaged after every micro-batch, not once per
+    # accumulated step: the same sum, and LoRA gradients are small.
+    return DistributedDataParallel(trained, device_ids=ids, static_graph=True)  # buffers ignored above: none to sync

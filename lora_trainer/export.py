@@ -36,9 +36,9 @@ ARCHITECTURE = {
 def lora_state_dict(components: Any, dtype: torch.dtype = torch.float16) -> Dict[str, torch.Tensor]:
     """The kohya-layout tensors of every LoRA layer in `components`.
 
-    A DoRA layer adds `<module>.dora_scale` (dora.py), always in fp32: it multiplies the base weight itself, which
-    fp16 rounding would rescale by up to 0.05 % per row."""
-    from .dora import kohya_scale
+    A DoRA layer adds `<module>.dora_scale` (dora.py: one magnitude per input column, (1, in[, 1, 1])), always in
+    fp32: it multiplies the base weight itself, which fp16 rounding would rescale by up to 0.05 % per column."""
+    from .dora import input_scale
     from .lora import ADAPTER, dora_module, lora_layers
 
     out: Dict[str, torch.Tensor] = {}
@@ -50,7 +50,7 @@ def lora_state_dict(components: Any, dtype: torch.dtype = torch.float16) -> Dict
             out[f"{key}.alpha"] = torch.tensor(float(layer.lora_alpha[ADAPTER]), dtype=dtype)
             dora = dora_module(layer)
             if dora is not None:
-                out[f"{key}.dora_scale"] = _cpu(kohya_scale(dora.weight, layer.get_base_layer().weight.dim()),
+                out[f"{key}.dora_scale"] = _cpu(input_scale(dora.weight, layer.get_base_layer().weight.dim()),
                                                 torch.float32)
     return out
 
@@ -138,17 +138,25 @@ def build_metadata(cfg: Any, components: Any, info: Mapping[str, Any]) -> Dict[s
             for k, v in meta.items()}
 
 
-def network_metadata(dora: bool, args: Optional[Mapping[str, Any]] = None) -> Dict[str, str]:
+def network_metadata(dora: bool, args: Optional[Mapping[str, Any]] = None,
+                     on_output: bool = False) -> Dict[str, str]:
     """`ss_network_module` / `ss_network_args` as kohya's scripts record them: a DoRA file the way LyCORIS's
-    network module does (`dora_wd`, `wd_on_output`; its args are strings), so tools and UIs can tell."""
+    network module does (`dora_wd`, `wd_on_output`: False for this trainer's per-input-column DoRA, True for a
+    converted peft one; its args are strings), so tools and UIs can tell."""
     if not dora:
         return {"ss_network_module": "networks.lora", "ss_network_args": json.dumps(dict(args or {}))}
-    lycoris = {"algo": "lora", "dora_wd": "True", "wd_on_output": "True", **{k: str(v) for k, v in (args or {}).items()}}
+    lycoris = {"algo": "lora", "dora_wd": "True", "wd_on_output": str(on_output),
+               **{k: str(v) for k, v in (args or {}).items()}}
     return {"ss_network_module": "lycoris.kohya", "ss_network_args": json.dumps(lycoris)}
 
 
 def is_dora(tensors: Mapping[str, Any]) -> bool:
     return any(k.endswith(".dora_scale") for k in tensors)
+
+
+def dora_on_output(tensors: Mapping[str, Any]) -> bool:
+    """Whether a kohya state dict's dora_scale tensors are per output row ((out, 1, …): peft, newer LyCORIS)."""
+    return any(k.endswith(".dora_scale") and v.shape[0] != 1 for k, v in tensors.items())
 
 
 def save_lora(path: Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str],

@@ -89,17 +89,15 @@ def add_lora(
     conv_alpha: float = 0.0,
     dora: bool = False,
 ) -> List[nn.Parameter]:
-    """Wrap `targets` of `model` with LoRA adapters (`dora`: peft's DoRA) and return the trainable parameters.
+    """Wrap `targets` of `model` with LoRA adapters (`dora`: DoRA per input column, dora.py) and return the
+    trainable parameters.
 
-    Every base weight is frozen; only the LoRA A/B matrices train, in fp32 whatever the base's dtype. B starts at zero, so the
-    wrapped model computes exactly what the base model did until the first step. ResNet convs
-    take `conv_rank`/`conv_alpha` (peft's rank_pattern, keyed by the conv's own short name,
-    which every peft version matches the same way). A DoRA magnitude starts as its weight's row norms.
+    Every base weight is frozen; only the LoRA A/B matrices (and DoRA magnitudes) train, in fp32 whatever the base's
+    dtype. B starts at zero and a DoRA magnitude at its weight's column norms, so the wrapped model computes exactly
+    what the base model did until the first step. ResNet convs take `conv_rank`/`conv_alpha` (peft's rank_pattern,
+    keyed by the conv's own short name, which every peft version matches the same way).
     """
     from peft import LoraConfig, inject_adapter_in_model
-
-    if dora:
-        dora_math.require_peft()
 
     short_names = {t.rsplit(".", 1)[-1] for t in targets}
     convs = [c for c in CONV_NAMES if c in short_names] if conv_rank or conv_alpha else []
@@ -111,30 +109,27 @@ def add_lora(
         rank_pattern={c: conv_rank or rank for c in convs},
         alpha_pattern={c: conv_alpha or alpha for c in convs},
         init_lora_weights=True,
-        **({"use_dora": True} if dora else {}),
     )
     model.requires_grad_(False)
-    modules = dict(model.named_modules()) if dora else {}
-    with dora_math.norm_readable([modules[t].weight for t in targets if t in modules]):
-        inject_adapter_in_model(config, model, adapter_name=ADAPTER)
+    inject_adapter_in_model(config, model, adapter_name=ADAPTER)
     params = lora_parameters(model)
     if any(p.dtype != torch.float32 for p in params):  # peft gives the adapter the base layer's dtype (fp8, half)
         for p in params:
             p.data = p.data.float()
         for layer in lora_layers(model).values():  # initialised again in fp32, not rounded to the base's dtype
             layer.reset_lora_parameters(ADAPTER, True)
-    for layer in lora_layers(model).values():
-        if dora_module(layer) is not None:
-            dora_math.start(dora_module(layer), layer.get_base_layer().weight)
+    if dora:
+        for layer in lora_layers(model).values():
+            dora_math.add_input_magnitude(layer, ADAPTER)
+        params = lora_parameters(model)
     for p in params:
         p.requires_grad_(True)
     return params
 
 
-def dora_module(layer: nn.Module) -> Optional[nn.Module]:
-    """peft's DoRA part of a LoRA layer (its `weight` is the magnitude), None for a plain LoRA layer."""
-    magnitudes = getattr(layer, "lora_magnitude_vector", None)
-    return magnitudes[ADAPTER] if magnitudes is not None and ADAPTER in magnitudes else None
+def dora_module(layer: nn.Module) -> Optional["dora_math.InputMagnitude"]:
+    """The DoRA magnitude of a LoRA layer (its `weight` is m, one per input column), None for a plain LoRA layer."""
+    return getattr(layer, "lora_input_magnitude", None)
 
 
 def lora_layers(model: nn.Module) -> Dict[str, nn.Module]:
@@ -151,14 +146,14 @@ def lora_parameters(model: nn.Module) -> List[nn.Parameter]:
 def set_lora_scale(models: Iterable[nn.Module], scale: float) -> None:
     """Multiply every LoRA update by `scale` (the `<lora:name:scale>` strength) in place.
 
-    A DoRA layer keeps alpha / rank inside its norm and scales its output's change instead, as the hosts do."""
+    A DoRA layer keeps alpha / rank inside its norm and becomes W + scale · (W' − W), as the hosts apply it
+    (dora.py): its LoRA path is scaled as a plain one's, its base input by 1 + scale · (s − 1)."""
     for model in models:
         for layer in lora_layers(model).values():
             dora = dora_module(layer)
             if dora is not None:
-                dora_math.set_strength(dora, scale)
-            inside = 1.0 if dora is not None else scale
-            layer.scaling[ADAPTER] = inside * layer.lora_alpha[ADAPTER] / layer.r[ADAPTER]
+                dora.strength = scale
+            layer.scaling[ADAPTER] = scale * layer.lora_alpha[ADAPTER] / layer.r[ADAPTER]
 
 
 def add_lora_to_components(components, cfg) -> Tuple[List[nn.Parameter], List[nn.Parameter]]:
@@ -188,7 +183,8 @@ def load_lora_into(components, kohya: Dict[str, torch.Tensor], dropout: float = 
     Used for `init_lora` (continue from an existing LoRA), for resuming, and for sampling a
     saved file. Ranks and alphas come from the file; a file whose linear (or conv) layers mix
     several ranks is refused, since one peft config carries one rank per layer kind. A file with
-    `dora_scale` tensors becomes peft's DoRA, its magnitudes those tensors.
+    `dora_scale` tensors one per input column becomes DoRA (dora.py), its magnitudes those tensors; one per output
+    row (peft's DoRA, newer LyCORIS) is refused.
     """
     from . import keymap
 
@@ -256,8 +252,9 @@ def _copy_weights(layers: Dict[str, nn.Module], hits: Dict[str, str], kohya: Dic
             if dora is None:
                 continue
             scale = kohya[f"{key}.dora_scale"]
-            if scale.shape[0] != up.shape[0] or scale.numel() != up.shape[0]:  # ComfyUI's test of the axis
-                raise ModelError(f"{key}: its dora_scale {tuple(scale.shape)} scales input channels (LyCORIS "
-                                 "wd_on_output=False); peft's DoRA, which this trainer uses, scales output channels, "
-                                 "so it cannot sample or continue from this file (merge --base can bake it in).")
+            if not dora_math.on_input_axis(scale, down.shape[1]):
+                raise ModelError(f"{key}: its dora_scale {tuple(scale.shape)} scales output channels (peft's DoRA, "
+                                 "LyCORIS wd_on_output=True); this trainer's DoRA scales input channels, the layout "
+                                 "every host applies exactly, so it cannot sample or continue from this file "
+                                 "(merge --base can bake it into a checkpoint).")
             dora.weight.copy_(scale.reshape_as(dora.weight))

@@ -10,7 +10,7 @@ down), the new down is Vh[:R], the new up U[:, :R]·S[:R], and alpha is rescaled
 update keeps its scale: alpha' = alpha · R / rank. A host (and this project's read path) then applies
 alpha'/R · up' @ down' = alpha/rank · (the best rank-R approximation of up @ down).
 
-DoRA files (dora.py): `resize` keeps each module's dora_scale and resizes the direction update ΔW, which a host
+DoRA files (dora.py): `resize` keeps each module's dora_scale (in fp32, either axis) and resizes the direction update ΔW, which a host
 then normalises as before. Merging them without a base is refused: a magnitude rescales W + ΔW as a whole, so
 several DoRA (or DoRA and plain) updates do not add up to one file without the base weights.
 """
@@ -25,7 +25,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 
 from .errors import ConfigError, ModelError
-from .export import ARCHITECTURE, BASE_MODEL_VERSION, SAVE_DTYPES, is_dora, network_metadata, save_lora
+from .export import ARCHITECTURE, BASE_MODEL_VERSION, SAVE_DTYPES, dora_on_output, is_dora, network_metadata, save_lora
 from .merge import LoraInput, file_hash, load_lora, refuse_existing
 
 
@@ -149,12 +149,12 @@ def _common_family(loras: Sequence[LoraInput]) -> str:
 
 
 def _metadata(family: str, name: str, table: Sequence[Kept], base: Dict[str, str],
-              dora: bool = False) -> Dict[str, str]:
+              dora: bool = False, on_output: bool = False) -> Dict[str, str]:
     """kohya/modelspec keys for a new LoRA file: `base`'s (a resize keeps its input's training record; a merge
     passes only what says which model the LoRAs are for), the ranks and alphas of the new file."""
     ranks = sorted({r.new_rank for r in table})
     meta = {k: v for k, v in base.items() if k.startswith(("ss_", "modelspec."))}
-    meta.update(network_metadata(dora))  # conv_dim/conv_alpha of the old file no longer hold
+    meta.update(network_metadata(dora, on_output=on_output))  # conv_dim/conv_alpha of the old file no longer hold
     meta.update({
         "ss_output_name": name, "modelspec.title": name,
         "ss_base_model_version": base.get("ss_base_model_version", BASE_MODEL_VERSION[family]),
@@ -192,10 +192,11 @@ def resize_lora_file(path: Path, output: Path, rank: Optional[int] = None, fro: 
     lora = load_lora(Path(path), 1.0, None)
     tensors, table = resize_lora(lora.tensors, rank, fro)
     family = lora.family or "sd1"
-    meta = _metadata(family, Path(output).stem, table, lora.metadata, is_dora(tensors))
+    meta = _metadata(family, Path(output).stem, table, lora.metadata, is_dora(tensors), dora_on_output(tensors))
     alphas = {round(float(v), 6) for k, v in tensors.items() if k.endswith(".alpha")}
     meta["ss_network_alpha"] = str(alphas.pop()) if len(alphas) == 1 else "Dynamic"
     meta["lora_trainer.resized_from"] = json.dumps({"file": Path(path).name, "sshs_model_hash": file_hash(Path(path)),
                                                     "rank": rank, "sv_fro": fro})
-    dtype = SAVE_DTYPES[precision]
-    return save_lora(Path(output), {k: v.to(dtype).contiguous() for k, v in tensors.items()}, meta), table
+    dtype = SAVE_DTYPES[precision]  # DoRA magnitudes stay fp32, as the trainer saves them (export.lora_state_dict)
+    return save_lora(Path(output), {k: v.to(torch.float32 if k.endswith(".dora_scale") else dtype).contiguous()
+                                    for k, v in tensors.items()}, meta), table

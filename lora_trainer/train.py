@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from .callbacks import Callbacks, HostInterface, MultiCallbacks
 from .config import TrainConfig
 from .dataset import epoch_batches, plan_crop, prepare_image, process_caption
-from .distributed import current, syncing
+from .distributed import current
 from .errors import TrainingError
 from .latents import encode_pixels
 from .memory import back_off, fit_budget, forget_frames, release, start_of_step
@@ -109,12 +109,11 @@ def _loop(run: Run, cb: Callbacks, checkpointer: Any) -> "tuple[List[float], boo
                     return losses, True
                 step_start = start_of_step(run)
             try:
-                step_done = micro + 1 == cfg.gradient_accumulation_steps or pos.batch + 1 == len(batches)
-                with syncing(run.replica, step_done):  # gradients are averaged over processes once per step
-                    loss = _micro_step(run, batches[pos.batch], pos.epoch, pos.batch) / cfg.gradient_accumulation_steps
-                    _backward(run, loss)
+                loss = _micro_step(run, batches[pos.batch], pos.epoch, pos.batch) / cfg.gradient_accumulation_steps
+                _backward(run, loss)
                 step_loss += loss.item()
                 micro, pos.batch = micro + 1, pos.batch + 1
+                step_done = micro == cfg.gradient_accumulation_steps or pos.batch == len(batches)
                 if step_done:
                     step_loss = procs.total([step_loss])[0] / procs.world  # the global batch's, as one process has it
                     _check_finite(step_loss, pos.step + 1)  # before the update: weights and checkpoints stay clean

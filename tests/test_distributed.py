@@ -61,7 +61,7 @@ def finish(proc: subprocess.Popen, timeout: float = 300) -> tuple[int, str, str]
 def assert_same_lora(a: Path, b: Path) -> None:
     ta, tb = load_file(str(a)), load_file(str(b))
     assert ta.keys() == tb.keys()
-    assert max(ta[k].abs().max().item() for k in ta if "lora_up" in k) > 1e-3  # trained: lora_up starts at zero
+    assert max(ta[k].abs().max().item() for k in ta if "lora_up" in k) > 1e-4  # trained: lora_up starts at zero
     for key in ta:
         torch.testing.assert_close(ta[key], tb[key], rtol=1e-4, atol=2e-5, msg=key)
 
@@ -115,6 +115,21 @@ def test_two_processes_train_the_lora_one_process_trains_at_twice_the_batch(data
     assert meta["lora_trainer.processes"] == "2"
     assert meta["ss_batch_size_per_device"] == "3" and meta["ss_total_batch_size"] == "12"  # 3 × 2 × 2
     assert meta["lora_trainer.val_loss"]  # rank 0 validated while rank 1 waited
+
+
+def test_text_encoder_training_with_gradient_checkpointing_under_ddp(data, tmp_path):
+    """The text encoders' LoRA is synced too, also through reentrant checkpointing (transformers < 4.35)."""
+    images, base, _ = data
+    short = dict(max_train_steps=2, save_steps=0, train_text_encoder="true", gradient_checkpointing="true",
+                 validation_dir='""')
+    two, one = tmp_path / "two", tmp_path / "one"
+    code, _, stderr = finish(cli("--config", str(write_config(tmp_path / "t.yaml", images, base, two, **short)),
+                                 "--gpus", "2"))
+    assert code == 0, stderr
+    assert main(["train", "--config", str(write_config(tmp_path / "o.yaml", images, base, one, batch_size=6,
+                                                       **short))]) == 0
+    assert any(k.startswith("lora_te_") for k in load_file(str(two / "lora.safetensors")))
+    assert_same_lora(two / "lora.safetensors", one / "lora.safetensors")
 
 
 @once

@@ -17,7 +17,7 @@ from lora_trainer.ui.blocks import Backend
 
 from . import merging
 from .card import lora_family, preferred_weight, preview_image, set_preferred_weight, write_card
-from .keycheck import A1111_DORA, module_names_from_state_dict, unmatched_keys
+from .keycheck import module_names_from_state_dict, unmatched_keys
 from .testgrid import release_test_memory, txt2img_pictures
 from .webui import webui_modules, is_forge, loaded_model, on_main_thread, webui_job
 
@@ -223,11 +223,8 @@ class A1111Backend(Backend):
                 self._host.restore_gpu()
 
     def train(self, cfg: Any, callbacks: Callbacks, task_id: str = "") -> Any:
-        from lora_trainer.errors import ConfigError
         from lora_trainer.train import train
 
-        if cfg.lora_type == "dora" and not is_forge():
-            raise ConfigError(A1111_DORA)
         callbacks.on_status("waiting for the WebUI's current job to finish")
         with webui_job(task_id or self.new_task_id()):
             return train(cfg, callbacks=callbacks, host=self._host)

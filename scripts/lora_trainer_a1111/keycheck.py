@@ -17,11 +17,6 @@ from typing import Callable, Iterable, List, Optional, Set
 RESNET_SUFFIX = {"conv1": "in_layers_2", "conv2": "out_layers_3", "norm1": "in_layers_0", "norm2": "out_layers_0",
                  "time_emb_proj": "emb_layers_1", "conv_shortcut": "skip_connection"}
 OPEN_CLIP_PARTS = (("mlp_fc1", "mlp_c_fc"), ("mlp_fc2", "mlp_c_proj"), ("self_attn", "attn"))  # HF CLIP → open_clip
-# network.py `apply_weight_decompose` (1.10.1, unchanged on dev) normalises input columns only; peft's DoRA
-# scales output rows (lora_trainer/dora.py), which there would broadcast into a wrong (out, in) scale.
-A1111_DORA = ("lora_type: dora is not for AUTOMATIC1111: its Lora extension applies a DoRA file's magnitudes per "
-              "input channel, and this trainer's DoRA (peft's) has them per output channel, so the LoRA would distort "
-              "the pictures. Train lora_type: lora here, or use DoRA files in Forge or ComfyUI.")
 _X_PROJ = re.compile(r"(.*)_([qkv]_proj)$")  # q/k/v of open_clip's fused in_proj: the attention module itself
 # (pattern, builder) tried in order; the builder gets the match groups.
 _UNET_RULES = [
