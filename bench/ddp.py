@@ -64,8 +64,10 @@ def _config(folder: Path, data: Path, base: Path, out: Path, args, batch_size: i
 
 def _peaks(pid: int) -> dict:
     """Peak RSS (MB) of `pid` and of each of its children, by pid."""
+    from lora_trainer.launch import child_pids
+
     out = {}
-    for p in [pid, *_children(pid)]:
+    for p in [pid, *child_pids(pid)]:
         try:
             with open(f"/proc/{p}/status", encoding="ascii") as fh:
                 for line in fh:
@@ -74,18 +76,6 @@ def _peaks(pid: int) -> dict:
         except OSError:
             pass
     return out
-
-
-def _children(pid: int) -> list:
-    found = []
-    for entry in os.listdir("/proc"):
-        try:
-            with open(f"/proc/{entry}/stat", encoding="ascii", errors="replace") as fh:
-                if entry.isdigit() and fh.read().rsplit(")", 1)[1].split()[1] == str(pid):
-                    found.append(int(entry))
-        except (OSError, IndexError):
-            continue
-    return found
 
 
 def run_row(config: Path, processes: int) -> dict:

@@ -146,15 +146,24 @@ def launch(train_args: List[str], gpus: int, device: str, nnodes: int = 1, endpo
 
 def _pass_on_interrupt(signum, frame) -> None:
     """Ctrl-C to every training process this launcher started (each leads its own process group)."""
-    me = str(os.getpid())
+    for pid in child_pids(os.getpid()):
+        try:
+            os.killpg(pid, signal.SIGINT)
+        except OSError:
+            continue  # it ended meanwhile
+
+
+def child_pids(parent: int) -> List[int]:
+    """The processes whose parent is `parent`, read from /proc (Linux)."""
+    found = []
     for entry in os.listdir("/proc"):
         try:
             with open(f"/proc/{entry}/stat", encoding="ascii", errors="replace") as fh:
-                parent = fh.read().rsplit(")", 1)[1].split()[1]
-            if entry.isdigit() and parent == me:
-                os.killpg(int(entry), signal.SIGINT)
-        except (OSError, IndexError, ValueError):
+                if entry.isdigit() and fh.read().rsplit(")", 1)[1].split()[1] == str(parent):
+                    found.append(int(entry))
+        except (OSError, IndexError):
             continue  # not a process, or it ended meanwhile
+    return found
 
 
 def _report(error) -> int:

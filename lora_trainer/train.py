@@ -152,9 +152,9 @@ def _micro_step(run: Run, batch: list, epoch: int, index: int) -> torch.Tensor:
     cfg, dev = run.cfg, run.device
     places, weight = run.processes.share(len(batch), cfg.batch_size)
     latents, sizes, crops, targets = _batch_latents(run, [(i, *batch[i]) for i in places], epoch, index)
-    captions = [process_caption(batch[i][0].caption, cfg, random.Random(f"{_place(cfg, epoch, index, i)}:caption"))
+    captions = [process_caption(batch[i][0].caption, cfg, random.Random(f"{_place(cfg.seed, epoch, index, i)}:caption"))
                 for i in places]
-    draws = [_noise_and_timestep(run, latents.shape[1:], _place(cfg, epoch, index, i)) for i in places]
+    draws = [_noise_and_timestep(run, latents.shape[1:], _place(cfg.seed, epoch, index, i)) for i in places]
     noise = torch.stack([n for n, _ in draws]).to(dev)
     timesteps = torch.tensor([t for _, t in draws], dtype=torch.long, device=dev)
     latents = latents.to(dev, torch.float32)
@@ -168,8 +168,9 @@ def _micro_step(run: Run, batch: list, epoch: int, index: int) -> torch.Tensor:
     return run.replica(compute) if run.replica is not None else compute()
 
 
-def _place(cfg: TrainConfig, epoch: int, index: int, i: int) -> str:
-    return f"{cfg.seed}:{epoch}:{index}:{i}"
+def _place(seed: int, epoch: int, index: int, i: int) -> str:
+    """An image's place in the run (epoch, batch, place in the global batch): what its random draws derive from."""
+    return f"{seed}:{epoch}:{index}:{i}"
 
 
 def _noise_and_timestep(run: Run, shape: torch.Size, place: str) -> Tuple[torch.Tensor, int]:
@@ -236,7 +237,7 @@ def _crop_rng(cfg: TrainConfig, record: Any, epoch: int, index: int, i: int) -> 
 
 def _sample_rng(seed: int, epoch: int, index: int, i: int) -> random.Random:
     # Per-sample RNGs derived from the position: a resumed run makes the same choices.
-    return random.Random(f"{seed}:{epoch}:{index}:{i}")
+    return random.Random(_place(seed, epoch, index, i))
 
 
 def _fill_latent_cache(run: Run, cb: Callbacks) -> None:

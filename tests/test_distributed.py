@@ -149,7 +149,9 @@ def test_ctrl_c_stops_every_process_and_a_resume_on_one_process_ends_with_the_sa
     assert "stopped at step" in stdout and f"--resume {out}" in stdout
     assert not (out / "lora.safetensors").exists()
     stopped_at = int(stdout.split("stopped at step ")[1].split(";")[0])
-    assert 1 <= stopped_at < 8
+    # Both processes stopped at that one step: rank 0 logged exactly its losses and saved its state there.
+    assert sum('"event": "loss"' in line for line in log.read_text().splitlines()) == stopped_at
+    assert (out / "state" / f"step-{stopped_at:08d}").is_dir() and stopped_at < 8
 
     # The global batch is what counts: 1 process × 6 resumes what 2 × 3 started, exactly.
     assert main(["train", "--config", str(config), "--set", "batch_size=6", "--resume", str(out)]) == 0
