@@ -20,7 +20,7 @@ from typing import Dict, Iterable, List, Optional
 ROOT = Path(__file__).resolve().parent
 NEVER = {"torch", "torchvision", "xformers", "bitsandbytes"}
 CAPS = ["peft<0.14", "diffusers<0.37"]
-IMPORT_CHECK = "import lora_trainer.train, lora_trainer.export, lora_trainer.sample"
+IMPORT_CHECK = "import lora_trainer.training.loop, lora_trainer.adapters.export, lora_trainer.evaluate.sample"
 
 
 def canonical(name: str) -> str:

@@ -22,7 +22,8 @@
 #              frontend 1.35.9 and what else ComfyUI needs beyond .venv): the example graph run twice
 #              through the HTTP API (the second from the cache), and loaded in the real frontend in
 #              headless Debian chromium. ComfyUI's source is not on PyPI: .ci/setup.sh comfyui takes it
-#              from COMFYUI_SRC (a git dir or a source tree); without one the stage is "skipped"
+#              from COMFYUI_SRC (a git dir or a source tree), before the stacks (their DoRA test reads
+#              ComfyUI's code too); without COMFYUI_SRC the stage is "skipped", with the line saying so
 #
 # 6. install.py into a real host environment (tests/install), once:
 #      a1111   a venv with A1111 1.10's pinned set (.ci/a1111-host.txt): install.py run as A1111
@@ -73,6 +74,12 @@ else
     stage_done setup FAIL "$t"
     printf '%s\n' "${SUMMARY[@]}"
     exit 1
+fi
+# ComfyUI's source before the stacks: their DoRA test also checks our files against ComfyUI's own code.
+COMFYUI_SETUP=skipped
+if [[ " ${COMFYUI_STAGES-comfyui} " == *" comfyui "* ]]; then
+    bash .ci/setup.sh comfyui
+    case $? in 0) COMFYUI_SETUP=ok ;; 3) COMFYUI_SETUP=none ;; *) COMFYUI_SETUP=FAIL ;; esac
 fi
 
 # --- lint --------------------------------------------------------------------
@@ -135,14 +142,12 @@ for stage in ${COMFYUI_STAGES-comfyui}; do
         echo "unknown ComfyUI stage '$stage' (comfyui)" >&2; stage_done "$stage" FAIL "$t"; continue
     fi
     echo "==> ComfyUI stage (ComfyUI 0.8.0 --cpu, frontend 1.35.9, on the newest stack)"
-    bash .ci/setup.sh comfyui
-    rc=$?
-    if [[ $rc -eq 3 ]]; then
-        echo "==> ComfyUI stage skipped: no ComfyUI 0.8.0 source (set COMFYUI_SRC to a git dir or source tree)"
+    if [[ "$COMFYUI_SETUP" == none ]]; then
+        echo "==> ComfyUI stage skipped: no ComfyUI 0.8.0 source (set COMFYUI_SRC to a ComfyUI git dir or source tree)"
         stage_done comfyui skipped "$t"
         continue
     fi
-    if [[ $rc -ne 0 ]]; then stage_done comfyui FAIL "$t"; continue; fi
+    if [[ "$COMFYUI_SETUP" != ok ]]; then stage_done comfyui FAIL "$t"; continue; fi
     ensure_chromium
     env PYTHONPATH="$ROOT/.ci/envs/comfyui${PYTHONPATH:+:$PYTHONPATH}" LORA_TRAINER_STACK=newest LORA_TRAINER_COMFYUI=1 \
         "$PY" -m pytest -q -W ignore::DeprecationWarning tests/comfyui 2>&1 | tee "$LOGS/comfyui.log"

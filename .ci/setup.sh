@@ -8,16 +8,16 @@
 #   .ci/setup.sh a1111-host   a real venv with A1111 1.10's pinned set, for install.py's test
 #   .ci/setup.sh comfyui      ComfyUI 0.8.0's source and its overlay, for tests/comfyui
 #
-# .venv        the newest stack: requirements*.txt at their newest releases (pip's
-#              cap on this machine keeps torch at 2.14.1 / torchvision 0.29.1).
+# .venv        the newest stack: requirements*.txt at the newest releases the package index
+#              offers (an index may cap torch, e.g. at 2.14.1 / torchvision 0.29.1).
 # .ci/envs/X   a host stack: the exact packages listed in .ci/X.txt, installed with
 #              --no-deps into a folder that goes ahead of .venv on PYTHONPATH;
 #              torch and everything else heavy stays shared from .venv.
 # .ci/envs/a1111-host  a venv of its own: .ci/a1111-host.txt installed with dependencies, as
 #              A1111 installs its requirements; .venv's torch is shared into it (.ci/share_torch.py).
 # .ci/envs/comfyui-src  ComfyUI 0.8.0's source (not on PyPI): from COMFYUI_SRC, a git dir (commit
-#              3cd7b32f is archived) or a source tree (copied, without models/, custom_nodes/, ...);
-#              default /work/.mirror/pollockjj+ComfyUI/repo. No source: exit status 3 and one line.
+#              3cd7b32f is archived) or a source tree (copied, without models/, custom_nodes/, ...).
+#              COMFYUI_SRC unset and nothing extracted before: exit status 3 and one line saying how to set it.
 # .ci/envs/comfyui  an overlay like a1111's: .ci/comfyui.txt (what ComfyUI 0.8.0 needs beyond .venv,
 #              the frontend package 1.35.9 among them; never torch), ahead of .venv on PYTHONPATH.
 #
@@ -39,10 +39,24 @@ NO_SOURCE=3  # exit status of `setup.sh comfyui` when no ComfyUI source is found
 
 log() { printf '[setup] %s\n' "$*"; }
 
-# pip on this machine prints one warning per package for its file:// indexes that
-# lack that package; drop those lines, keep everything else and pip's exit status.
+# What pip prints to stderr, less two kinds of noise (pip's exit status is kept):
+# - one warning per package for a file:// index that lacks it (a local wheel index);
+# - the resolver's "ERROR: ... dependency conflicts" list. An overlay is installed with --target beside
+#   .venv, so pip compares it with packages it cannot see; a host venv takes the host's own pins, which
+#   conflict exactly so in the host. .ci/check_stack.py checks what each stack really imports; the
+#   conflicts are counted in one line instead.
+pip_filter() {
+    awk '
+        /is ignored: it is neither a file nor a directory/ { next }
+        /^ERROR: pip.s dependency resolver does not currently take into account/ { listing = 1; next }
+        listing && /requires .*, but you have|which is not installed\./ { conflicts++; next }
+        { listing = 0; print }
+        END { if (conflicts) printf "[setup] note: pip listed %d version conflict(s) with packages outside this install (expected here; .ci/check_stack.py checks the stack)\n", conflicts }
+    ' >&2
+}
+
 pip_quiet() {
-    "$VPY" -m pip "$@" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
+    "$VPY" -m pip "$@" 2> >(pip_filter)
 }
 
 stamp_of() {  # sha256 over the given files plus the interpreter's version and platform
@@ -119,7 +133,7 @@ build_host_venv() {
     "$PYTHON" -m venv "$dest"
     "$VPY" "$ROOT/.ci/share_torch.py" "$dest"
     "$dest/bin/python" -m pip install --quiet --disable-pip-version-check -r "$pins" \
-        2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
+        2> >(pip_filter)
     echo "$want" > "$dest/.ci-stamp"
     log "host venv $name ready in $((SECONDS - t0))s"
 }
@@ -168,9 +182,9 @@ extract_comfyui() {  # source ($1, a git dir or a source tree) -> the folder $2
 }
 
 setup_comfyui() {
-    local t0=$SECONDS src="${COMFYUI_SRC:-/work/.mirror/pollockjj+ComfyUI/repo}"
+    local t0=$SECONDS src="${COMFYUI_SRC:-}"
     local dest="$ENVS/comfyui-src" want="" have="" git_dir=""
-    [[ -e "$src" ]] && git_dir="$(comfyui_git_dir "$src")"
+    [[ -n "$src" && -e "$src" ]] && git_dir="$(comfyui_git_dir "$src")"
     if [[ -n "$git_dir" ]]; then
         want="git $COMFYUI_COMMIT"
     elif [[ -f "$src/main.py" && -f "$src/comfyui_version.py" ]]; then
@@ -179,9 +193,10 @@ setup_comfyui() {
     [[ -f "$dest/.ci-stamp" ]] && have="$(cat "$dest/.ci-stamp")"
     if [[ -z "$want" ]]; then
         if [[ -n "$have" && -f "$dest/main.py" ]]; then
-            log "no ComfyUI source at ${src}: using the one extracted before ($have)"
+            log "no ComfyUI source${src:+ at $src}: using the one extracted before ($have)"
         else
-            echo "no ComfyUI $COMFYUI_VERSION source: set COMFYUI_SRC to a git dir or source tree" >&2
+            [[ -n "$src" ]] && echo "COMFYUI_SRC=$src is neither a git dir holding ComfyUI $COMFYUI_VERSION nor a ComfyUI source tree" >&2
+            echo "no ComfyUI $COMFYUI_VERSION source: set COMFYUI_SRC to a ComfyUI git dir or source tree (COMFYUI_SRC=~/ComfyUI ./run_tests.sh)" >&2
             exit "$NO_SOURCE"
         fi
     elif [[ "${FORCE:-0}" == 1 || "$want" != "$have" || ! -f "$dest/main.py" ]]; then
@@ -228,4 +243,6 @@ main() {
     done
 }
 
-main "$@"
+if [[ "${BASH_SOURCE[0]}" == "$0" ]]; then  # run, not sourced (tests source it for pip_filter)
+    main "$@"
+fi

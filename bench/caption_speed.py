@@ -1,4 +1,4 @@
-"""Images per second of the captioner (`lora_trainer.captions.Captioner`): sentence + tags + shape.
+"""Images per second of the captioner (`lora_trainer.data.captions.Captioner`): sentence + tags + shape.
 
 Two models, random weights (nothing is downloaded), loaded through the real path (a local
 weights file given as `pretrained`):
@@ -29,7 +29,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from lora_trainer.captions.coca import TINY_COCA  # noqa: E402  (after the path insert)
+from lora_trainer.data.captions.coca import TINY_COCA  # noqa: E402  (after the path insert)
 
 
 
@@ -52,7 +52,7 @@ def _weights(model: str, folder: Path) -> tuple[str, Path]:
     import torch
     from safetensors.torch import save_file
 
-    from lora_trainer.captions.coca import resolve_model_name
+    from lora_trainer.data.captions.coca import resolve_model_name
 
     if model == "tiny":
         config = folder / "coca_tiny_bench.json"
@@ -76,7 +76,7 @@ def _images(n: int):
 
 
 def _row(name: str, args, model: str, weights: Path, beams: int, tokens: int, folder: Path, images) -> dict:
-    from lora_trainer.captions import CaptionOptions, Captioner, load_vocabulary
+    from lora_trainer.data.captions import CaptionOptions, Captioner, load_vocabulary
 
     vocab = folder / "vocab"
     if not vocab.is_dir():  # a slice of the shipped vocabulary: same ranking cost per image, quicker set-up
@@ -106,7 +106,7 @@ def _tag_embeddings(model: str, weights: Path, args, n: int) -> float:
     """Phrases per second through the model's text tower (the one-time cost of the tag cache)."""
     import torch
 
-    from lora_trainer.captions import coca, load_vocabulary
+    from lora_trainer.data.captions import coca, load_vocabulary
 
     net = coca.load_coca(model, str(weights), args.device)
     phrases = list(load_vocabulary().phrases[:n])

@@ -64,7 +64,7 @@ def _config(folder: Path, data: Path, base: Path, out: Path, args, batch_size: i
 
 def _peaks(pid: int) -> dict:
     """Peak RSS (MB) of `pid` and of each of its children, by pid."""
-    from lora_trainer.launch import child_pids
+    from lora_trainer.training.launch import child_pids
 
     out = {}
     for p in [pid, *child_pids(pid)]:
@@ -111,7 +111,7 @@ def main(argv=None) -> None:
     import torch
     from safetensors.torch import load_file
 
-    from lora_trainer.demo_data import make_demo_images
+    from lora_trainer.cli.demo_data import make_demo_images
 
     counts = [int(n) for n in args.processes.split(",")]
     resolution = args.resolution or (512 if args.device == "cuda" else 64)

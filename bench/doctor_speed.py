@@ -1,4 +1,4 @@
-"""Seconds the dataset doctor (`lora_trainer.doctor.examine`) takes for a folder of 1024 px images.
+"""Seconds the dataset doctor (`lora_trainer.data.doctor.examine`) takes for a folder of 1024 px images.
 
 Generates a folder of photo-like pictures (gradients, shapes and grain, so PNGs are as large as
 real ones): a mix of JPEG and PNG at 1024x1024, 1216x832 and 832x1216, with a few planted
@@ -8,7 +8,7 @@ a table, and whether exactly the planted copies were found. The target is 500 im
 on a 2-core CPU.
 
     python bench/doctor_speed.py                       # 500 images in a temp folder
-    python bench/doctor_speed.py --images 100 --keep /tmp/doctor_bench   # reuse the folder next time
+    python bench/doctor_speed.py --images 100 --keep output/doctor_bench   # reuse the folder next time
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ def generate(folder: Path, n: int, copies: int) -> dict[str, set[str]]:
     """Write `n` images into `folder`; return the planted copies by problem code."""
     from PIL import Image, ImageEnhance
 
-    from lora_trainer.captions import write_captions
+    from lora_trainer.data.captions import write_captions
 
     folder.mkdir(parents=True, exist_ok=True)
     originals = n - 2 * copies
@@ -94,7 +94,7 @@ def generate(folder: Path, n: int, copies: int) -> dict[str, set[str]]:
 
 
 def main(argv=None) -> int:
-    from lora_trainer.doctor import examine
+    from lora_trainer.data.doctor import examine
 
     args = _args(argv)
     temp = None

@@ -17,10 +17,13 @@ if [[ "${1:-}" == --prepare ]]; then
         diffusers open_clip_torch ftfy wcwidth
 fi
 
-OUT="${OUT:-/tmp/gpu_check}"
+OUT="${OUT:-$(mktemp -d -t gpu_check.XXXXXX)}"  # the device tool sets OUT; elsewhere a fresh temporary folder
 mkdir -p "$OUT"
-export PYTHONPATH="/tmp/lt-deps:$PWD" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
-python3 -m pip install --quiet --no-deps --no-index --target /tmp/lt-deps .whl/*.whl 2>&1 | tail -2
+echo "results in $OUT"
+DEPS="$(mktemp -d -t lt-deps.XXXXXX)"
+trap 'rm -rf "$DEPS"' EXIT
+export PYTHONPATH="$DEPS:$PWD" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+python3 -m pip install --quiet --no-deps --no-index --target "$DEPS" .whl/*.whl 2>&1 | tail -2
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 status=0
 

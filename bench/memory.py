@@ -43,8 +43,8 @@ def worker(spec: dict) -> dict:
     import torch
 
     from lora_trainer.config import TrainConfig
-    from lora_trainer.plan import plan_memory
-    from lora_trainer.train import train
+    from lora_trainer.training.plan import plan_memory
+    from lora_trainer.training.loop import train
     from train_step import peak_rss_mb
 
     from lora_trainer.ui.session import LOW_VRAM
@@ -72,7 +72,7 @@ def main(argv=None) -> None:
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker))))
         return
-    from lora_trainer.demo_data import make_demo_images
+    from lora_trainer.cli.demo_data import make_demo_images
     from train_step import random_checkpoint
 
     rows = []

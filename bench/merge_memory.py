@@ -29,7 +29,7 @@ def random_lora(checkpoint: Path, path: Path, rank: int) -> Path:
     import torch
     from safetensors.torch import save_file
 
-    from lora_trainer.merge import module_map
+    from lora_trainer.adapters.merge import module_map
     from lora_trainer.model.checkpoint_file import CheckpointFile
     from lora_trainer.model.detect import detect_family
     from lora_trainer.model.shipped import load_configs
@@ -57,7 +57,7 @@ def random_lora(checkpoint: Path, path: Path, rank: int) -> Path:
 def child(args) -> None:
     from train_step import peak_rss_mb
 
-    from lora_trainer.merge import merge_into_checkpoint
+    from lora_trainer.adapters.merge import merge_into_checkpoint
 
     start = time.perf_counter()
     merge_into_checkpoint(Path(args.checkpoint), [(Path(args.lora), 0.8)], Path(args.output))

@@ -96,7 +96,7 @@ def peak_rss_mb() -> float:
 def run_ours(args) -> dict:
     from lora_trainer.callbacks import Callbacks
     from lora_trainer.config import TrainConfig
-    from lora_trainer.train import train
+    from lora_trainer.training.loop import train
 
     stamps = []
 
@@ -132,8 +132,8 @@ def run_bare(args) -> dict:
     from peft import LoraConfig
 
     from lora_trainer.config import TrainConfig
-    from lora_trainer.dataset import epoch_batches, prepare_image, scan_images
-    from lora_trainer.latents import encode_pixels
+    from lora_trainer.data.dataset import epoch_batches, prepare_image, scan_images
+    from lora_trainer.data.latents import encode_pixels
     from lora_trainer.model import encode_text
 
     torch.manual_seed(0)
@@ -191,7 +191,7 @@ def main(argv=None) -> None:
     if args.worker:
         print(json.dumps(run_ours(args) if args.worker == "ours" else run_bare(args)))
         return
-    from lora_trainer.demo_data import make_demo_images
+    from lora_trainer.cli.demo_data import make_demo_images
 
     folder = Path(tempfile.mkdtemp(prefix="bench-data-"))
     data = make_demo_images(folder, n=8, size=args.resolution * 3 // 2)

@@ -55,10 +55,10 @@ def measure(args) -> dict:
 
     from lora_trainer.callbacks import Callbacks
     from lora_trainer.config import TrainConfig
-    from lora_trainer.demo_data import make_demo_images
+    from lora_trainer.cli.demo_data import make_demo_images
     from lora_trainer.model.tiny import build_random_components
-    from lora_trainer.train import train
-    from lora_trainer.validation import Validator
+    from lora_trainer.training.loop import train
+    from lora_trainer.training.validation import Validator
 
     def sync():
         if args.device == "cuda":

@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Optional
 
-from ..lora_trainer.captions import (DEFAULT_PRETRAINED, CaptionOptions, CaptionReport, MissingWeights,
+from ..lora_trainer.data.captions import (DEFAULT_PRETRAINED, CaptionOptions, CaptionReport, MissingWeights,
                                      available_weights, caption_folder, read_captions)
-from ..lora_trainer.captions.captioner import DEFAULT_MODEL
+from ..lora_trainer.data.captions.captioner import DEFAULT_MODEL
 from .fingerprint import folder_fingerprint
 from .host import ComfyCallbacks, ComfyHost
 from .inputs import FOLDER_FIELDS, node_words, tooltip

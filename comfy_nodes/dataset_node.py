@@ -1,6 +1,6 @@
 """Check Dataset: the dataset doctor on a folder, before an hour of GPU goes into it.
 
-The same `lora_trainer.doctor.examine` as `python -m lora_trainer doctor`: every image and caption
+The same `lora_trainer.data.doctor.examine` as `python -m lora_trainer doctor`: every image and caption
 opened once; unreadable, too small, duplicate, uncaptioned images, captions over 75 tokens, ...
 """
 
@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from ..lora_trainer.config import load_config
-from ..lora_trainer.doctor import examine
+from ..lora_trainer.data.doctor import examine
 from .fingerprint import folder_fingerprint
 from .host import ComfyCallbacks
 from .inputs import FOLDER_FIELDS, node_words, tooltip
@@ -50,8 +50,8 @@ class CheckDataset:
         callbacks = ComfyCallbacks(unique_id)
         with node_words(FOLDER_FIELDS):
             cfg = load_config(config_file.strip() or None, train_data_dir=folder.strip())
-            report = examine(cfg.train_data_dir, cfg, trigger=trigger_word.strip() or None,
-                             on_progress=callbacks.on_progress)
+            report = examine(cfg=cfg, trigger=trigger_word.strip() or None,  # the folder as a config key: named
+                             on_progress=callbacks.on_progress)                # by the node's input (node_words)
         callbacks.on_status(report.summary())
         text = report.text()
         return {"ui": {"text": [text]}, "result": (str(Path(folder.strip())), text)}

@@ -3,7 +3,7 @@
 The LoRA is applied with `comfy.sd.load_lora_for_models` (what LoraLoader does) and sampled with
 `nodes.common_ksampler` (what KSampler does), so the grid shows what users will get. With the
 training images connected (`reference_dir`) and the captioner's CoCa weights on the machine, each
-strength is scored as `python -m lora_trainer score` does (lora_trainer.score), against the base
+strength is scored as `python -m lora_trainer score` does (lora_trainer.evaluate.score), against the base
 model rendered from the same seed.
 """
 
@@ -11,11 +11,11 @@ from __future__ import annotations
 
 from typing import Any, List, Optional
 
-from ..lora_trainer.captions import DEFAULT_MODEL, MissingWeights
+from ..lora_trainer.data.captions import DEFAULT_MODEL, MissingWeights
 from ..lora_trainer.config import field_help
 from ..lora_trainer.errors import ConfigError, DatasetError, in_field_words
-from ..lora_trainer.sample import parse_strengths
-from ..lora_trainer.score import StrengthScorer, check_weights, rank_strengths, read_trigger, with_base
+from ..lora_trainer.evaluate.sample import parse_strengths
+from ..lora_trainer.evaluate.score import StrengthScorer, check_weights, rank_strengths, read_trigger, with_base
 from .caption_node import AUTO, pretrained_for, weight_choices, weights_folder
 from .host import ComfyHost, load_lora_file
 from .images import image_to_pil, labelled_grid
@@ -95,7 +95,7 @@ class LoRAStrengthGrid:
 
 def score_strengths(images: dict, asked: List[float], prompt: str, reference_dir: str, weights: str,
                     lora_path: str) -> tuple:
-    """(the scores as text, the best strength): the core's rule (lora_trainer.score) on the rendered pictures.
+    """(the scores as text, the best strength): the core's rule (lora_trainer.evaluate.score) on the rendered pictures.
     Without a reference folder or the CoCa weights: why scoring was skipped, and the lowest strength asked."""
     if not reference_dir:
         return "scoring skipped: connect reference_dir (the training images) to score the strengths", min(asked)

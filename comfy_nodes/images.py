@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from ..lora_trainer.loss_plot import loss_image
+from ..lora_trainer.evaluate.loss_plot import loss_image
 
 BG, FG = (255, 255, 255), (20, 20, 20)
 
@@ -28,7 +28,7 @@ def image_to_pil(image: torch.Tensor) -> Image.Image:
 def loss_curve(losses: Sequence[float], width: int = 512, height: int = 256, val: Any = None,
                first_step: int = 1) -> torch.Tensor:
     """Loss per step, its smoothed line and the validation losses ((step, value) pairs): the tab's drawing
-    (lora_trainer.loss_plot) as an IMAGE."""
+    (lora_trainer.evaluate.loss_plot) as an IMAGE."""
     return pil_to_image(loss_image(losses, width, height, val=val, first_step=first_step))
 
 

@@ -14,10 +14,11 @@ from typing import Any, Optional
 import torch
 
 from ..lora_trainer.config import load_config
-from ..lora_trainer.doctor import examine
+from ..lora_trainer.data.doctor import examine
 from ..lora_trainer.errors import ConfigError
-from ..lora_trainer.plan import budget_left_at_default
-from ..lora_trainer.train import TrainResult, train
+from ..lora_trainer.training.checkpoints import latest_run_dir
+from ..lora_trainer.training.loop import TrainResult, train
+from ..lora_trainer.training.plan import budget_left_at_default
 from .fingerprint import folder_fingerprint
 from .host import ComfyCallbacks, ComfyHost, check_lora_keys, graph_weights, load_lora_file
 from .images import loss_curve
@@ -75,7 +76,8 @@ class TrainLoRA:
                 "config_file": ("STRING", {"default": "", "tooltip": "Optional YAML config (see configs/) for "
                                            "every other setting; the inputs above override its keys."}),
                 "resume": ("BOOLEAN", {"default": False, "tooltip": "Continue the stopped run saved in "
-                                       "output/lora_trainer/<lora_name> instead of starting again."}),
+                                       "output/lora_trainer/<lora_name> (its newest -vN) instead of starting "
+                                       "again. Off: a new run never overwrites an earlier one's files."}),
             },
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
@@ -92,7 +94,7 @@ class TrainLoRA:
         with node_words(TRAIN_FIELDS):
             cfg = node_config(dataset_path, lora_name, rank, alpha, steps, learning_rate, resolution, batch_size,
                               seed, config_file, ckpt_name if model is None else FROM_GRAPH)
-            dataset = f"dataset: {examine(cfg.train_data_dir, cfg).summary()}"  # what the doctor finds, up front
+            dataset = f"dataset: {examine(cfg=cfg).summary()}"  # what the doctor finds, up front
             callbacks.on_status(dataset)
             with torch.inference_mode(False), torch.enable_grad():
                 result = run_training(cfg, callbacks, model, clip, vae, ckpt_name, resume)
@@ -101,7 +103,8 @@ class TrainLoRA:
             import nodes
 
             model, clip = nodes.CheckpointLoaderSimple().load_checkpoint(ckpt_name)[:2]
-        return apply_result(result, model, clip, report(result, cfg.output_dir, dataset, callbacks.plan))
+        return apply_result(result, model, clip, report(result, str(result.output_dir or cfg.output_dir), dataset,
+                                                            callbacks.plan))
 
 
 def node_config(dataset_path: str, lora_name: str, rank: int, alpha: float, steps: int, learning_rate: float,
@@ -133,7 +136,7 @@ def run_training(cfg: Any, callbacks: ComfyCallbacks, model: Any, clip: Any, vae
     elif ckpt_name == FROM_GRAPH:
         raise ConfigError("Connect MODEL, CLIP and VAE from a checkpoint loader, or pick a ckpt_name.")
     return train(cfg, callbacks, ComfyHost(), base_weights=base, base_name=base_name,
-                 resume=cfg.output_dir if resume else None)
+                 resume=latest_run_dir(cfg.output_dir) if resume else None)
 
 
 def report(result: TrainResult, output_dir: str, *notes: str) -> str:

@@ -15,7 +15,7 @@ __all__ = [
 
 
 def train(*args, **kwargs):
-    """See `lora_trainer.train.train` (imported lazily: it pulls in torch)."""
-    from .train import train as _train
+    """See `lora_trainer.training.loop.train` (imported lazily: it pulls in torch)."""
+    from .training.loop import train as _train
 
     return _train(*args, **kwargs)

@@ -1,6 +1,6 @@
 """The training config: one flat dataclass whose field names are the YAML keys.
 
-The seed YAML (train_data_dir, lora_rank, ...) is flat, and so are kohya's options, so the
+The YAML config (train_data_dir, lora_rank, ...) is flat, and so are kohya's options, so the
 config is flat too: one key, one field, one help text. Fields carry a `group` so the A1111 form
 and the ComfyUI node can lay them out, and `choices` where only some values make sense.
 Everything is validated at load: an unknown key names the nearest valid one, a wrong type names
@@ -79,14 +79,14 @@ class TrainConfig:
     allow_ckpt: bool = _f(False, "Allow loading a .ckpt pickle (loaded with weights_only=True).", "model")
     # --- lora -------------------------------------------------------------------------------
     lora_rank: int = _f(16, "LoRA rank (network dim): the size of each low-rank update.", "lora")
-    lora_alpha: float = _f(32.0, "LoRA alpha; the update is scaled by alpha / rank (the seeds suggest 2 x rank).", "lora")
+    lora_alpha: float = _f(32.0, "LoRA alpha; the update is scaled by alpha / rank (2 x rank is a common choice).", "lora")
     target_modules: List[str] = _f(
         ["q_proj", "k_proj", "v_proj", "out_proj"],
         "UNet layers to train: q_proj, k_proj, v_proj, out_proj (attention, mapped to to_q/to_k/to_v/to_out.0), "
         "proj (proj_in/proj_out), ff (feed-forward), conv (ResNet convs, LoCon); diffusers names also work.",
         "lora",
     )
-    lora_dropout: float = _f(0.0, "Dropout on the LoRA path while training (the seeds suggest 0.1).", "lora")
+    lora_dropout: float = _f(0.0, "Dropout on the LoRA path while training (0.1 is a common choice).", "lora")
     lora_type: str = _f(
         "lora", "lora, or dora: DoRA (weight-decomposed LoRA) also learns the size of each input channel of every "
         "trained layer; saved as kohya-era DoRA files are (a dora_scale per layer), which AUTOMATIC1111 1.10, "
@@ -319,7 +319,7 @@ def _coerce(name: str, value: Any, tp: Any) -> Any:
             return value
         raise ConfigError(f"{name}: expected a whole number, got {value!r}.")
     if tp is float:
-        # PyYAML reads `2e-4` (no dot) as a string: the seed YAML writes learning rates that way.
+        # PyYAML reads `2e-4` (no dot) as a string: configs write learning rates that way.
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
         if isinstance(value, str):

@@ -78,7 +78,7 @@ def tiny_coca(tmp_path_factory):
     import torch
     from safetensors.torch import save_file
 
-    from lora_trainer.captions.coca import TINY_COCA, resolve_model_name
+    from lora_trainer.data.captions.coca import TINY_COCA, resolve_model_name
 
     folder = tmp_path_factory.mktemp("tiny_coca")
     config = folder / "coca_tiny_test.json"
@@ -108,7 +108,7 @@ def single_thread_torch():
 @pytest.fixture
 def demo_folder(tmp_path):
     """A folder of 8 generated 96 px images with a seed-format metadata.csv."""
-    from lora_trainer.demo_data import make_demo_images
+    from lora_trainer.cli.demo_data import make_demo_images
 
     return make_demo_images(tmp_path / "data")
 

@@ -12,7 +12,7 @@ import torch
 from lora_trainer.callbacks import Callbacks
 from lora_trainer.config import TrainConfig
 from lora_trainer.model import build_tiny_components
-from lora_trainer.train import train
+from lora_trainer.training.loop import train
 
 
 class KillAfter(Callbacks):

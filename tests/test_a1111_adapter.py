@@ -33,7 +33,7 @@ def webui(monkeypatch, tmp_path, tiny_sd1_file):
 @pytest.fixture
 def tiny_train(monkeypatch, tiny_sd1):
     """backend.train's call of the core's train() gets a copy of the tiny model instead of loading the file."""
-    import lora_trainer.train as core
+    import lora_trainer.training.loop as core
 
     real = core.train
     monkeypatch.setattr(core, "train", lambda cfg, callbacks=None, host=None: real(
@@ -168,8 +168,8 @@ def test_once_the_lora_is_saved_nothing_after_it_is_an_error(webui, make_cfg, ti
 
 
 def test_captioner_weights_folder_is_under_the_webuis_models(webui, tmp_path, monkeypatch, demo_folder):
-    import lora_trainer.captions as captions
-    from lora_trainer.captions import MissingWeights
+    import lora_trainer.data.captions as captions
+    from lora_trainer.data.captions import MissingWeights
     from lora_trainer_a1111.host import A1111Backend
 
     from lora_trainer.ui.dataset_panel import caption_empty, weight_choices
@@ -230,8 +230,8 @@ def test_webui_interrupt_stops_within_a_step_and_resets(webui, make_cfg, tiny_tr
 
 
 def test_caption_is_a_webui_job_with_the_model_off_the_gpu(webui, monkeypatch, demo_folder):
-    import lora_trainer.captions as captions
-    from lora_trainer.captions import CaptionResult
+    import lora_trainer.data.captions as captions
+    from lora_trainer.data.captions import CaptionResult
     from lora_trainer_a1111.host import A1111Backend
 
     seen = []
@@ -263,7 +263,7 @@ def test_test_grid_through_webui_txt2img_without_weights_is_the_plain_grid(webui
                                                                            no_default_weights):
     from lora_trainer_a1111.host import A1111Backend
 
-    from lora_trainer.sample import label_grid
+    from lora_trainer.evaluate.sample import label_grid
     from lora_trainer.ui.strengths import run_test
 
     backend = A1111Backend()
@@ -314,11 +314,11 @@ def test_test_scores_and_writes_the_best_strength_into_the_card_and_the_usage_hi
     strength in the status, the card's preferred weight and the file's modelspec.usage_hint, the tensors as they
     were. CoCa comes after the WebUI handed back the Test's memory, with the WebUI's model off the GPU, and goes
     before the model comes back, all in the one WebUI job."""
-    import lora_trainer.captions.coca as coca
+    import lora_trainer.data.captions.coca as coca
     import lora_trainer_a1111.host as host
     from lora_trainer_a1111.host import A1111Backend
 
-    from lora_trainer.export import addnet_hash, read_lora
+    from lora_trainer.adapters.export import addnet_hash, read_lora
     from lora_trainer.ui.strengths import run_test
 
     config, weights, _ = tiny_coca
@@ -382,7 +382,7 @@ def test_test_scores_and_writes_the_best_strength_into_the_card_and_the_usage_hi
 
 
 def test_test_keeps_the_grid_when_scoring_or_writing_fails(webui, make_cfg, tmp_path, tiny_coca, monkeypatch):
-    import lora_trainer.captions.coca as coca
+    import lora_trainer.data.captions.coca as coca
     from lora_trainer_a1111.host import A1111Backend
 
     from lora_trainer.ui.strengths import run_test
@@ -599,7 +599,7 @@ def test_merge_into_checkpoint_lands_in_the_webuis_checkpoint_list(webui, ckpt_f
     from lora_trainer_a1111.host import A1111Backend
     from safetensors.torch import load_file
 
-    from lora_trainer.merge import merge_into_checkpoint
+    from lora_trainer.adapters.merge import merge_into_checkpoint
     from lora_trainer.ui import TrainSession
     from lora_trainer.ui.merging import field_values
 
@@ -763,7 +763,7 @@ def test_merge_shows_how_much_is_written_and_runs_one_at_a_time(webui, ckpt_fold
     meanwhile is told to wait; the first then finishes."""
     import threading
 
-    import lora_trainer.merge as core
+    import lora_trainer.adapters.merge as core
     from lora_trainer_a1111.host import A1111Backend
 
     from lora_trainer.files import atomic_path

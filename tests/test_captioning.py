@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from lora_trainer.callbacks import Callbacks
-from lora_trainer.captions import (
+from lora_trainer.data.captions import (
     CaptionOptions,
     Captioner,
     Tag,
@@ -29,12 +29,12 @@ from lora_trainer.captions import (
     remove_vague_words,
     run_captioning,
 )
-from lora_trainer.captions import coca as coca_module
-from lora_trainer.captions.coca import TINY_COCA
-from lora_trainer.captions.shape import clip_token_count
-from lora_trainer.captions.weights import find_weights
-from lora_trainer.cli import main
-from lora_trainer.demo_data import make_demo_images
+from lora_trainer.data.captions import coca as coca_module
+from lora_trainer.data.captions.coca import TINY_COCA
+from lora_trainer.data.captions.shape import clip_token_count
+from lora_trainer.data.captions.weights import find_weights
+from lora_trainer.cli.commands import main
+from lora_trainer.cli.demo_data import make_demo_images
 from lora_trainer.errors import CaptionError, LoraTrainerError
 
 B32_REPO = "laion/mscoco_finetuned_CoCa-ViT-B-32-laion2B-s13B-b90k"

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from lora_trainer.captions import normalize_caption, read_captions, write_captions
+from lora_trainer.data.captions import normalize_caption, read_captions, write_captions
 from lora_trainer.errors import DatasetError
 
 

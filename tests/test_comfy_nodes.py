@@ -139,6 +139,7 @@ def test_train_node_trains_saves_into_loras_and_applies_the_lora(pack, comfy, ti
         again = node.train(model=model, clip=clip, vae=vae, **train_inputs(demo_folder, config_file))
     assert again["result"][2] == "village-v2.safetensors" and path.is_file()
     assert again["ui"]["text"][0].startswith("saved village-v2.safetensors")
+    assert str(comfy.base / "output" / "lora_trainer" / "village-v2") in again["ui"]["text"][0]  # its own folder
 
 
 def test_cancel_stops_within_a_step_and_resume_finishes(pack, comfy, tiny_sd1, tiny_sd1_file, demo_folder, config_file):
@@ -230,13 +231,13 @@ class FakeCaptioner:
         self.options = options
 
     def caption(self, images):
-        from lora_scripts_pack.lora_trainer.captions import Caption
+        from lora_scripts_pack.lora_trainer.data.captions import Caption
 
         return [Caption(f"{self.options.trigger}, a test image {i}", "a test image") for i, _ in enumerate(images)]
 
 
 def test_caption_folder_writes_captions_and_a_preview(pack, comfy, demo_folder):
-    from lora_scripts_pack.lora_trainer.captions import CaptionOptions, read_captions
+    from lora_scripts_pack.lora_trainer.data.captions import CaptionOptions, read_captions
 
     (demo_folder / "metadata.csv").unlink()
     node = pack.NODE_CLASS_MAPPINGS["LoraTrainerCaptionFolder"]()
@@ -350,7 +351,7 @@ def test_train_from_a_checkpoint_name(pack, comfy, tiny_sd1_file, demo_folder, c
 
 
 def test_caption_folder_cancel_keeps_the_captions_written(pack, comfy, demo_folder):
-    from lora_scripts_pack.lora_trainer.captions import CaptionOptions, read_captions
+    from lora_scripts_pack.lora_trainer.data.captions import CaptionOptions, read_captions
 
     (demo_folder / "metadata.csv").unlink()
     node = pack.NODE_CLASS_MAPPINGS["LoraTrainerCaptionFolder"]()
@@ -444,7 +445,7 @@ def test_train_node_shows_the_validation_loss(pack, comfy, tiny_sd1, tiny_sd1_fi
     with torch.inference_mode():
         out = node.train(model=model, clip=clip, vae=vae, **train_inputs(demo_folder, str(validated)))
     assert ", validation loss " in out["ui"]["text"][0].splitlines()[1]
-    from lora_scripts_pack.lora_trainer.loss_plot import VALIDATION
+    from lora_scripts_pack.lora_trainer.evaluate.loss_plot import VALIDATION
 
     orange = torch.tensor([int(VALIDATION[i:i + 2], 16) / 255 for i in (1, 3, 5)])
     assert ((out["result"][3][0] - orange).abs().sum(-1) < 0.05).any()  # the curve shows the validation points

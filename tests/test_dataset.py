@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
-from lora_trainer import images as images_mod
+from lora_trainer.data import images as images_mod
 from lora_trainer.config import TrainConfig
-from lora_trainer.dataset import (
+from lora_trainer.data.dataset import (
     apply_trigger,
     assign_bucket,
     batches_per_epoch,
@@ -23,9 +23,9 @@ from lora_trainer.dataset import (
     process_caption,
     scan_images,
 )
-from lora_trainer.demo_data import make_demo_images
+from lora_trainer.cli.demo_data import make_demo_images
 from lora_trainer.errors import DatasetError
-from lora_trainer.images import ImageLoadError, load_image
+from lora_trainer.data.images import ImageLoadError, load_image
 
 
 def _noise(w, h, mode="RGB", seed=0):

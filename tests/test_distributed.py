@@ -19,8 +19,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from lora_trainer.cli import main
-from lora_trainer.distributed import Processes
+from lora_trainer.cli.commands import main
+from lora_trainer.training.distributed import Processes
 from lora_trainer.errors import ResumeError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -70,7 +70,7 @@ def assert_same_lora(a: Path, b: Path) -> None:
 def data(tmp_path_factory):
     from ldm_layout import save_ldm_file
 
-    from lora_trainer.demo_data import make_demo_images
+    from lora_trainer.cli.demo_data import make_demo_images
     from lora_trainer.model import build_tiny_components
 
     root = tmp_path_factory.mktemp("ddp")
@@ -174,7 +174,7 @@ def test_a_failing_process_ends_the_others_with_its_message(data, tmp_path):
     (hook / "sitecustomize.py").write_text(  # rank 1 fails at its third micro-batch; rank 0 would wait for it
         "import os\n"
         "if os.environ.get('RANK') == '1':\n"
-        "    import lora_trainer.train as t\n"
+        "    import lora_trainer.training.loop as t\n"
         "    from lora_trainer.errors import TrainingError\n"
         "    calls, step = [], t._micro_step\n"
         "    def failing(*a, **k):\n"
@@ -198,7 +198,7 @@ def test_a_failing_process_ends_the_others_with_its_message(data, tmp_path):
 @once
 def test_two_machines_meet_at_a_rendezvous_endpoint(data, two_processes, tmp_path):
     """--nnodes 2 on one machine: the c10d rendezvous of a several-machine run, each 'machine' one process. The
-    first hosts it through `train --nnodes 2 --rdzv-endpoint`, the second joins with plain torchrun (README)."""
+    first hosts it through `train --nnodes 2 --rdzv-endpoint`, the second joins with plain torchrun (docs/multi-gpu.md)."""
     images, base, _ = data
     out = tmp_path / "nodes"
     config = str(write_config(tmp_path / "n.yaml", images, base, out))
@@ -246,7 +246,7 @@ def test_bad_launch_settings_are_one_line_each(data, tmp_path, capsys, monkeypat
 
 def test_gpus_beyond_the_visible_ones_is_refused(monkeypatch):
     from lora_trainer.errors import ConfigError
-    from lora_trainer.launch import check_gpus
+    from lora_trainer.training.launch import check_gpus
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
@@ -273,7 +273,7 @@ def test_each_process_takes_its_slice_and_the_weights_make_the_global_mean():
 
 
 def test_the_global_batch_check_of_a_state(tmp_path):
-    from lora_trainer.state import _check_global_batch
+    from lora_trainer.training.state import _check_global_batch
 
     _check_global_batch(tmp_path, {"processes": 2, "global_batch": 6}, 6, 1)
     _check_global_batch(tmp_path, {"processes": 2, "global_batch": 6}, 2, 3)

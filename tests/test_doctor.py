@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw, ImageEnhance, ImageFilter
 
-from lora_trainer.captions import write_captions
-from lora_trainer.cli import main
+from lora_trainer.data.captions import write_captions
+from lora_trainer.cli.commands import main
 from lora_trainer.config import TrainConfig
-from lora_trainer.dataset import assign_bucket, batches_per_epoch, make_buckets, scan_images
-from lora_trainer.doctor import PROBLEMS, TABLE_COLUMNS, examine
-from lora_trainer.doctor.likeness import NEAR
-from lora_trainer.doctor.pixels import signature
+from lora_trainer.data.dataset import assign_bucket, batches_per_epoch, make_buckets, scan_images
+from lora_trainer.data.doctor import PROBLEMS, TABLE_COLUMNS, examine
+from lora_trainer.data.doctor.likeness import NEAR
+from lora_trainer.data.doctor.pixels import signature
 from lora_trainer.errors import DatasetError
 
 
@@ -303,5 +303,5 @@ def test_cli_text_report_config_and_errors(clean_folder, tmp_path, capsys):
     assert "10 steps per epoch, 30 in total" in out
 
     assert main(["doctor", str(tmp_path / "nowhere")]) == 2
-    assert capsys.readouterr().err.startswith("error: train_data_dir not found")
+    assert capsys.readouterr().err.startswith(f"error: Image folder not found: {tmp_path / 'nowhere'}")
     assert main(["doctor"]) == 2

@@ -18,13 +18,13 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from test_export import ALL_TARGETS, unet_output
 
-from lora_trainer import keymap
+from lora_trainer.adapters import keymap
 from lora_trainer.config import TrainConfig
-from lora_trainer.dora import decomposed
+from lora_trainer.adapters.dora import decomposed
 from lora_trainer.errors import ConfigError, ModelError
-from lora_trainer.export import build_metadata, load_lora_file, lora_state_dict, read_lora, save_lora, to_kohya
-from lora_trainer.keymap import named_models
-from lora_trainer.lora import ADAPTER, add_lora_to_components, dora_module, lora_layers, set_lora_scale
+from lora_trainer.adapters.export import build_metadata, load_lora_file, lora_state_dict, read_lora, save_lora, to_kohya
+from lora_trainer.adapters.keymap import named_models
+from lora_trainer.adapters.lora import ADAPTER, add_lora_to_components, dora_module, lora_layers, set_lora_scale
 
 ROOT = Path(__file__).resolve().parents[1]
 COMFYUI = [ROOT / ".ci" / "envs" / "comfyui-src", ROOT / ".ci" / "envs" / "comfyui"]
@@ -134,7 +134,7 @@ def test_lora_type_is_lora_or_dora_and_dora_refuses_block_offload():
 
 
 def test_memory_plan_never_offloads_a_dora_run():
-    from lora_trainer.plan import _change_steps
+    from lora_trainer.training.plan import _change_steps
 
     assert {"offload": "blocks"} in _change_steps(TrainConfig(), torch.device("cuda"))
     assert {"offload": "blocks"} not in _change_steps(TrainConfig(lora_type="dora"), torch.device("cuda"))
@@ -221,7 +221,7 @@ def unet_output_with_grad(components):
 
 
 def test_the_input_scaling_has_exact_gradients_and_keeps_small_changes_in_half_precision():
-    from lora_trainer.dora import ScaleChannels
+    from lora_trainer.adapters.dora import ScaleChannels
 
     for shape, dim in (((3, 5), -1), ((2, 4, 5), -1), ((2, 5, 3, 3), -3), ((5, 3, 3), -3)):
         x = torch.randn(shape, dtype=torch.double, requires_grad=True)
@@ -324,7 +324,7 @@ def test_the_a1111_and_forge_tabs_train_dora(monkeypatch, tmp_path, tiny_sd1_fil
     for forge in (False, True):
         webui_stubs.install(monkeypatch, tmp_path / str(forge), Path(tiny_sd1_file), types.SimpleNamespace(),
                             forge=forge)
-        import lora_trainer.train as core
+        import lora_trainer.training.loop as core
         from lora_trainer_a1111.host import A1111Backend
 
         seen = []
@@ -334,7 +334,7 @@ def test_the_a1111_and_forge_tabs_train_dora(monkeypatch, tmp_path, tiny_sd1_fil
 
 
 def test_metadata_says_dora_per_input_column_the_way_lycoris_records_it():
-    from lora_trainer.export import network_metadata
+    from lora_trainer.adapters.export import network_metadata
 
     components = types.SimpleNamespace(family="sd1", prediction_type="epsilon", name="base",
                                        resolved_hash=lambda: "0" * 64)
@@ -369,8 +369,8 @@ def test_resume_continues_a_dora_run_exactly_and_training_moves_the_magnitudes(m
     from lora_trainer.callbacks import Callbacks
     from lora_trainer.errors import ResumeError
     from lora_trainer.model import build_tiny_components
-    from lora_trainer.state import load_state
-    from lora_trainer.train import train
+    from lora_trainer.training.state import load_state
+    from lora_trainer.training.loop import train
 
     class StopAt2(Callbacks):
         step = 0
@@ -428,8 +428,8 @@ def peft_dora_state_dict(base):
 
 def test_a_peft_dora_file_converts_to_an_output_axis_file_that_merges_but_does_not_train(tiny_sd1, tiny_sd1_file,
                                                                                          tmp_path):
-    from lora_trainer.cli import main
-    from lora_trainer.merge import load_lora
+    from lora_trainer.cli.commands import main
+    from lora_trainer.adapters.merge import load_lora
 
     peft_sd, merged = peft_dora_state_dict(tiny_sd1)
     save_file(peft_sd, str(tmp_path / "peft.safetensors"))
@@ -449,7 +449,7 @@ def test_a_peft_dora_file_converts_to_an_output_axis_file_that_merges_but_does_n
 
 
 def test_a_file_mixing_dora_and_plain_layers_is_refused(tiny_sd1):
-    from lora_trainer.lora import load_lora_into
+    from lora_trainer.adapters.lora import load_lora_into
 
     sd = lora_state_dict(with_lora(tiny_sd1), torch.float32)
     sd.pop(next(k for k in sd if k.endswith("attn1_to_q.dora_scale")))
@@ -461,7 +461,7 @@ def test_a_file_mixing_dora_and_plain_layers_is_refused(tiny_sd1):
 
 @pytest.mark.parametrize("family", ["sd1", "sdxl"])
 def test_merge_into_a_checkpoint_bakes_in_the_hosts_weight_at_the_strength(family, request, tmp_path):
-    from lora_trainer.merge import merge_into_checkpoint
+    from lora_trainer.adapters.merge import merge_into_checkpoint
     from lora_trainer.model import load_components
 
     base = request.getfixturevalue(f"tiny_{family}")
@@ -502,7 +502,7 @@ def test_merge_formula_is_the_hosts_on_both_axes():
 
 
 def test_merging_dora_without_a_base_is_refused_and_resize_keeps_the_magnitudes(tiny_sd1, tmp_path):
-    from lora_trainer.resize import merge_lora_files, resize_lora_file
+    from lora_trainer.adapters.resize import merge_lora_files, resize_lora_file
 
     path = save_lora(tmp_path / "d.safetensors", lora_state_dict(with_lora(tiny_sd1), torch.float32), {})
     with pytest.raises(ModelError, match="d.safetensors is a DoRA file.*checkpoint \\(--base\\)"):
@@ -521,13 +521,13 @@ def test_merging_dora_without_a_base_is_refused_and_resize_keeps_the_magnitudes(
 
 
 def test_two_processes_train_dora_as_one_process_at_twice_the_batch(tmp_path):
-    """DDP (lora_trainer/distributed.py) syncs the magnitudes' gradients as it does the LoRA weights', UNet and text
+    """DDP (lora_trainer/training/distributed.py) syncs the magnitudes' gradients as it does the LoRA weights', UNet and text
     encoder (test_distributed.py's equivalence, shorter)."""
     from ldm_layout import save_ldm_file
     from test_distributed import assert_same_lora, cli, finish, write_config
 
-    from lora_trainer.cli import main
-    from lora_trainer.demo_data import make_demo_images
+    from lora_trainer.cli.commands import main
+    from lora_trainer.cli.demo_data import make_demo_images
     from lora_trainer.model import build_tiny_components
 
     base = save_ldm_file(build_tiny_components("sd1", seed=0), tmp_path / "tiny-sd1.safetensors")

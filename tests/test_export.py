@@ -6,10 +6,10 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from lora_trainer import keymap
+from lora_trainer.adapters import keymap
 from lora_trainer.config import TrainConfig
-from lora_trainer.export import lora_state_dict, read_lora, save_lora, to_kohya
-from lora_trainer.lora import add_lora_to_components, load_lora_into, lora_layers
+from lora_trainer.adapters.export import lora_state_dict, read_lora, save_lora, to_kohya
+from lora_trainer.adapters.lora import add_lora_to_components, load_lora_into, lora_layers
 from lora_trainer.model import build_tiny_components, encode_text, unet_added_cond
 
 ALL_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "proj", "ff", "conv"]

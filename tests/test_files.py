@@ -47,7 +47,7 @@ def test_safetensors_files_get_the_umask_mode_too(tmp_path, umask, mode):
     from safetensors.torch import save_file
 
     from lora_trainer.config import TrainConfig
-    from lora_trainer.state import Position, save_state
+    from lora_trainer.training.state import Position, save_state
 
     old = os.umask(umask)
     try:

@@ -4,14 +4,14 @@ import pytest
 import torch
 
 from lora_trainer.model import build_tiny_components
-from lora_trainer.train import train
+from lora_trainer.training.loop import train
 
 pytestmark = pytest.mark.gpu
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_mixed_precision_trains_with_fp32_lora_and_frees_vram(precision, make_cfg):
-    from lora_trainer.lora import lora_parameters
+    from lora_trainer.adapters.lora import lora_parameters
 
     before = torch.cuda.memory_allocated()
     components = build_tiny_components("sd1", seed=0)
@@ -27,7 +27,7 @@ def test_mixed_precision_trains_with_fp32_lora_and_frees_vram(precision, make_cf
 
 def test_cuda_uses_fused_adamw(make_cfg):
     from lora_trainer.callbacks import Callbacks
-    from lora_trainer.train_setup import prepare_run
+    from lora_trainer.training.setup import prepare_run
 
     run = prepare_run(make_cfg(device="cuda"), Callbacks(), components=build_tiny_components("sd1"))
     assert run.optimizer.defaults.get("fused") is True
@@ -35,7 +35,7 @@ def test_cuda_uses_fused_adamw(make_cfg):
 
 def test_fp8_offload_keeps_layer_weights_in_cpu_ram_while_training(make_cfg):
     from lora_trainer.callbacks import Callbacks
-    from lora_trainer.lora import lora_parameters
+    from lora_trainer.adapters.lora import lora_parameters
 
     components = build_tiny_components("sd1", seed=0)
     seen = []
@@ -54,7 +54,7 @@ def test_fp8_offload_keeps_layer_weights_in_cpu_ram_while_training(make_cfg):
 
 
 def test_out_of_memory_on_cuda_steps_down(make_cfg, monkeypatch):
-    import lora_trainer.train as train_mod
+    import lora_trainer.training.loop as train_mod
 
     real, raised = train_mod._micro_step, []
 

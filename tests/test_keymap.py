@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from lora_trainer import keymap
+from lora_trainer.adapters import keymap
 from lora_trainer.errors import ModelError
-from lora_trainer.export import to_kohya
+from lora_trainer.adapters.export import to_kohya
 
 
 def test_unet_and_text_encoder_names():

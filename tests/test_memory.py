@@ -15,11 +15,11 @@ from ldm_layout import components_to_ldm, save_ldm_file
 
 import lora_trainer.model as model_stage
 from lora_trainer.errors import ModelError, TrainingError
-from lora_trainer.export import read_lora
+from lora_trainer.adapters.export import read_lora
 from lora_trainer.model.checkpoint_file import CheckpointFile
 from lora_trainer.model.loader import HandedOver
 from lora_trainer.model.precision import _StoredLinear, store_base_weights
-from lora_trainer.train import train
+from lora_trainer.training.loop import train
 
 
 def _parameters() -> int:
@@ -164,7 +164,7 @@ def test_fp8_is_quantized_part_by_part_as_it_loads(tiny_sd1_file):
 
 
 def test_lora_on_a_quantized_base_starts_in_fp32_not_rounded(tiny_sd1):
-    from lora_trainer.lora import ADAPTER, add_lora, lora_layers
+    from lora_trainer.adapters.lora import ADAPTER, add_lora, lora_layers
 
     unet = copy.deepcopy(tiny_sd1.unet)
     store_base_weights([unet], torch.float8_e4m3fn, torch.float32)

@@ -8,11 +8,11 @@ import torch
 from safetensors import safe_open
 from test_export import ALL_TARGETS, trained_like
 
-from lora_trainer import keymap
+from lora_trainer.adapters import keymap
 from lora_trainer.errors import ConfigError, ModelError
-from lora_trainer.export import lora_state_dict, read_lora, save_lora
-from lora_trainer.keymap import named_models
-from lora_trainer.merge import merge_into_checkpoint, module_map, parse_lora_arg
+from lora_trainer.adapters.export import lora_state_dict, read_lora, save_lora
+from lora_trainer.adapters.keymap import named_models
+from lora_trainer.adapters.merge import merge_into_checkpoint, module_map, parse_lora_arg
 
 
 def lora_file(family, path, metadata=None, **cfg):
@@ -184,8 +184,8 @@ def update_of(path, module):
 def test_stacked_merge_loads_as_both_loras_fused(tiny_sd1, tmp_path):
     from test_export import unet_output
 
-    from lora_trainer.export import load_lora_file
-    from lora_trainer.resize import merge_lora_files
+    from lora_trainer.adapters.export import load_lora_file
+    from lora_trainer.adapters.resize import merge_lora_files
 
     a = lora_file("sd1", tmp_path / "a.safetensors")
     b = other_lora(a, tmp_path / "b.safetensors")
@@ -200,7 +200,7 @@ def test_stacked_merge_loads_as_both_loras_fused(tiny_sd1, tmp_path):
 
 
 def test_svd_merge_keeps_the_best_rank_r_update(tmp_path):
-    from lora_trainer.resize import merge_lora_files
+    from lora_trainer.adapters.resize import merge_lora_files
 
     a = lora_file("sd1", tmp_path / "a.safetensors")
     b = other_lora(a, tmp_path / "b.safetensors")
@@ -218,8 +218,8 @@ def test_svd_merge_keeps_the_best_rank_r_update(tmp_path):
 def test_resize_error_bounds_and_alpha_keeps_the_scale(tiny_sd1, tmp_path):
     from test_export import unet_output
 
-    from lora_trainer.export import load_lora_file
-    from lora_trainer.resize import resize_lora_file
+    from lora_trainer.adapters.export import load_lora_file
+    from lora_trainer.adapters.resize import resize_lora_file
 
     a = lora_file("sd1", tmp_path / "a.safetensors")
     same, _ = resize_lora_file(a, tmp_path / "r4.safetensors", rank=4, precision="fp32")
@@ -247,7 +247,7 @@ def test_resize_error_bounds_and_alpha_keeps_the_scale(tiny_sd1, tmp_path):
 
 
 def test_cli_merge_and_resize(tiny_files, tmp_path, capsys):
-    from lora_trainer.cli import main
+    from lora_trainer.cli.commands import main
 
     a = lora_file("sd1", tmp_path / "a.safetensors")
     out = tmp_path / "m.safetensors"

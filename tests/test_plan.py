@@ -11,12 +11,12 @@ import json
 import pytest
 import torch
 
-import lora_trainer.train as train_mod
-from lora_trainer.cli import main
+import lora_trainer.training.loop as train_mod
+from lora_trainer.cli.commands import main
 from lora_trainer.errors import ConfigError, TrainingError
-from lora_trainer.export import read_lora
-from lora_trainer.plan import plan_memory
-from lora_trainer.train import train
+from lora_trainer.adapters.export import read_lora
+from lora_trainer.training.plan import plan_memory
+from lora_trainer.training.loop import train
 
 GB = 1 << 30
 

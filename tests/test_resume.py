@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from lora_trainer.errors import ResumeError
-from lora_trainer.state import dataset_hash, load_state
+from lora_trainer.training.state import dataset_hash, load_state
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).with_name("resume_worker.py")
@@ -47,7 +47,7 @@ def test_sigkill_then_resume_gives_the_same_lora(demo_folder, tmp_path):
 def test_resume_refuses_foreign_or_changed_runs(make_cfg, tmp_path):
     from lora_trainer.callbacks import Callbacks
     from lora_trainer.model import build_tiny_components
-    from lora_trainer.train import train
+    from lora_trainer.training.loop import train
 
     class StopAt2(Callbacks):
         n = 0
@@ -61,7 +61,7 @@ def test_resume_refuses_foreign_or_changed_runs(make_cfg, tmp_path):
     cfg = make_cfg(max_train_steps=6)
     result = train(cfg, StopAt2(), components=build_tiny_components("sd1"))
     assert result.stopped
-    from lora_trainer.dataset import scan_images
+    from lora_trainer.data.dataset import scan_images
 
     records, _ = scan_images(cfg)
     good = dataset_hash(records)

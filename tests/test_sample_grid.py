@@ -15,7 +15,7 @@ def _dark_columns(grid, top, bottom):
 @pytest.mark.parametrize("font", ["pillow", "bitmap"])  # bitmap: the only default font of Pillow 9.5 (A1111's pin)
 @pytest.mark.parametrize("size", [48, 64, 512])
 def test_column_labels_fit_their_column(monkeypatch, font, size):
-    from lora_trainer import sample
+    from lora_trainer.evaluate import sample
 
     if font == "bitmap":  # Pillow >= 10.1 names it load_default_imagefont; before, it is what load_default gives
         bitmap = getattr(ImageFont, "load_default_imagefont", ImageFont.load_default)
@@ -35,7 +35,7 @@ def test_column_labels_fit_their_column(monkeypatch, font, size):
 
 
 def test_labels_grow_with_the_pictures_where_pillow_can():
-    from lora_trainer.sample import _label_font, label_grid
+    from lora_trainer.evaluate.sample import _label_font, label_grid
 
     small = label_grid([[Image.new("RGB", (64, 64), "white")]], ["0.5"], ["p"], seed=1)
     large = label_grid([[Image.new("RGB", (1024, 1024), "white")]], ["0.5"], ["p"], seed=1)

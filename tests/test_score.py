@@ -12,12 +12,13 @@ import math
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
-from lora_trainer.captions.shape import put_trigger_first, remove_trigger
-from lora_trainer.captions.weights import MissingWeights
-from lora_trainer.cli import main
+from lora_trainer.data.captions.shape import put_trigger_first, remove_trigger
+from lora_trainer.data.captions.weights import MissingWeights
+from lora_trainer.cli.commands import main
 from lora_trainer.errors import DatasetError
-from lora_trainer.score import (
+from lora_trainer.evaluate.score import (
     FIDELITY_MARGIN,
     StrengthScore,
     StrengthScorer,
@@ -36,8 +37,8 @@ STRENGTHS = [0.5, 0.6, 0.7, 0.8]
 @pytest.fixture(scope="module")
 def lora_file(tmp_path_factory):
     """A kohya-layout LoRA of random weights on the tiny SD1 UNet, with a trigger phrase in its metadata."""
-    from lora_trainer.export import lora_state_dict, save_lora
-    from lora_trainer.lora import UNET_TARGETS, add_lora, lora_layers, resolve_targets
+    from lora_trainer.adapters.export import lora_state_dict, save_lora
+    from lora_trainer.adapters.lora import UNET_TARGETS, add_lora, lora_layers, resolve_targets
     from lora_trainer.model import build_tiny_components
 
     components = build_tiny_components("sd1", seed=0)
@@ -53,7 +54,7 @@ def lora_file(tmp_path_factory):
 
 @pytest.fixture
 def references(tmp_path):
-    from lora_trainer.demo_data import make_demo_images
+    from lora_trainer.cli.demo_data import make_demo_images
 
     folder = make_demo_images(tmp_path / "refs", n=4, size=64)
     (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
@@ -61,9 +62,9 @@ def references(tmp_path):
 
 
 def _render(base_file, lora_path, strengths):
-    from lora_trainer.export import load_lora_file
+    from lora_trainer.adapters.export import load_lora_file
     from lora_trainer.model import load_components
-    from lora_trainer.sample import render_images
+    from lora_trainer.evaluate.sample import render_images
 
     components = load_components(base_file)
     load_lora_file(components, lora_path)
@@ -132,7 +133,7 @@ def test_cli_prints_the_json_shape_and_writes_the_grid(tiny_sd1_file, lora_file,
     assert "trigger 'ink_town' taken out" in table and "best" in table and "base" in table
 
 
-def test_missing_weights_say_what_to_get(tmp_path, references, monkeypatch, capsys):
+def test_missing_weights_say_what_to_get(tmp_path, references, monkeypatch, capsys, tiny_sd1_file):
     from huggingface_hub import constants
 
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-hf-cache"))
@@ -140,10 +141,13 @@ def test_missing_weights_say_what_to_get(tmp_path, references, monkeypatch, caps
         StrengthScorer(references, "coca_ViT-B-32", weights_dir=str(tmp_path / "weights"))
     assert "open_clip_pytorch_model.bin" in str(err.value) and "\n" not in str(err.value)
 
-    code = main(["score", "--base-model", str(tmp_path / "never-loaded.safetensors"), "--lora", "x.safetensors",
+    lora = tmp_path / "x.safetensors"
+    save_file({"lora_unet_x.lora_down.weight": torch.zeros(1, 2), "lora_unet_x.lora_up.weight": torch.zeros(2, 1)},
+              str(lora))
+    code = main(["score", "--base-model", str(tiny_sd1_file), "--lora", str(lora),
                  "--prompt", "p", "--reference-dir", str(references), "--clip-model", "coca_ViT-B-32"])
     err_text = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and len(err_text) == 1  # before the base model is looked at
+    assert code == 2 and len(err_text) == 1  # after the user's files were found, before anything is rendered
     assert err_text[0].startswith("error: Captioner weights for coca_ViT-B-32")
     assert "--clip-weights PATH" in err_text[0] and "--download" not in err_text[0]
 

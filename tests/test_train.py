@@ -1,6 +1,7 @@
 """The training loop on tiny random models: it learns, touches only LoRA weights, saves, stops."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -8,7 +9,8 @@ from safetensors import safe_open
 
 from lora_trainer.callbacks import Callbacks
 from lora_trainer.model import build_tiny_components, encode_text, unet_added_cond
-from lora_trainer.train import train
+from lora_trainer.training.checkpoints import latest_run_dir
+from lora_trainer.training.loop import train
 
 
 class Recorder(Callbacks):
@@ -38,7 +40,7 @@ class Recorder(Callbacks):
 
 def fixed_loss(components, images, captions, sizes):
     """Denoising loss at fixed noise and timesteps: comparable before and after training."""
-    from lora_trainer.latents import encode_pixels
+    from lora_trainer.data.latents import encode_pixels
 
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
@@ -57,7 +59,7 @@ def fixed_loss(components, images, captions, sizes):
 
 
 def demo_pixels(cfg):
-    from lora_trainer.dataset import prepare_image, scan_images
+    from lora_trainer.data.dataset import prepare_image, scan_images
 
     records, _ = scan_images(cfg)
     prepared = [prepare_image(r, (64, 64)) for r in records[:2]]
@@ -68,7 +70,7 @@ def demo_pixels(cfg):
 
 @pytest.mark.parametrize("family", ["sd1", "sdxl"])
 def test_overfitting_lowers_the_loss_and_only_lora_weights_change(family, make_cfg, tmp_path):
-    from lora_trainer.demo_data import make_demo_images
+    from lora_trainer.cli.demo_data import make_demo_images
 
     two_images = make_demo_images(tmp_path / "two", n=2)
     cfg = make_cfg(train_data_dir=str(two_images), max_train_steps=40, learning_rate=1e-2, batch_size=2,
@@ -102,18 +104,24 @@ def test_should_stop_saves_a_resumable_state(make_cfg):
     assert json.loads((result.state_dir / "state.json").read_text())["step"] == 3
 
 
-def test_checkpoints_keep_last_n_and_the_final_lora_is_never_overwritten(make_cfg):
-    cfg = make_cfg(max_train_steps=6, save_steps=2, save_last_n=2)
-    out = cfg.output_dir
+def test_checkpoints_keep_last_n_and_a_second_run_keeps_every_file_of_the_first(make_cfg):
+    cfg = make_cfg(max_train_steps=6, save_steps=2, save_last_n=2, sample_prompts=["demo_style, a square"],
+                   sample_strengths=[0.0, 1.0], sample_steps=2)
+    out = Path(cfg.output_dir)
     first = train(cfg, Recorder(), components=build_tiny_components("sd1"))
-    steps = sorted(p.name for p in first.lora_path.parent.glob("*-step*.safetensors"))
+    steps = sorted(p.name for p in out.glob("*-step*.safetensors"))
     assert steps == ["lora-step00000004.safetensors", "lora-step00000006.safetensors"]
-    assert len(list((first.lora_path.parent / "state").glob("step-*"))) == 2
-    mtime = first.lora_path.stat().st_mtime_ns
-    second = train(cfg.replace(save_steps=0), Recorder(), components=build_tiny_components("sd1"))
-    assert second.lora_path.name == "lora-v2.safetensors"
-    assert first.lora_path.stat().st_mtime_ns == mtime
-    assert str(second.lora_path).startswith(out)
+    assert len(list((out / "state").glob("step-*"))) == 2
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    assert first.output_dir == out and any(p.parent.name == "samples" for p in before)
+    rec = Recorder()
+    second = train(cfg.replace(max_train_steps=2), rec, components=build_tiny_components("sd1"))
+    assert second.output_dir == out.with_name(out.name + "-v2")
+    assert second.lora_path == second.output_dir / "lora.safetensors"
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == before  # not one file touched
+    assert any(f"this run writes into {second.output_dir}" in s and "--resume" in s for s in rec.status)
+    third = train(cfg.replace(max_train_steps=2), Recorder(), components=build_tiny_components("sd1"))
+    assert third.output_dir.name == out.name + "-v3" and latest_run_dir(str(out)) == str(third.output_dir)
 
 
 def test_every_run_writes_real_tensorboard_events_and_json_lines(make_cfg):
@@ -196,7 +204,7 @@ def test_host_keeps_its_gpu_on_bad_input_and_gets_it_back_on_failure(make_cfg, t
 
 
 def test_nan_loss_stops_with_advice_before_touching_the_weights(make_cfg, monkeypatch):
-    import lora_trainer.train as train_module
+    import lora_trainer.training.loop as train_module
     from lora_trainer.errors import TrainingError
 
     components = build_tiny_components("sd1")
@@ -211,7 +219,7 @@ def test_nan_loss_stops_with_advice_before_touching_the_weights(make_cfg, monkey
     monkeypatch.setattr(train_module, "_micro_step", poisoned)
     with pytest.raises(TrainingError, match="loss became nan at step 3. Lower learning_rate"):
         train(make_cfg(max_train_steps=5, batch_size=1), components=components)
-    from lora_trainer.lora import lora_parameters
+    from lora_trainer.adapters.lora import lora_parameters
 
     assert all(torch.isfinite(p).all() for p in lora_parameters(components.unet))
 

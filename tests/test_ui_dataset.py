@@ -25,7 +25,7 @@ def messy(demo_folder):
 
 
 def test_load_shows_the_doctors_findings_and_names_the_unreadable(messy):
-    from lora_trainer.doctor import TABLE_COLUMNS
+    from lora_trainer.data.doctor import TABLE_COLUMNS
     from lora_trainer.ui.dataset_panel import look_at
 
     pictures, rows, findings, status = look_at(str(messy), "inkwash")

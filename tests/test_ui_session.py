@@ -45,7 +45,7 @@ def test_form_errors_are_user_messages(demo_folder, tmp_path):
 
 
 def test_loss_image_draws_raw_and_smoothed_loss_on_real_axes():
-    from lora_trainer.loss_plot import RAW, SMOOTH, loss_image, smoothed
+    from lora_trainer.evaluate.loss_plot import RAW, SMOOTH, loss_image, smoothed
 
     assert loss_image([], 480, 220).size == (480, 220)
     assert smoothed([2.0]) == [2.0]  # debiased: the first value is not pulled towards 0
@@ -62,7 +62,7 @@ def test_loss_image_draws_raw_and_smoothed_loss_on_real_axes():
 
 
 def test_loss_axis_labels_differ_on_a_flat_short_run():
-    from lora_trainer.loss_plot import loss_figure
+    from lora_trainer.evaluate.loss_plot import loss_figure
 
     fig = loss_figure([1.04, 1.0402, 1.0401], 512, 256)  # the old drawing wrote "1.04" at both ends
     fig.canvas.draw()
@@ -112,7 +112,7 @@ def test_the_tab_plans_memory_on_a_gpu_and_shows_the_plan(monkeypatch):
 
 def test_messages_name_the_tabs_fields_not_config_keys_or_cli_flags():
     from lora_trainer.config import TrainConfig
-    from lora_trainer.dataset import scan_images
+    from lora_trainer.data.dataset import scan_images
     from lora_trainer.errors import DatasetError
     from lora_trainer.ui.session import in_tab_words
 
@@ -183,7 +183,7 @@ def test_a_failure_after_the_lora_is_saved_is_a_warning_and_the_lora_is_still_re
 
 
 def test_tab_plot_shows_validation_losses_at_their_steps():
-    from lora_trainer.loss_plot import VALIDATION
+    from lora_trainer.evaluate.loss_plot import VALIDATION
     from lora_trainer.ui.session import SessionCallbacks
 
     cb = SessionCallbacks()

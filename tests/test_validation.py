@@ -12,7 +12,7 @@ from lora_trainer.callbacks import Callbacks
 from lora_trainer.config import TrainConfig
 from lora_trainer.errors import ConfigError, DatasetError, ResumeError
 from lora_trainer.model import build_tiny_components
-from lora_trainer.train import train
+from lora_trainer.training.loop import train
 
 
 class Recorder(Callbacks):
@@ -59,9 +59,9 @@ def test_config_checks_the_validation_keys(demo_folder, tmp_path):
 
 
 def test_split_is_seeded_at_least_one_image_and_leaves_some_to_train(make_cfg, tmp_path):
-    from lora_trainer.dataset import scan_images
-    from lora_trainer.demo_data import make_demo_images
-    from lora_trainer.validation import split_records
+    from lora_trainer.data.dataset import scan_images
+    from lora_trainer.cli.demo_data import make_demo_images
+    from lora_trainer.training.validation import split_records
 
     records, _ = scan_images(make_cfg())
     train_a, held_a = split_records(records, make_cfg(validation_split=0.25))
@@ -79,10 +79,11 @@ def test_split_is_seeded_at_least_one_image_and_leaves_some_to_train(make_cfg, t
 
 
 def test_held_out_images_never_reach_a_training_batch(make_cfg, monkeypatch):
-    import lora_trainer.train as train_module
+    import lora_trainer.training.batches as batches
+    import lora_trainer.training.loop as train_module
 
     seen = set()
-    real_step, real_latent = train_module._micro_step, train_module._latent
+    real_step, real_latent = train_module._micro_step, batches.latent
 
     def recording_step(run, batch, *args):
         seen.update(record.name for record, _ in batch)
@@ -90,7 +91,7 @@ def test_held_out_images_never_reach_a_training_batch(make_cfg, monkeypatch):
 
     encoded = []
     monkeypatch.setattr(train_module, "_micro_step", recording_step)
-    monkeypatch.setattr(train_module, "_latent", lambda run, record, *a: encoded.append(record.name)
+    monkeypatch.setattr(batches, "latent", lambda run, record, *a: encoded.append(record.name)
                         or real_latent(run, record, *a))
     cfg = make_cfg(validation_split=0.25, max_train_steps=3, save_steps=2)  # 3 batches of 2: one epoch
     rec = Recorder()
@@ -158,7 +159,7 @@ def test_save_best_keeps_the_lowest_and_never_overwrites_a_finished_file(make_cf
 
 
 def test_validation_dir_leaves_the_trained_lora_unchanged(make_cfg, tmp_path):
-    from lora_trainer.demo_data import make_demo_images
+    from lora_trainer.cli.demo_data import make_demo_images
 
     val_dir = make_demo_images(tmp_path / "val", n=3, size=80)
     plain = train(make_cfg(max_train_steps=4, save_precision="fp32"), Recorder(),
@@ -174,8 +175,8 @@ def test_validation_dir_leaves_the_trained_lora_unchanged(make_cfg, tmp_path):
 
 
 def test_a_pass_is_in_eval_mode_and_gives_training_mode_back(make_cfg):
-    from lora_trainer.train_setup import prepare_run
-    from lora_trainer.validation import Validator, fixed_timesteps
+    from lora_trainer.training.setup import prepare_run
+    from lora_trainer.training.validation import Validator, fixed_timesteps
 
     assert fixed_timesteps(1000, 4) == [125, 375, 625, 875] and fixed_timesteps(1000, 1) == [500]
     run = prepare_run(make_cfg(validation_split=0.25, lora_dropout=0.5), Callbacks(),
@@ -192,7 +193,7 @@ def test_a_pass_is_in_eval_mode_and_gives_training_mode_back(make_cfg):
 
 
 def test_loss_image_draws_validation_points():
-    from lora_trainer.loss_plot import loss_image
+    from lora_trainer.evaluate.loss_plot import loss_image
 
     plain = loss_image([1.0, 0.8, 0.7, 0.65], 320, 160)
     with_val = loss_image([1.0, 0.8, 0.7, 0.65], 320, 160, val=[(2, 0.9), (4, 0.75)])
@@ -202,9 +203,9 @@ def test_loss_image_draws_validation_points():
 
 def test_validation_dir_is_read_like_train_data_dir_and_capped(make_cfg, tmp_path):
     from lora_trainer.config import MAX_VALIDATION_IMAGES
-    from lora_trainer.dataset import scan_images
-    from lora_trainer.demo_data import make_demo_images
-    from lora_trainer.validation import validation_records
+    from lora_trainer.data.dataset import scan_images
+    from lora_trainer.cli.demo_data import make_demo_images
+    from lora_trainer.training.validation import validation_records
 
     many = make_demo_images(tmp_path / "many", n=MAX_VALIDATION_IMAGES + 2)  # its first 8 = demo_folder's
     cfg = make_cfg(validation_dir=str(many), trigger_word="demo_style")

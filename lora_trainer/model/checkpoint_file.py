@@ -28,7 +28,8 @@ _MAX_HEADER = 100 << 20  # the safetensors package refuses larger headers too
 _CHUNK = 4 << 20  # bytes read at a time when converting: small enough to stay in the CPU's cache
 
 
-def _dtypes() -> dict:
+def safetensors_dtypes() -> dict:
+    """safetensors dtype names (F32, BF16, …) → torch dtypes, those this torch has."""
     import torch
 
     table = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -62,7 +63,7 @@ class CheckpointFile(MutableMapping):
                              "again.") from err
         self.metadata = header.pop("__metadata__", None) or {}
         self._data_start = 8 + header_size
-        known = _dtypes()
+        known = safetensors_dtypes()
         for key, entry in header.items():
             start, end = entry.get("data_offsets", (0, -1))
             if entry.get("dtype") not in known or not 0 <= start <= end or self._data_start + end > size:
@@ -88,7 +89,7 @@ class CheckpointFile(MutableMapping):
 
         entry = self._entries[self._names[key]]
         start, end = entry["data_offsets"]
-        stored = _dtypes()[entry["dtype"]]
+        stored = safetensors_dtypes()[entry["dtype"]]
         target = dtype if dtype is not None and stored.is_floating_point else stored
         tensor = torch.empty(entry["shape"], dtype=target)
         with open(self.path, "rb") as fh:

@@ -57,6 +57,11 @@ def detect_family(keys: Iterable[str]) -> str:
     if has(UNET_PREFIX + "label_emb.0.0.") and not has("cond_stage_model."):
         return "sdxl"
     sample = ", ".join(keys[:3]) if keys else "no keys at all"
+    if any(".lora_down." in k or ".lora_A." in k or k.startswith(("lora_unet_", "lora_te")) for k in keys):
+        raise ModelError(
+            f"This file is a LoRA (keys start with {sample}), not a base model: give the full checkpoint the LoRA "
+            f"is used with ({SUPPORTED}). A LoRA goes where LoRAs are asked for (--lora, init_lora)."
+        )
     if has(UNET_PREFIX):
         raise ModelError(
             "The checkpoint has a UNet but no text encoder, so its family cannot be told (keys start with "

@@ -67,6 +67,16 @@ def load_components(base_model: BaseModel, family: str = "auto", prediction_type
         return _from_state_dict(base_model, family, prediction_type, name or "in-memory", "<in-memory>",
                                 None, dtype, vae_dtype, copy=not isinstance(base_model, HandedOver),
                                 matrix_dtype=matrix_dtype)
+    path = base_model_path(base_model)
+    if path.is_dir():
+        return _from_folder(path, family, prediction_type, name or path.name, dtype, vae_dtype)
+    return _from_state_dict(read_checkpoint(path, allow_ckpt), family, prediction_type, name or path.stem,
+                            str(path), path, dtype, vae_dtype, copy=False, matrix_dtype=matrix_dtype)
+
+
+def base_model_path(base_model: object) -> Path:
+    """The checkpoint file or diffusers folder `base_model` names, checked without reading it; else the
+    ModelError that names what is missing and where to put it."""
     if not isinstance(base_model, (str, os.PathLike)):
         raise ModelError(f"base_model must be a path or a state dict, not {type(base_model).__name__}.")
     if not os.fspath(base_model).strip():
@@ -74,12 +84,9 @@ def load_components(base_model: BaseModel, family: str = "auto", prediction_type
     path = Path(base_model).expanduser()
     if not path.exists():
         raise ModelError(f"Base model not found: {path}. {WHERE_TO_PUT}")
-    if path.is_dir():
-        if not is_diffusers_folder(path):
-            raise ModelError(f"{path} is a folder but not a diffusers model (no model_index.json). {WHERE_TO_PUT}")
-        return _from_folder(path, family, prediction_type, name or path.name, dtype, vae_dtype)
-    return _from_state_dict(read_checkpoint(path, allow_ckpt), family, prediction_type, name or path.stem,
-                            str(path), path, dtype, vae_dtype, copy=False, matrix_dtype=matrix_dtype)
+    if path.is_dir() and not is_diffusers_folder(path):
+        raise ModelError(f"{path} is a folder but not a diffusers model (no model_index.json). {WHERE_TO_PUT}")
+    return path
 
 
 def _from_state_dict(sd: Mapping, family: str, prediction_type: str, name: str, source: str,

@@ -15,7 +15,7 @@ from typing import Any, ContextManager, Dict, List, Optional, Tuple
 
 from ..callbacks import Callbacks, HostInterface
 from ..errors import LoraTrainerError
-from ..loss_plot import loss_image
+from ..evaluate.loss_plot import loss_image
 from . import dataset_panel as panel
 from .merging import add_merge_panel
 from .session import (PRESET_FIELDS, PRESETS, TEST_STRENGTHS, SessionCallbacks, TrainSession, advanced_fields,
@@ -62,7 +62,7 @@ class Backend:
     def captioner_weights_dir(self) -> Path:
         """The folder the "Captioner weights" field lists and the tab tells users to put weights in
         (A1111: models/lora_trainer/captioner; standalone: the lora_trainer cache's captioner folder)."""
-        from ..captions.weights import weights_dir
+        from ..data.captions.weights import weights_dir
 
         return weights_dir()
 
@@ -70,7 +70,7 @@ class Backend:
                 weights: str = "") -> int:
         """Caption the folder's images that have none (trigger word first) with the captioner weights `weights`
         (a file, or an open_clip tag; '' = the default); returns how many got one."""
-        from ..captions import DEFAULT_PRETRAINED, CaptionOptions, caption_folder
+        from ..data.captions import DEFAULT_PRETRAINED, CaptionOptions, caption_folder
 
         options = CaptionOptions(trigger=trigger, pretrained=weights or DEFAULT_PRETRAINED)
         if self.captioner_model:
@@ -79,7 +79,7 @@ class Backend:
         return sum(1 for r in results if r.status == "new")
 
     def train(self, cfg: Any, callbacks: Callbacks, task_id: str = "") -> Any:
-        from ..train import train
+        from ..training.loop import train
 
         return train(cfg, callbacks=callbacks, host=self.host())
 
@@ -110,7 +110,7 @@ class Backend:
         what to say in the status. Here: the file's `modelspec.usage_hint`, its tensors untouched."""
         if best is None:
             return ""
-        from ..export import write_usage_weight
+        from ..adapters.export import write_usage_weight
 
         hint = write_usage_weight(lora_path, best, cfg.trigger_word)
         return f"strength {best:g} written into the usage hint of {Path(lora_path).name}: {hint}"
@@ -168,7 +168,7 @@ def start_run(backend: Backend, cfg: Any, task_id: str = "") -> TrainSession:
 
 def _saved_result(callbacks: SessionCallbacks) -> Any:
     """The result of a run that failed after writing its LoRA: the LoRA and the steps it had."""
-    from ..train import TrainResult
+    from ..training.loop import TrainResult
 
     return TrainResult(callbacks.saved, None, None, callbacks.step, False, list(callbacks.losses))
 
@@ -200,7 +200,7 @@ def build_blocks(backend: Backend) -> Any:
     """The tab's Blocks; A1111 and Forge return it from on_ui_tabs, the standalone UI launches it."""
     import gradio as gr
 
-    from ..doctor import TABLE_COLUMNS
+    from ..data.doctor import TABLE_COLUMNS
 
     fields = advanced_fields()
     with gr.Blocks(analytics_enabled=False, title=backend.title) as blocks:

@@ -23,8 +23,8 @@ Shown = Tuple[List[Any], List[List[str]], List[List[str]], str]  # gallery, capt
 
 def read_rows(folder: str) -> List[List[str]]:
     """[[image name, caption]] for the folder's images ('' where there is no caption); read only."""
-    from ..captions import read_captions
-    from ..images import list_images
+    from ..data.captions import read_captions
+    from ..data.images import list_images
 
     folder_path = image_folder(folder)
     captions = read_captions(folder_path).captions
@@ -48,7 +48,7 @@ def image_folder(folder: str) -> Path:
 
 def save_captions(folder: str, rows: List[List[str]]) -> str:
     """Write the captions table to the folder's metadata.csv (atomically); the status line."""
-    from ..captions import write_captions
+    from ..data.captions import write_captions
 
     try:
         captions = {r[0]: r[1] for r in rows or [] if r and r[0] and str(r[1]).strip()}
@@ -73,7 +73,7 @@ def doctor_config(folder: str, trigger: str, preset: str, low_vram: bool, advanc
 def look_at(folder: str, trigger: str = "", preset: str = "style", low_vram: bool = False,
             advanced: Optional[Mapping[str, Any]] = None) -> Shown:
     """What Load shows: the readable images, every image's caption, the doctor's findings and its summary."""
-    from ..doctor import examine
+    from ..data.doctor import examine
 
     try:
         path = image_folder(folder)
@@ -114,7 +114,7 @@ def add_images(files: Any, folder: str, trigger: str = "", preset: str = "style"
 def caption_empty(backend: Any, task_id: str, folder: str, trigger: str, weights: str, preset: str = "style",
                   low_vram: bool = False, advanced: Optional[Mapping[str, Any]] = None) -> Shown:
     """Caption the images without one (trigger word first), with the picked weights; then Load again."""
-    from ..captions import MissingWeights
+    from ..data.captions import MissingWeights
 
     try:
         pretrained = weights_option(weights, backend)
@@ -143,7 +143,7 @@ def weight_choices(backend: Any) -> List[str]:
     """(auto), then the weights files in the host's folder and the lora_trainer cache's. The default weights in
     the Hugging Face cache are what (auto) finds, so they are not listed: that look-up would import open_clip
     (seconds) while the WebUI builds its tabs."""
-    from ..captions import DEFAULT_MODEL, available_weights
+    from ..data.captions import DEFAULT_MODEL, available_weights
 
     found = available_weights(DEFAULT_MODEL, "", (backend.captioner_weights_dir(),))
     return [AUTO_WEIGHTS, *dict.fromkeys(str(p) for p in found)]
@@ -151,8 +151,8 @@ def weight_choices(backend: Any) -> List[str]:
 
 def weights_option(value: str, backend: Any) -> str:
     """CaptionOptions.pretrained for the picked value: (auto) is the default tag; a typed path must exist."""
-    from ..captions import DEFAULT_MODEL, DEFAULT_PRETRAINED
-    from ..captions.weights import WEIGHT_SUFFIXES
+    from ..data.captions import DEFAULT_MODEL, DEFAULT_PRETRAINED
+    from ..data.captions.weights import WEIGHT_SUFFIXES
 
     value = (value or "").strip()
     if value in ("", AUTO_WEIGHTS):

@@ -1,7 +1,7 @@
 """The tab's "Merge into checkpoint": the LoRA the tab trained, at a strength, baked into the Base model and written
 as a new checkpoint where the host keeps its checkpoints, then the host's checkpoint list refreshed.
 
-The merge is the core's (`lora_trainer.merge.merge_into_checkpoint`): a file operation on the CPU that streams the
+The merge is the core's (`lora_trainer.adapters.merge.merge_into_checkpoint`): a file operation on the CPU that streams the
 base one tensor at a time. The host's loaded model and its GPU are never touched, so it is no host job: a generation
 may run meanwhile. The backend says where checkpoints go (`Backend.checkpoint_dir`: A1111/Forge `--ckpt-dir` or
 models/Stable-diffusion; standalone: beside the base), which strength the LoRA prefers (`preferred_strength`: the
@@ -86,7 +86,7 @@ def checkpoint_file_name(text: str) -> str:
 
 def usage_hint_weight(lora_path: Path) -> Optional[float]:
     """The weight in the file's `modelspec.usage_hint` (`<lora:name:0.7> trigger`), or None."""
-    from ..export import read_lora
+    from ..adapters.export import read_lora
 
     hint = read_lora(Path(lora_path), with_tensors=False)[1].get("modelspec.usage_hint", "")
     found = re.search(r"<lora:[^:>]+:([-+0-9.eE]+)>", hint)
@@ -189,7 +189,7 @@ def run_merge(backend: Any, base_value: str, strength_value: Any, name: str) -> 
 
 
 def _merge_in_thread(plan: MergePlan, outcome: dict) -> None:
-    from ..merge import merge_into_checkpoint
+    from ..adapters.merge import merge_into_checkpoint
 
     try:
         merge_into_checkpoint(plan.base, [(plan.lora, plan.strength)], plan.output)

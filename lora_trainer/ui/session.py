@@ -159,7 +159,7 @@ class SessionCallbacks(Callbacks):
 
     def plot(self) -> Any:
         """The loss plot as the tab shows it: loss, smoothed loss and the validation losses."""
-        from ..loss_plot import loss_image
+        from ..evaluate.loss_plot import loss_image
 
         return loss_image(self.losses, val=self.val_losses, first_step=self.first_step)
 

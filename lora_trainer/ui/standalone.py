@@ -30,7 +30,7 @@ class StandaloneBackend(Backend):
         return self._root
 
     def train(self, cfg: Any, callbacks: Any, task_id: str = "") -> Any:
-        from ..train import train
+        from ..training.loop import train
 
         comps = copy.deepcopy(self.components) if self.components is not None else None
         return train(cfg, callbacks=callbacks, host=self.host(), components=comps)
@@ -38,11 +38,11 @@ class StandaloneBackend(Backend):
     def test_pictures(self, cfg: Any, lora_path: Path, prompt: str, seed: int) -> Tuple[List[Any], List[str]]:
         import torch
 
-        from ..export import load_lora_file
-        from ..memory import release
+        from ..adapters.export import load_lora_file
+        from ..training.memory import release
         from ..model import load_components
-        from ..sample import render_images
-        from ..score import deterministic
+        from ..evaluate.sample import render_images
+        from ..evaluate.score import deterministic
 
         comps = copy.deepcopy(self.components) if self.components is not None else load_components(cfg.base_model)
         load_lora_file(comps, lora_path)

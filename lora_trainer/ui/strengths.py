@@ -3,7 +3,7 @@
 The backend renders the pictures (A1111/Forge: the WebUI's own txt2img; standalone: the trainer's sampler) and
 hands back what its host kept for them. Then, still inside the same host job, the CLIP half of the captioner's
 CoCa model (the file picked in "Captioner weights", as captioning uses it) scores every strength against the
-run's Image folder and the prompt (`lora_trainer.score`): the grid gets the scores under each column, the status
+run's Image folder and the prompt (`lora_trainer.evaluate.score`): the grid gets the scores under each column, the status
 names the best strength and the rule that chose it, and the backend writes that strength where the host keeps a
 LoRA's settings (`Backend.after_test`: the file's `modelspec.usage_hint`; A1111 also the card's preferred weight).
 
@@ -67,8 +67,8 @@ def run_test(backend: Any, cfg: Any, lora_path: Path, prompt: str, seed: int, ta
 def scoring_weights(backend: Any, cfg: Any, weights: str) -> Tuple[str, str]:
     """(the captioner weights to score with, ''), or ('', why scoring is skipped) in the tab's words. Cheap: the
     weights file is looked up, not loaded; the Image folder's images are listed, not opened."""
-    from ..captions.weights import MissingWeights
-    from ..score import check_weights, reference_files
+    from ..data.captions.weights import MissingWeights
+    from ..evaluate.score import check_weights, reference_files
 
     folder = Path(str(cfg.train_data_dir or "")).expanduser()
     try:
@@ -90,8 +90,8 @@ def score_pictures(backend: Any, cfg: Any, pictures: Sequence[Any], prompt: str,
                    pretrained: str) -> Tuple[Any, str, str]:
     """(report, '', a note on unreadable reference images) or (None, why it could not score, ''). CoCa is loaded here
     and released before this returns, inside the backend's `scoring_memory` (A1111: its model off the GPU)."""
-    from ..captions.weights import MissingWeights
-    from ..score import StrengthScorer, rank_strengths
+    from ..data.captions.weights import MissingWeights
+    from ..evaluate.score import StrengthScorer, rank_strengths
 
     callbacks = backend.progress_callbacks()
     try:
@@ -114,7 +114,7 @@ def score_pictures(backend: Any, cfg: Any, pictures: Sequence[Any], prompt: str,
 
 
 def scorer_model(backend: Any) -> str:
-    from ..captions.captioner import DEFAULT_MODEL
+    from ..data.captions.captioner import DEFAULT_MODEL
 
     return getattr(backend, "captioner_model", None) or DEFAULT_MODEL
 
@@ -122,7 +122,7 @@ def scorer_model(backend: Any) -> str:
 def label_grid(pictures: Sequence[Any], prompt: str, seed: int, report: Any = None) -> Any:
     """The one-row grid: "strength w" over each column; when scored, BASE/BEST marks and each column's scores
     under it. Narrow columns keep "0.7 BEST" and "style .81" (the first part of the scores)."""
-    from ..sample import label_grid as grid_of
+    from ..evaluate.sample import label_grid as grid_of
 
     labels = [f"strength {s:g}" for s in TEST_STRENGTHS]
     if report is None:

@@ -20,7 +20,7 @@ from typing import Any, List, Tuple
 
 from ..errors import ConfigError, DatasetError
 from ..files import atomic_write_with, unused_path
-from ..images import IMAGE_EXTENSIONS, ImageLoadError, load_image
+from ..data.images import IMAGE_EXTENSIONS, ImageLoadError, load_image
 
 CAPTION_SUFFIXES = (".txt",)
 METADATA_NAMES = ("metadata.csv", "metadata.jsonl")

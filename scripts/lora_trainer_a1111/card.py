@@ -56,8 +56,8 @@ def preferred_weight(lora_path: Path) -> Optional[float]:
 
 def lora_family(lora_path: Path) -> str:
     """sd1, sd2 or sdxl, from the metadata the file was written with (its tensors are not read)."""
-    from lora_trainer.export import read_lora
-    from lora_trainer.merge import lora_family as family_of
+    from lora_trainer.adapters.export import read_lora
+    from lora_trainer.adapters.merge import lora_family as family_of
 
     return family_of(read_lora(Path(lora_path), with_tensors=False)[1], {}) or "sd1"
 
@@ -65,7 +65,7 @@ def lora_family(lora_path: Path) -> str:
 def preview_image(sample: Optional[Path], folder: str, skipped: Any = ()) -> Any:
     """The card's picture: the last sample grid, else the first training image that decodes (the run's
     skipped ones never), as a PIL image at most PREVIEW_SIDE px; None when there is none."""
-    from lora_trainer.images import ImageLoadError, list_images, load_image
+    from lora_trainer.data.images import ImageLoadError, list_images, load_image
 
     candidates = [Path(sample)] if sample else []
     left_out = {name for name, _ in skipped}

@@ -143,7 +143,7 @@ def check_against_host(lora_path: Path, known: Optional[set] = None) -> str:
     """'' when the WebUI would apply every key of the file, else a message to show in the tab.
 
     `known` (tests): A1111 module names to check against instead of the loaded model's."""
-    from lora_trainer.export import read_lora
+    from lora_trainer.adapters.export import read_lora
 
     tensors, _ = read_lora(Path(lora_path))
     missing = unmatched_keys(tensors, known) if known is not None else host_unmatched_keys(tensors)
@@ -223,7 +223,7 @@ class A1111Backend(Backend):
                 self._host.restore_gpu()
 
     def train(self, cfg: Any, callbacks: Callbacks, task_id: str = "") -> Any:
-        from lora_trainer.train import train
+        from lora_trainer.training.loop import train
 
         callbacks.on_status("waiting for the WebUI's current job to finish")
         with webui_job(task_id or self.new_task_id()):
@@ -271,7 +271,7 @@ class A1111Backend(Backend):
     def after_test(self, cfg: Any, lora_path: Path, best: Optional[float]) -> str:
         """The best strength into the card's preferred weight and the file's usage hint (each on its own, a failure
         is a warning line), then the LoRA list refreshed so the Lora cards show it."""
-        from lora_trainer.export import write_usage_weight
+        from lora_trainer.adapters.export import write_usage_weight
 
         notes, written = [], []
         if best is not None:

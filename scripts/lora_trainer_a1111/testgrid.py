@@ -43,7 +43,7 @@ def release_test_memory() -> None:
     """
     import torch
 
-    from lora_trainer.memory import release
+    from lora_trainer.training.memory import release
 
     networks = sys.modules.get("networks")
     if networks is not None and is_forge():

@@ -216,7 +216,7 @@ def sd15_checkpoint(comfy_base):
 @pytest.fixture(scope="session")
 def captioned_dataset(comfy_base):
     """Four demo images with their captions (metadata.csv): Caption Folder keeps them, no captioner needed."""
-    from lora_trainer.demo_data import make_demo_images
+    from lora_trainer.cli.demo_data import make_demo_images
 
     return make_demo_images(comfy_base / "dataset", n=4)
 

@@ -32,8 +32,8 @@ def random_lora(comfy_base, sd15_checkpoint):
     """A random rank-4 kohya LoRA for the stage's SD1.5, in <base>/models/loras."""
     import torch
 
-    from lora_trainer.export import save_lora
-    from lora_trainer.merge import module_map
+    from lora_trainer.adapters.export import save_lora
+    from lora_trainer.adapters.merge import module_map
     from lora_trainer.model.checkpoint_file import CheckpointFile
     from lora_trainer.model.shipped import load_configs
     from lora_trainer.model.single_file import select_variant
@@ -97,7 +97,7 @@ def _difference(a, b) -> tuple[float, int]:
 
 def test_merged_checkpoints_sample_like_the_base_with_the_lora(comfy_server, sd15_checkpoint, random_lora,
                                                               example_workflow, capsys):
-    from lora_trainer.merge import merge_into_checkpoint
+    from lora_trainer.adapters.merge import merge_into_checkpoint
 
     base_dir = comfy_server.base
     checkpoints = base_dir / "models" / "checkpoints"

@@ -66,7 +66,7 @@ def test_advanced_form_shows_and_follows_the_preset():
 def test_folder_captions_train_and_grid(built, tiny_backend, demo_folder, tiny_coca, monkeypatch):
     from huggingface_hub import constants
 
-    from lora_trainer.export import read_lora
+    from lora_trainer.adapters.export import read_lora
     from lora_trainer.ui import preset_values
 
     h, tmp_path = built
@@ -164,8 +164,8 @@ def _file_value(gr, paths):
 
 
 def test_caption_uses_the_picked_weights_and_names_the_field(built, demo_folder, monkeypatch, tmp_path):
-    import lora_trainer.captions as captions
-    from lora_trainer.captions import MissingWeights
+    import lora_trainer.data.captions as captions
+    from lora_trainer.data.captions import MissingWeights
 
     h, _ = built
     from lora_trainer.ui import preset_values

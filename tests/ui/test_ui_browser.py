@@ -28,8 +28,8 @@ def _free_port() -> int:
 
 def _fake_caption_folder(folder, options=None, **_):
     """The captioner's contract (one result per newly captioned image, written to metadata.csv), no weights."""
-    from lora_trainer.captions import CaptionResult, read_captions, write_captions
-    from lora_trainer.images import list_images
+    from lora_trainer.data.captions import CaptionResult, read_captions, write_captions
+    from lora_trainer.data.images import list_images
 
     folder = Path(folder)
     captions = dict(read_captions(folder).captions)
@@ -46,9 +46,9 @@ def test_standalone_ui_in_chromium(tmp_path, tiny_sd1, tiny_sd1_file, monkeypatc
     assert CHROMIUM, "apt-get install -y chromium (run_tests.sh does it for this stage)"
     from playwright.sync_api import expect, sync_playwright
 
-    import lora_trainer.captions as captions
-    from lora_trainer.demo_data import make_demo_images
-    from lora_trainer.doctor import examine
+    import lora_trainer.data.captions as captions
+    from lora_trainer.cli.demo_data import make_demo_images
+    from lora_trainer.data.doctor import examine
     from lora_trainer.ui import build_blocks
 
     monkeypatch.setattr(captions, "caption_folder", _fake_caption_folder)

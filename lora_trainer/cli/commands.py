@@ -1,0 +1,393 @@
+"""`python -m lora_trainer …`: train, plan, sample, score, demo, convert, merge, resize, caption, doctor.
+
+Errors the user can fix are printed as one line (exit code 2); `doctor` exits with 1 when the folder
+has an error-level finding. Ctrl-C stops training after the current step and leaves a resumable
+state (a second Ctrl-C aborts; see console.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+from .console import ConsoleCallbacks, run_training
+from ..errors import LoraTrainerError
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m lora_trainer", description="Train Stable Diffusion LoRAs.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train a LoRA from a YAML config")
+    t.add_argument("--config", help="YAML config (see configs/)")
+    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    t.add_argument("--resume", metavar="DIR", help="continue from a run's output_dir or state folder")
+    t.add_argument("--gpus", type=int, default=1, metavar="N",
+                   help="train with N processes on this machine through torchrun (data parallel): N GPUs, or N CPU "
+                   "processes with device: cpu; batch_size is per process")
+    t.add_argument("--nnodes", type=int, default=1, metavar="M",
+                   help="machines taking part (run the same command on each, with --rdzv-endpoint)")
+    t.add_argument("--rdzv-endpoint", default=None, metavar="HOST:PORT",
+                   help="with --nnodes: where the machines meet (one of them; the same on every machine)")
+    t.add_argument("--rdzv-timeout", type=float, default=900, metavar="S",
+                   help="with --nnodes: how long to wait for the other machines (default: %(default)s s)")
+
+    m = sub.add_parser("plan", help="predict a run's peak memory before loading anything, and what fits a budget")
+    m.add_argument("--config", help="YAML config (see configs/)")
+    m.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    m.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: the config's device)")
+    m.add_argument("--budget-gb", default=None, metavar="X",
+                   help="a number of GB, or auto (free memory now); default: the config's memory_budget_gb")
+    m.add_argument("--json", action="store_true", help="print the plan as JSON")
+
+    s = sub.add_parser("sample", help="render a labelled strength grid of a LoRA")
+    s.add_argument("--base-model", required=True)
+    s.add_argument("--lora", required=True)
+    s.add_argument("--prompt", action="append", required=True, help="repeat for several rows")
+    s.add_argument("--negative-prompt", default="")
+    s.add_argument("--strengths", default="0,0.5,0.6,0.7,0.8", help="comma-separated; 0 is the base model")
+    s.add_argument("--seed", type=int, default=1)
+    s.add_argument("--steps", type=int, default=20)
+    s.add_argument("--size", type=int, default=None, help="image side in pixels (default: the model's)")
+    s.add_argument("--output", default=None, help="PNG path (default: next to the LoRA)")
+    s.add_argument("--allow-ckpt", action="store_true")
+
+    r = sub.add_parser("score", help="render a LoRA at several strengths and score each with CLIP: style, "
+                       "fidelity to the prompt, the best strength")
+    r.add_argument("--base-model", required=True)
+    r.add_argument("--lora", required=True)
+    r.add_argument("--prompt", action="append", required=True, help="repeat for several prompts")
+    r.add_argument("--reference-dir", required=True, metavar="DIR", help="the training images: the style to match")
+    r.add_argument("--strengths", default="0.5,0.6,0.7,0.8",
+                   help="comma-separated; the base (0) is rendered too, as the fidelity reference")
+    r.add_argument("--trigger", default=None, metavar="W",
+                   help="trigger word taken out of the prompts for fidelity (default: from the LoRA's metadata)")
+    r.add_argument("--clip-model", default="coca_ViT-L-14", help="the captioner's open_clip CoCa model")
+    r.add_argument("--clip-weights", default="mscoco_finetuned_laion2B-s13B-b90k", metavar="PATH",
+                   help="its weights file, or an open_clip pretrained tag looked up on this machine "
+                   "(default: %(default)s, the captioner's)")
+    r.add_argument("--negative-prompt", default="")
+    r.add_argument("--seed", type=int, default=1)
+    r.add_argument("--steps", type=int, default=20)
+    r.add_argument("--size", type=int, default=None, help="image side in pixels (default: the model's)")
+    r.add_argument("--output", default=None, help="also write the labelled grid PNG here")
+    r.add_argument("--allow-ckpt", action="store_true")
+    r.add_argument("--json", action="store_true", help='print {"scores": [...], "best": ...} as JSON')
+
+    d = sub.add_parser("demo", help="train a tiny LoRA end to end on generated images (CPU, a few minutes)")
+    d.add_argument("--output", default="output/demo")
+    d.add_argument("--steps", type=int, default=30)
+
+    c = sub.add_parser("convert", help="rewrite a peft/diffusers LoRA (SD or Flux.1) in the kohya layout the hosts load")
+    c.add_argument("--input", required=True)
+    c.add_argument("--output", required=True)
+    c.add_argument("--family", default="auto", choices=["auto", "sd1", "sd2", "sdxl", "flux-dev", "flux-schnell"],
+                   help="the base the LoRA is for (default: from its keys; a Flux.1 LoRA is taken as flux-dev)")
+    c.add_argument("--alpha", type=float, default=None, help="alpha to write when the file has none")
+    c.add_argument("--save-precision", default=None, choices=["fp16", "bf16", "fp32"],
+                   help="precision of the written weights (default: the input file's)")
+
+    g = sub.add_parser("merge", help="bake LoRAs into a checkpoint (--base), or merge several LoRAs into one")
+    g.add_argument("--base", default=None, metavar="CKPT",
+                   help="single-file .safetensors checkpoint (SD1.x/SD2.x/SDXL); without it the LoRAs become one LoRA")
+    g.add_argument("--lora", action="append", required=True, metavar="FILE[:STRENGTH]",
+                   help="a LoRA and its strength (default 1); repeat for several")
+    g.add_argument("--output", required=True, help="the new .safetensors file (an existing one is never replaced)")
+    g.add_argument("--precision", default=None, choices=["fp16", "bf16", "fp32"],
+                   help="dtype written (default: a checkpoint keeps each tensor's own, a LoRA is fp16)")
+    g.add_argument("--rank", type=int, default=None,
+                   help="without --base: factor each module's summed update by SVD to this rank "
+                   "(default: stack the ranks, exact)")
+
+    z = sub.add_parser("resize", help="reduce a LoRA's rank by SVD (kohya's resize: alpha keeps the update's scale)")
+    z.add_argument("--input", required=True)
+    z.add_argument("--output", required=True)
+    how = z.add_mutually_exclusive_group(required=True)
+    how.add_argument("--rank", type=int, help="the new rank of every module (never above its own)")
+    how.add_argument("--dynamic", metavar="sv_fro:X",
+                     help="per module, the smallest rank keeping X of the update's Frobenius norm")
+    z.add_argument("--precision", default="fp16", choices=["fp16", "bf16", "fp32"])
+
+    k = sub.add_parser("caption", help="caption every image of a folder (open_clip CoCa + ranked tags)")
+    k.add_argument("--input", required=True, help="the image folder")
+    k.add_argument("--output", default=None, help="captions file (default: <input>/metadata.<format>)")
+    k.add_argument("--format", default=None, choices=["csv", "jsonl", "txt"],
+                   help="csv (file,caption), jsonl, or txt sidecars (default: from --output, else csv)")
+    k.add_argument("--trigger", default="", help="trigger word written first in every new caption")
+    k.add_argument("--model", default="coca_ViT-L-14", help="open_clip CoCa model, e.g. coca_ViT-B-32 (smaller)")
+    k.add_argument("--pretrained", default="mscoco_finetuned_laion2B-s13B-b90k", metavar="PATH",
+                   help="local weights file (.safetensors/.bin), or an open_clip pretrained tag (default: %(default)s)")
+    k.add_argument("--download", action="store_true", help="download missing weights from the Hugging Face hub")
+    k.add_argument("--overwrite", action="store_true",
+                   help="caption images that already have a caption (the old ones are backed up first)")
+    k.add_argument("--batch-size", type=int, default=8)
+    k.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
+    k.add_argument("--beams", type=int, default=3, help="beam search width (1: greedy, fastest)")
+    k.add_argument("--no-tags", action="store_true", help="the sentence only, no vocabulary tags")
+    k.add_argument("--tag-threshold", type=float, default=0.3, help="probability a tag needs within its category")
+    k.add_argument("--max-tags", type=int, default=6)
+    k.add_argument("--vocabulary", default="", metavar="DIR", help="folder of <category>.txt phrase lists to use")
+    o = sub.add_parser("doctor", help="check an image folder before training: unreadable, too small, duplicate, "
+                       "uncaptioned images, captions over 75 tokens ...")
+    o.add_argument("folder", nargs="?", metavar="DIR", help="the image folder (default: the config's train_data_dir)")
+    o.add_argument("--config", help="YAML config for the buckets, steps and caption settings (default: the defaults)")
+    o.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    o.add_argument("--metadata", metavar="F", default=None,
+                   help="captions file (default: metadata_path, else metadata.csv/.jsonl or .txt sidecars in DIR)")
+    o.add_argument("--trigger", metavar="W", default=None,
+                   help="trigger word every caption should hold (default: the config's trigger_word)")
+    o.add_argument("--json", action="store_true", help="print the report as JSON")
+    u = sub.add_parser("ui", help="serve the Train LoRA tab in a browser, without a WebUI (needs gradio)")
+    u.add_argument("--host", default="127.0.0.1")
+    u.add_argument("--port", type=int, default=7861)
+    u.add_argument("--output", default="output", help="folder the LoRAs are trained into")
+    u.add_argument("--base-model", default="", help="checkpoint path the form starts with")
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return {"train": _train, "plan": _plan, "sample": _sample, "score": _score, "demo": _demo,
+                "convert": _convert, "merge": _merge, "resize": _resize, "caption": _caption, "doctor": _doctor, "ui": _ui}[args.command](args)
+    except LoraTrainerError as e:
+        print(f"{_rank_label()}error: {e}", file=sys.stderr)
+        return 2
+
+
+def _rank_label() -> str:
+    """"[rank 1] " in the processes other than rank 0 of a torchrun run; "" elsewhere."""
+    from ..training.distributed import launched_by_torchrun
+
+    rank = os.environ.get("RANK", "0")
+    return f"[rank {rank}] " if launched_by_torchrun() and rank != "0" else ""
+
+
+def _train(args) -> int:
+    from ..config import load_config
+    from ..training.distributed import launched_by_torchrun, process_group
+    from ..training.launch import STOPPED, launch
+
+    if not args.config and not args.resume and not any(kv.startswith("train_data_dir=") for kv in args.set):
+        raise LoraTrainerError("Give the run's config: python -m lora_trainer train --config my_run.yaml "
+                               "(start from an example in configs/; `python -m lora_trainer demo` needs none).")
+    cfg = load_config(args.config, args.set)  # a bad config is said once, before any process starts
+    if (args.gpus != 1 or args.nnodes != 1) and not launched_by_torchrun():
+        again = ["--config", args.config] if args.config else []
+        again += [x for kv in args.set for x in ("--set", kv)] + (["--resume", args.resume] if args.resume else [])
+        return launch(again, args.gpus, cfg.device, args.nnodes, args.rdzv_endpoint, args.rdzv_timeout)
+    with process_group(cfg.device) as processes:
+        result = run_training(cfg, resume=args.resume, quiet=not processes.main)
+    if not processes.main:
+        return STOPPED if result.stopped else 0
+    if result.stopped:
+        print(f"stopped at step {result.steps}; continue with: --resume {result.output_dir or cfg.output_dir}")
+        return STOPPED if processes.many else 1
+    print(f"LoRA: {result.lora_path}")
+    return 0
+
+
+def _plan(args) -> int:
+    from ..config import load_config
+    from ..training.plan import plan_memory
+
+    cfg = load_config(args.config, args.set)
+    budget = args.budget_gb if args.budget_gb is not None else cfg.memory_budget_gb
+    plan = plan_memory(cfg, args.device, budget)
+    print(plan.to_json() if args.json else plan.summary())
+    return 0
+
+
+def _sample(args) -> int:
+    from ..adapters.export import load_lora_file
+    from ..model import load_components
+    from ..evaluate.sample import parse_strengths, render_grid
+
+    strengths = parse_strengths(args.strengths, "--strengths")
+    components = load_components(args.base_model, allow_ckpt=args.allow_ckpt)
+    load_lora_file(components, args.lora)
+    out = Path(args.output) if args.output else Path(args.lora).with_suffix(".grid.png")
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    render_grid(components, args.prompt, strengths, out, seed=args.seed, steps=args.steps, device=device,
+                size=args.size, negative_prompt=args.negative_prompt)
+    print(f"grid: {out}")
+    return 0
+
+
+def _score(args) -> int:
+    import torch
+
+    from ..data.captions.weights import MissingWeights
+    from ..files import atomic_write_with
+    from ..adapters.export import load_lora_file
+    from ..training.memory import release
+    from ..model import load_components
+    from ..model.loader import base_model_path
+    from ..evaluate.sample import label_grid, parse_strengths, render_images
+    from ..evaluate.score import StrengthScorer, check_weights, deterministic, rank_strengths, read_trigger, reference_files
+    from ..evaluate.score import with_base
+
+    strengths = parse_strengths(args.strengths, "--strengths")
+    # What can be missing is said now, not after minutes of rendering: the user's files before the scorer's.
+    lora_trigger = read_trigger(args.lora)
+    base_model_path(args.base_model)
+    reference_files(args.reference_dir)
+    try:
+        check_weights(args.clip_model, args.clip_weights)
+    except MissingWeights as e:
+        raise LoraTrainerError(e.in_words(option="--clip-weights", download_option="")) from None
+    trigger = args.trigger if args.trigger is not None else lora_trigger
+    rendered = with_base(strengths)
+    components = load_components(args.base_model, allow_ckpt=args.allow_ckpt)
+    load_lora_file(components, args.lora)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    with deterministic():
+        rows = render_images(components, args.prompt, rendered, args.seed, args.steps, device, args.size,
+                             args.negative_prompt)
+    del components  # the base model goes before the scorer comes
+    release()
+    with StrengthScorer(args.reference_dir, args.clip_model, args.clip_weights) as scorer:
+        report = rank_strengths(scorer.score_images(rows, rendered, args.prompt, trigger), strengths)
+    for skipped in scorer.skipped:
+        print(f"skipped reference {skipped}", file=sys.stderr)
+    if args.output:
+        labels = [f"strength {s:g}" + (" (base)" if s == 0 else " (best)" if s == report.best else "")
+                  for s in rendered]
+        grid = label_grid(rows, labels, list(args.prompt), args.seed)
+        atomic_write_with(Path(args.output), lambda tmp: grid.save(tmp, format="PNG"))
+    if args.json:
+        print(report.to_json())
+        return 0
+    print(f"trigger {trigger!r} taken out of the prompts" if trigger else "no trigger word taken out of the prompts")
+    print(report.table())
+    if args.output:
+        print(f"grid: {args.output}")
+    return 0
+
+
+def _demo(args) -> int:
+    from .demo import run_demo
+
+    result = run_demo(Path(args.output), steps=args.steps)
+    print(f"grid: {result.output_dir / 'samples'} (the demo's model has random weights, so the grid shows noise at "
+          "every strength; trained on a real checkpoint as base_model, the same grid shows the style growing with "
+          "the strength)")
+    print(f"LoRA: {result.lora_path}")
+    return 0
+
+
+def _convert(args) -> int:
+    from ..adapters.export import (BASE_MODEL_VERSION, SAVE_DTYPES, dora_on_output, is_dora, network_metadata,
+                                   peft_alpha, read_lora, save_lora, stored_precision, to_kohya)
+    from ..adapters.flux_layout import is_flux_module
+
+    tensors, meta = read_lora(Path(args.input))
+    precision = args.save_precision or stored_precision(Path(args.input))
+    if all(k.startswith(("lora_unet_", "lora_te")) for k in tensors):
+        print(f"{Path(args.input).name} is already in the kohya layout: written again in {precision}"
+              + ("" if args.save_precision else " (its own precision; --save-precision changes it)"))
+    family = args.family
+    if family == "auto" and any(is_flux_module(k) for k in tensors):
+        family = "flux-dev"
+    elif family == "auto":
+        family = "sdxl" if any("text_encoder_2" in k or k.startswith("lora_te2_") for k in tensors) else "sd1"
+    flux = family.startswith("flux")
+    alpha = args.alpha if args.alpha is not None else peft_alpha(Path(args.input))
+    kohya = to_kohya(tensors, "flux" if flux else family, 2 if family == "sdxl" else 1, default_alpha=alpha)
+    meta.setdefault("ss_output_name", Path(args.output).stem)
+    meta.setdefault("ss_base_model_version", BASE_MODEL_VERSION["flux" if flux else family])
+    meta.setdefault("ss_v2", str(family == "sd2"))
+    if flux:  # what kohya's Flux trainer records; ComfyUI and Forge read the keys alone
+        meta.setdefault("modelspec.architecture", f"{family.replace('flux-', 'flux-1-')}/lora")
+        meta.setdefault("ss_network_module", "networks.lora_flux")
+    for key, value in network_metadata(is_dora(kohya), on_output=dora_on_output(kohya)).items():
+        meta.setdefault(key, value)
+    out = save_lora(Path(args.output), {k: v.to(SAVE_DTYPES[precision]) for k, v in kohya.items()}, meta)
+    print(f"wrote {out} ({sum(k.endswith('.lora_down.weight') for k in kohya)} layers, {precision})")
+    return 0
+
+
+def _merge(args) -> int:
+    from ..adapters.merge import merge_into_checkpoint, parse_lora_arg
+    from ..adapters.resize import format_table, merge_lora_files
+
+    loras = [parse_lora_arg(text) for text in args.lora]
+    if args.rank is not None and args.rank < 1:
+        raise LoraTrainerError(f"--rank {args.rank}: give a rank of 1 or more.")
+    if args.base:
+        if args.rank is not None:
+            raise LoraTrainerError("--rank applies to merging LoRAs into one LoRA; leave it out with --base.")
+        out = merge_into_checkpoint(Path(args.base), loras, Path(args.output), args.precision)
+        print(f"checkpoint: {out}")
+        return 0
+    out, table = merge_lora_files(loras, Path(args.output), args.rank, args.precision or "fp16")
+    if args.rank is not None:
+        print(format_table(table))
+    print(f"LoRA: {out}")
+    return 0
+
+
+def _resize(args) -> int:
+    from ..adapters.resize import format_table, parse_dynamic, resize_lora_file
+
+    if args.rank is not None and args.rank < 1:
+        raise LoraTrainerError(f"--rank {args.rank}: give a rank of 1 or more.")
+    fro = parse_dynamic(args.dynamic) if args.dynamic else None
+    out, table = resize_lora_file(Path(args.input), Path(args.output), args.rank, fro, args.precision)
+    print(format_table(table))
+    print(f"LoRA: {out}")
+    return 0
+
+
+def _caption(args) -> int:
+    from ..data.captions import CaptionOptions, run_captioning
+
+    options = CaptionOptions(model=args.model, pretrained=args.pretrained, trigger=args.trigger,
+                             tags=not args.no_tags, tag_threshold=args.tag_threshold, max_tags=args.max_tags,
+                             vocabulary_dir=args.vocabulary, batch_size=args.batch_size, device=args.device,
+                             num_beams=args.beams, allow_download=args.download)
+    console = ConsoleCallbacks(unit="image")
+    try:
+        report = run_captioning(args.input, args.output, args.format, options, args.overwrite, console)
+    except KeyboardInterrupt:
+        console.close()
+        print("stopped: the captions written so far are saved; run again to caption the rest")
+        return 1
+    finally:
+        console.close()
+    print(report.summary())
+    return 0
+
+
+def _doctor(args) -> int:
+    from ..config import load_config
+    from ..data.doctor import examine
+
+    cfg = load_config(args.config, args.set)
+    if not args.folder and not cfg.train_data_dir:
+        raise LoraTrainerError("Give the image folder: python -m lora_trainer doctor DIR "
+                               "(or --config with a train_data_dir).")
+    console = ConsoleCallbacks(unit="image")
+    try:
+        report = examine(args.folder, cfg, args.metadata, args.trigger, console.on_progress)
+    finally:
+        console.close()
+    print(report.to_json() if args.json else report.text())
+    return 0 if report.ok else 1
+
+
+def _ui(args) -> int:
+    import importlib.util
+
+    if importlib.util.find_spec("gradio") is None:  # the core never needs it; only this command does
+        raise LoraTrainerError("The standalone UI needs gradio, which this Python does not have: "
+                               f"{sys.executable} -m pip install gradio, then run this again.")
+    from ..ui import serve
+
+    serve(args.host, args.port, args.output, args.base_model)
+    return 0

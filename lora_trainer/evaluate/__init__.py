@@ -1,0 +1,6 @@
+"""The evaluation stage: what a trained LoRA does.
+
+- `sample`: images at several strengths, as a labelled grid;
+- `score`: the strength chosen by CLIP against the training images and the prompt;
+- `loss_plot`: the loss curve as a picture (the tab, the ComfyUI node).
+"""
