@@ -70,10 +70,22 @@ class TrainConfig:
         f"the seed picks {MAX_VALIDATION_IMAGES} when it holds more. Instead of validation_split.", "data")
     # --- model ------------------------------------------------------------------------------
     base_model: str = _f(
-        "", "Base checkpoint: a single .safetensors file (SD1.x, SD2.x, SDXL) or a diffusers folder.", "model"
+        "", "Base checkpoint: a single .safetensors file (SD1.x, SD2.x, SDXL), a diffusers folder, or a Flux.1 "
+        "transformer (flux1-dev.safetensors, in the original layout; with clip_l, t5xxl and vae).", "model"
     )
     model_family: str = _f("auto", "Model family; auto detects it from the checkpoint's keys.", "model",
-                           ("auto", "sd1", "sd2", "sdxl"))
+                           ("auto", "sd1", "sd2", "sdxl", "flux"))
+    clip_l: str = _f("", "Flux: the CLIP-L text encoder file (clip_l.safetensors).", "model")
+    t5xxl: str = _f("", "Flux: the T5-XXL text encoder file (t5xxl_fp16.safetensors or t5xxl_fp8_e4m3fn).", "model")
+    vae: str = _f("", "Flux: the autoencoder file (ae.safetensors).", "model")
+    t5_tokenizer: str = _f(
+        "", "Flux: a folder with T5's tokenizer (tokenizer.json or spiece.model), e.g. ComfyUI's "
+        "comfy/text_encoders/t5_tokenizer.", "model")
+    guidance_scale: float = _f(1.0, "Flux dev: the guidance embedding's value while training.", "model")
+    timestep_sampling: str = _f(
+        "sigmoid", "Flux: how each image's noise level t is drawn: sigmoid (of a normal draw), shift (sigmoid, then "
+        "moved towards noise by discrete_flow_shift) or uniform.", "model", ("sigmoid", "shift", "uniform"))
+    discrete_flow_shift: float = _f(3.0, "Flux with timestep_sampling shift: the shift (1 changes nothing).", "model")
     prediction_type: str = _f("auto", "What the UNet predicts; auto: v for SD2 768-v checkpoints, else epsilon.",
                               "model", ("auto", "epsilon", "v_prediction"))
     allow_ckpt: bool = _f(False, "Allow loading a .ckpt pickle (loaded with weights_only=True).", "model")

@@ -11,7 +11,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from lora_trainer.adapters.flux_layout import flux_to_kohya, original_module
+from lora_trainer.adapters.flux_layout import flux_to_kohya
+from lora_trainer.model.flux import original_module
 from lora_trainer.cli.commands import main
 from lora_trainer.errors import ModelError
 

@@ -30,20 +30,32 @@ ARCHITECTURE = {
     ("sd2", "epsilon"): "stable-diffusion-v2-512/lora",
     ("sd2", "v_prediction"): "stable-diffusion-v2-768-v/lora",
     ("sdxl", "epsilon"): "stable-diffusion-xl-v1-base/lora",
+    ("flux", "dev"): "flux-1-dev/lora",
+    ("flux", "schnell"): "flux-1-schnell/lora",
 }
 
 
-def lora_state_dict(components: Any, dtype: torch.dtype = torch.float16) -> Dict[str, torch.Tensor]:
+def lora_state_dict(components: Any, dtype: torch.dtype = torch.float16, fused: bool = True) -> Dict[str, torch.Tensor]:
     """The kohya-layout tensors of every LoRA layer in `components`.
 
     A DoRA layer adds `<module>.dora_scale` (dora.py: one magnitude per input column, (1, in[, 1, 1])), always in
-    fp32: it multiplies the base weight itself, which fp16 rounding would rescale by up to 0.05 % per column."""
+    fp32: it multiplies the base weight itself, which fp16 rounding would rescale by up to 0.05 % per column.
+    Flux: the hosts' layout (the original fused modules, flux_layout.py); `fused=False` keeps one entry per
+    diffusers module (what a resume state needs to rebuild the same layers)."""
     from .dora import input_scale
+    from .flux_layout import flux_to_kohya
     from .lora import ADAPTER, dora_module, lora_layers
 
     out: Dict[str, torch.Tensor] = {}
+    flux_parts: Dict[str, Dict[str, torch.Tensor]] = {}
     for prefix, model in keymap.named_models(components):
         for name, layer in lora_layers(model).items():
+            if fused and components.family == "flux" and prefix == keymap.UNET_PREFIX:
+                flux_parts[f"transformer.{name}"] = {
+                    "down": _cpu(layer.lora_A[ADAPTER].weight, torch.float32),
+                    "up": _cpu(layer.lora_B[ADAPTER].weight, torch.float32),
+                    "alpha": torch.tensor(float(layer.lora_alpha[ADAPTER]))}
+                continue
             key = keymap.kohya_name(prefix, name)
             out[f"{key}.lora_down.weight"] = _cpu(layer.lora_A[ADAPTER].weight, dtype)
             out[f"{key}.lora_up.weight"] = _cpu(layer.lora_B[ADAPTER].weight, dtype)
@@ -52,6 +64,8 @@ def lora_state_dict(components: Any, dtype: torch.dtype = torch.float16) -> Dict
             if dora is not None:
                 out[f"{key}.dora_scale"] = _cpu(input_scale(dora.weight, layer.get_base_layer().weight.dim()),
                                                 torch.float32)
+    if flux_parts:
+        out.update({k: v.to(dtype) for k, v in flux_to_kohya(flux_parts).items()})
     return out
 
 
@@ -67,6 +81,7 @@ def build_metadata(cfg: Any, components: Any, info: Mapping[str, Any]) -> Dict[s
     """
     now = time.time()
     family, pred = components.family, components.prediction_type
+    kind = components.variant if family == "flux" else pred  # a Flux file names dev or schnell
     res = info.get("resolution", (cfg.resolution, cfg.resolution))
     meta: Dict[str, Any] = {
         "ss_output_name": cfg.name,
@@ -75,6 +90,7 @@ def build_metadata(cfg: Any, components: Any, info: Mapping[str, Any]) -> Dict[s
         "ss_v2": str(family == "sd2"),
         **network_metadata(cfg.lora_type == "dora", {"conv_dim": cfg.conv_rank, "conv_alpha": cfg.conv_alpha}
                            if cfg.conv_rank else {}),
+        **({"ss_network_module": "networks.lora_flux"} if family == "flux" else {}),
         "ss_network_dim": cfg.lora_rank,
         "ss_network_alpha": cfg.lora_alpha,
         "ss_network_dropout": cfg.lora_dropout,
@@ -121,7 +137,7 @@ def build_metadata(cfg: Any, components: Any, info: Mapping[str, Any]) -> Dict[s
         "ss_bucket_info": json.dumps(info.get("bucket_info", {})),
         "ss_training_comment": f"trigger: {cfg.trigger_word}" if cfg.trigger_word else "",
         "modelspec.sai_model_spec": "1.0.0",
-        "modelspec.architecture": ARCHITECTURE.get((family, pred), ARCHITECTURE[(family, "epsilon")]),
+        "modelspec.architecture": ARCHITECTURE.get((family, kind), ARCHITECTURE.get((family, "epsilon"), "")),
         "modelspec.implementation": "https://github.com/Stability-AI/generative-models" if family == "sdxl"
         else "diffusers",
         "modelspec.title": cfg.name,

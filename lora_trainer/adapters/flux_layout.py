@@ -17,44 +17,10 @@ import torch
 
 from . import keymap
 from ..errors import ModelError
+from ..model.flux import SWAPPED, original_module
 
-# original module in double_blocks.N → the diffusers modules of transformer_blocks.N, in the order of its rows
-DOUBLE_BLOCK = {
-    "img_attn.qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
-    "img_attn.proj": ("attn.to_out.0",),
-    "txt_attn.qkv": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
-    "txt_attn.proj": ("attn.to_add_out",),
-    "img_mlp.0": ("ff.net.0.proj",),
-    "img_mlp.2": ("ff.net.2",),
-    "txt_mlp.0": ("ff_context.net.0.proj",),
-    "txt_mlp.2": ("ff_context.net.2",),
-    "img_mod.lin": ("norm1.linear",),
-    "txt_mod.lin": ("norm1_context.linear",),
-}
-# single_blocks.N → single_transformer_blocks.N
-SINGLE_BLOCK = {
-    "linear1": ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"),
-    "linear2": ("proj_out",),
-    "modulation.lin": ("norm.linear",),
-}
-# Outside the blocks (one each). norm_out's rows are (scale, shift) in diffusers and (shift, scale) originally.
-TOP_LEVEL = {
-    "img_in": "x_embedder",
-    "txt_in": "context_embedder",
-    "time_in.in_layer": "time_text_embed.timestep_embedder.linear_1",
-    "time_in.out_layer": "time_text_embed.timestep_embedder.linear_2",
-    "guidance_in.in_layer": "time_text_embed.guidance_embedder.linear_1",
-    "guidance_in.out_layer": "time_text_embed.guidance_embedder.linear_2",
-    "vector_in.in_layer": "time_text_embed.text_embedder.linear_1",
-    "vector_in.out_layer": "time_text_embed.text_embedder.linear_2",
-    "final_layer.linear": "proj_out",
-    "final_layer.adaLN_modulation.1": "norm_out.linear",
-}
 MLP_RATIO = 4  # Flux.1: proj_mlp is 4 × the width (for the rows of a proj_mlp without a LoRA)
 _COMPONENT_PREFIXES = ("transformer.", "base_model.model.", "diffusion_model.")
-
-Parts = Dict[str, Dict[str, torch.Tensor]]  # module → {"down", "up", "alpha"?}
-
 
 def is_flux_module(module: str) -> bool:
     """A diffusers Flux transformer module name (with or without a component prefix) or a kohya Flux name."""
@@ -97,22 +63,6 @@ def flux_to_kohya(parts: Mapping[str, Mapping[str, torch.Tensor]],
     return out
 
 
-def original_module(diffusers_name: str) -> Optional[Tuple[str, int, int]]:
-    """(original module, row block, blocks) of a diffusers Flux module; None when Flux has no such module."""
-    for blocks, original_blocks, table in (("transformer_blocks.", "double_blocks.", DOUBLE_BLOCK),
-                                            ("single_transformer_blocks.", "single_blocks.", SINGLE_BLOCK)):
-        if diffusers_name.startswith(blocks):
-            number, _, rest = diffusers_name[len(blocks):].partition(".")
-            for original, members in table.items():
-                if rest in members:
-                    return f"{original_blocks}{number}.{original}", members.index(rest), len(members)
-            return None
-    for original, name in TOP_LEVEL.items():
-        if diffusers_name == name:
-            return original, 0, 1
-    return None
-
-
 def _fuse(original: str, members: List[Optional[Mapping[str, torch.Tensor]]],
           default_alpha: Optional[float]) -> Tuple[torch.Tensor, torch.Tensor]:
     present = [p for p in members if p is not None]
@@ -126,7 +76,7 @@ def _fuse(original: str, members: List[Optional[Mapping[str, torch.Tensor]]],
             continue
         rank = p["down"].shape[0]
         up = p["up"].float() * (float(_alpha(p, default_alpha)) / rank)
-        if original.endswith("adaLN_modulation.1"):
+        if original == SWAPPED:
             half = up.shape[0] // 2
             up = torch.cat([up[half:], up[:half]])
         downs.append(p["down"].float())

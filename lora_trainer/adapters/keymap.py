@@ -71,6 +71,16 @@ _FOREIGN_COMPONENTS = (
 )
 
 
+def family_of_keys(keys: Sequence[str]) -> Optional[str]:
+    """The family a LoRA's key names alone give away ("flux", "sdxl"), else None."""
+    if any(k.startswith(("lora_unet_double_blocks_", "lora_unet_single_blocks_", "transformer.transformer_blocks.",
+                         "transformer.single_transformer_blocks.")) for k in keys):
+        return "flux"
+    if any(k.startswith(("lora_te2_", "text_encoder_2.", "te2.")) for k in keys):
+        return "sdxl"
+    return None
+
+
 def split_lora_key(key: str) -> Optional[Tuple[str, str]]:
     """`<module>.<part>` → (module, part in down/up/alpha/dora_scale/magnitude), for any of the known spellings."""
     for suffix in sorted(_PART_ALIASES, key=len, reverse=True):

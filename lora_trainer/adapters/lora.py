@@ -37,6 +37,21 @@ UNET_TARGETS: Dict[str, Tuple[str, ...]] = {
     "ff": ("ff.net.0.proj", "ff.net.2"),
     "conv": ("conv1", "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv"),
 }
+# Flux.1's transformer (diffusers layout): the same names mean the image and the text stream's layers, in the
+# double blocks and the single blocks alike (whose proj_out is the attention's output fused with the MLP's).
+FLUX_TARGETS: Dict[str, Tuple[str, ...]] = {
+    "q_proj": ("attn.to_q", "attn.add_q_proj"),
+    "k_proj": ("attn.to_k", "attn.add_k_proj"),
+    "v_proj": ("attn.to_v", "attn.add_v_proj"),
+    "out_proj": ("attn.to_out.0", "attn.to_add_out", "proj_out"),
+    "ff": ("ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2", "proj_mlp"),
+    "mlp": ("ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2", "proj_mlp"),
+}
+for _same, _as in (("o_proj", "out_proj"), ("to_q", "q_proj"), ("to_k", "k_proj"), ("to_v", "v_proj"),
+                   ("to_out", "out_proj")):
+    FLUX_TARGETS[_same] = FLUX_TARGETS[_as]
+FLUX_TARGETS["attn"] = tuple(n for k in ("q_proj", "k_proj", "v_proj", "out_proj") for n in FLUX_TARGETS[k])
+FLUX_BLOCKS = ("transformer_blocks.", "single_transformer_blocks.")  # what a name in the table may match
 # The CLIP text encoders already use q_proj/k_proj/v_proj/out_proj; `ff`/`mlp` mean fc1 and fc2.
 TEXT_TARGETS: Dict[str, Tuple[str, ...]] = {
     "q_proj": ("self_attn.q_proj",),
@@ -55,7 +70,7 @@ TEXT_TARGETS: Dict[str, Tuple[str, ...]] = {
 
 
 def resolve_targets(model: nn.Module, names: Iterable[str], table: Dict[str, Tuple[str, ...]],
-                    strict: bool = True) -> List[str]:
+                    strict: bool = True, within: Tuple[str, ...] = ()) -> List[str]:
     """Full module names of `model` matched by the user's target names.
 
     A name that is not in the table is taken as a module-name suffix (e.g. `attn2.to_k`), so
@@ -66,7 +81,8 @@ def resolve_targets(model: nn.Module, names: Iterable[str], table: Dict[str, Tup
     chosen: List[str] = []
     for user_name in names:
         suffixes = table.get(user_name, (user_name,))
-        hits = [n for n in modules if any(n == s or n.endswith("." + s) for s in suffixes)]
+        hits = [n for n in modules if any(n == s or n.endswith("." + s) for s in suffixes)
+                and (user_name not in table or not within or n.startswith(within))]
         if not hits and (user_name in table or not strict):
             continue  # e.g. `ff` on a text-encoder list: a valid name that this model lacks
         if not hits:
@@ -161,14 +177,16 @@ def add_lora_to_components(components, cfg) -> Tuple[List[nn.Parameter], List[nn
 
     Returns (unet LoRA parameters, text-encoder LoRA parameters).
     """
-    unet_targets = resolve_targets(components.unet, cfg.target_modules, UNET_TARGETS)
+    flux = components.family == "flux"
+    unet_targets = resolve_targets(components.unet, cfg.target_modules, FLUX_TARGETS if flux else UNET_TARGETS,
+                                   within=FLUX_BLOCKS if flux else ())
     dora = cfg.lora_type == "dora"
     unet_params = add_lora(components.unet, unet_targets, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout,
                            cfg.conv_rank, cfg.conv_alpha, dora)
     te_params: List[nn.Parameter] = []
-    for te in components.text_encoders:
+    for i, te in enumerate(components.text_encoders):
         te.requires_grad_(False)
-        if cfg.train_text_encoder:
+        if cfg.train_text_encoder and not (flux and i > 0):  # Flux: CLIP-L only, never T5
             targets = resolve_targets(te, cfg.target_modules, TEXT_TARGETS, strict=False)
             if not targets:
                 targets = resolve_targets(te, ["attn"], TEXT_TARGETS)
@@ -207,6 +225,12 @@ def load_lora_into(components, kohya: Dict[str, torch.Tensor], dropout: float = 
         (unet_params if prefix == keymap.UNET_PREFIX else te_params).extend(params)
     unused = sorted(names - used)
     if not used:
+        from ..model.shipped import a_family
+
+        made_for = keymap.family_of_keys(list(kohya))
+        if made_for and made_for != components.family:
+            raise ModelError(f"This is {a_family(made_for)} LoRA and the base model is {a_family(components.family)} "
+                             "model: use a base of the family the LoRA was made for.")
         raise ModelError("None of this LoRA's layers exist in the base model: is it for another model family "
                          f"(e.g. SDXL vs SD1.5)? First key: {next(iter(kohya))}")
     if unused:

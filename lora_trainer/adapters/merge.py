@@ -33,7 +33,7 @@ from .export import SAVE_DTYPES, peft_alpha, read_lora, to_kohya
 from ..files import atomic_path
 
 _ST_NAMES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
-FAMILY_OF_VERSION = (("sdxl", "sdxl"), ("sd_v2", "sd2"), ("sd_v1", "sd1"), ("stable-diffusion-xl", "sdxl"),
+FAMILY_OF_VERSION = (("flux", "flux"), ("sdxl", "sdxl"), ("sd_v2", "sd2"), ("sd_v1", "sd1"), ("stable-diffusion-xl", "sdxl"),
                      ("stable-diffusion-v2", "sd2"), ("stable-diffusion-v1", "sd1"))
 
 
@@ -87,9 +87,7 @@ def lora_family(metadata: Dict[str, str], tensors: Dict[str, torch.Tensor]) -> O
     for word, family in FAMILY_OF_VERSION:
         if said.startswith(word):
             return family
-    if any(k.startswith(("lora_te2_", "text_encoder_2.", "te2.")) for k in tensors):
-        return "sdxl"
-    return None
+    return keymap.family_of_keys(tensors)
 
 
 def load_lora(path: Path, strength: float, family: Optional[str], unet_config: object = None) -> LoraInput:
@@ -181,7 +179,7 @@ def merge_into_checkpoint(base_path: Path, loras: Sequence[Tuple[Path, float]], 
     """Write `output`: the base checkpoint with every LoRA baked in, in the base's own layout and keys."""
     from ..model.checkpoint_file import CheckpointFile
     from ..model.detect import detect_family
-    from ..model.shipped import FAMILY_NAMES, load_configs
+    from ..model.shipped import a_family, load_configs
     from ..model.single_file import select_variant
 
     base_path, output = Path(base_path), Path(output)
@@ -200,8 +198,8 @@ def merge_into_checkpoint(base_path: Path, loras: Sequence[Tuple[Path, float]], 
     for path, strength in loras:
         lora = load_lora(Path(path), strength, family, unet_config)
         if lora.family and lora.family != family:
-            raise ModelError(f"{lora.path.name} is an {FAMILY_NAMES[lora.family]} LoRA and {base_path.name} is an "
-                             f"{FAMILY_NAMES[family]} checkpoint: merge LoRAs made for the base's family.")
+            raise ModelError(f"{lora.path.name} is {a_family(lora.family)} LoRA and {base_path.name} is "
+                             f"{a_family(family)} checkpoint: merge LoRAs made for the base's family.")
         missing = [m for m in lora.modules() if m not in where]
         if missing:
             raise ModelError(f"{lora.path.name}: {len(missing)} LoRA modules match nothing in {base_path.name} "

@@ -207,6 +207,7 @@ def _sample(args) -> int:
     from ..evaluate.sample import parse_strengths, render_grid
 
     strengths = parse_strengths(args.strengths, "--strengths")
+    refuse_flux_base(args.base_model, "sample")
     components = load_components(args.base_model, allow_ckpt=args.allow_ckpt)
     load_lora_file(components, args.lora)
     out = Path(args.output) if args.output else Path(args.lora).with_suffix(".grid.png")
@@ -217,6 +218,15 @@ def _sample(args) -> int:
                 size=args.size, negative_prompt=args.negative_prompt)
     print(f"grid: {out}")
     return 0
+
+
+def refuse_flux_base(base_model: str, command: str) -> None:
+    from ..model.flux import is_flux_file
+
+    if is_flux_file(base_model):
+        raise LoraTrainerError(f"{command} takes SD 1.x, SD 2.x and SDXL bases so far: for a Flux.1 LoRA, set "
+                               "sample_prompts in the training config (its grids are drawn during the run), or load "
+                               "it in ComfyUI or Forge.")
 
 
 def _score(args) -> int:
@@ -236,6 +246,7 @@ def _score(args) -> int:
     # What can be missing is said now, not after minutes of rendering: the user's files before the scorer's.
     lora_trigger = read_trigger(args.lora)
     base_model_path(args.base_model)
+    refuse_flux_base(args.base_model, "score")
     reference_files(args.reference_dir)
     try:
         check_weights(args.clip_model, args.clip_weights)

@@ -38,13 +38,14 @@ def parse_strengths(text: str, field: str = "strengths") -> List[float]:
 
 def generate(components: Any, prompt: str, negative_prompt: str = "", steps: int = 20, guidance_scale: float = 7.0,
              size: int = 512, seed: int = 1, device: Any = "cpu") -> Any:
-    """One image as a PIL image: Euler sampling with classifier-free guidance."""
+    """One image as a PIL image: Euler sampling with classifier-free guidance (Flux: flow_sample)."""
     from diffusers import EulerDiscreteScheduler
-    from PIL import Image
 
     from ..model import encode_text, unet_added_cond
 
     device = torch.device(device)
+    if components.family == "flux":
+        return flow_sample(components, prompt, steps, size, seed, device)
     scheduler = EulerDiscreteScheduler.from_config(components.noise_scheduler.config)
     scheduler.set_timesteps(steps, device=device)
     hidden, pooled = encode_text(components, [negative_prompt, prompt])
@@ -61,6 +62,40 @@ def generate(components: Any, prompt: str, negative_prompt: str = "", steps: int
         model_in = scheduler.scale_model_input(torch.cat([latents] * 2), t)
         uncond, cond = components.unet(model_in, t, encoder_hidden_states=hidden, added_cond_kwargs=added).sample.chunk(2)
         latents = scheduler.step(uncond + guidance_scale * (cond - uncond), t, latents).prev_sample
+    return decode(vae, latents)
+
+
+FLUX_GUIDANCE = 3.5  # what Flux dev is sampled with (its guidance embedding; no classifier-free guidance)
+
+
+def flow_sample(components: Any, prompt: str, steps: int, size: int, seed: int, device: torch.device) -> Any:
+    """One Flux image: Euler steps along the learned flow from noise (t = 1) to the image (t = 0); dev's schedule
+    shifted towards noise by 3, as FluxPipeline's is at about 1 megapixel."""
+    from ..model import encode_text
+    from ..model.flux import latent_ids, pack_latents, unpack_latents
+
+    transformer, vae = components.unet, components.vae
+    hidden, pooled = (t.to(device) for t in encode_text(components, [prompt]))
+    channels, side = vae.config.latent_channels, size // 2 ** (len(vae.config.block_out_channels) - 1)
+    generator = torch.Generator("cpu").manual_seed(seed)
+    latents = torch.randn((1, channels, side, side), generator=generator).to(device)
+    sigmas = torch.linspace(1.0, 0.0, steps + 1)
+    if components.variant == "dev":
+        sigmas = 3.0 * sigmas / (1 + 2.0 * sigmas)
+    guidance = torch.full((1,), FLUX_GUIDANCE, device=device) if transformer.config.guidance_embeds else None
+    ids, text_ids = latent_ids(side, side, device), torch.zeros(hidden.shape[1], 3, device=device)
+    for now, later in zip(sigmas[:-1], sigmas[1:]):
+        flow = transformer(hidden_states=pack_latents(latents), timestep=now.view(1).to(device), guidance=guidance,
+                           pooled_projections=pooled, encoder_hidden_states=hidden, txt_ids=text_ids, img_ids=ids,
+                           return_dict=False)[0]
+        latents = latents + (later - now) * unpack_latents(flow.float(), channels, side, side)
+    return decode(vae, latents)
+
+
+def decode(vae: Any, latents: torch.Tensor) -> Any:
+    """The VAE's picture of scaled (and shifted) latents, as a PIL image."""
+    from PIL import Image
+
     shift = getattr(vae.config, "shift_factor", None) or 0.0
     param = next(vae.parameters())
     image = vae.decode((latents / vae.config.scaling_factor + shift).to(param.device, param.dtype)).sample
@@ -76,7 +111,7 @@ def render_images(components: Any, prompts: Sequence[str], strengths: Sequence[f
     modules = [components.unet, components.vae, *components.text_encoders]
     places = [(m, next(m.parameters()).device, m.training) for m in modules]
     factor = 2 ** (len(components.vae.config.block_out_channels) - 1)
-    size = size or components.unet.config.sample_size * factor
+    size = size or (1024 if components.family == "flux" else components.unet.config.sample_size * factor)
     dtype = compute_dtype_of(components.unet)
     for m in modules:
         if not is_offloaded(m):  # an offloaded UNet fetches its weights layer by layer already

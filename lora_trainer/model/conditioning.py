@@ -4,7 +4,8 @@ Exactly as the diffusers pipelines do it, so a LoRA trained here sees at trainin
 sees at inference: SD1/SD2 use the encoder's last_hidden_state (SD2's diffusers encoder already
 stops at OpenCLIP's penultimate layer); SDXL concatenates both encoders' penultimate hidden states
 and adds the second encoder's projected pooled output plus the size/crop ids.
-Prompts longer than 77 tokens are truncated, as the diffusers pipelines do.
+Prompts longer than 77 tokens are truncated, as the diffusers pipelines do. Flux (FluxPipeline's way):
+T5's last hidden state (512 tokens for dev, 256 for schnell) and CLIP-L's pooled output.
 """
 
 from __future__ import annotations
@@ -37,6 +38,14 @@ def encode_text(components: Components, captions: list[str]) -> tuple[torch.Tens
 
     if isinstance(captions, str):
         captions = [captions]
+    if components.family == "flux":
+        from .flux import T5_MAX_LENGTH
+
+        (clip, t5), (clip_tokenizer, t5_tokenizer) = components.text_encoders, components.tokenizers
+        pooled = clip(tokenize(clip_tokenizer, captions).to(clip.device)).pooler_output
+        ids = t5_tokenizer(list(captions), padding="max_length", max_length=T5_MAX_LENGTH[components.variant],
+                           truncation=True, return_tensors="pt").input_ids
+        return t5(ids.to(t5.device))[0], pooled
     if components.family != "sdxl":
         encoder = components.text_encoders[0]
         ids = tokenize(components.tokenizers[0], captions).to(encoder.device)
@@ -52,11 +61,13 @@ def encode_text(components: Components, captions: list[str]) -> tuple[torch.Tens
 
 def unet_added_cond(components: Components, pooled: torch.Tensor | None, original_sizes: Size,
                     crops_top_left: Size, target_sizes: Size) -> dict | None:
-    """SDXL's `added_cond_kwargs` ({"text_embeds", "time_ids"}); None for SD1/SD2.
+    """SDXL's `added_cond_kwargs` ({"text_embeds", "time_ids"}); Flux's pooled CLIP-L; None for SD1/SD2.
 
     Sizes are (height, width) and crops (top, left) in pixels: one pair for the whole batch, a
     list of pairs, or a [batch, 2] tensor.
     """
+    if components.family == "flux":
+        return {"pooled_projections": pooled}
     if components.family != "sdxl":
         return None
     import torch

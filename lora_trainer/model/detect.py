@@ -57,6 +57,9 @@ def detect_family(keys: Iterable[str]) -> str:
     if has(UNET_PREFIX + "label_emb.0.0.") and not has("cond_stage_model."):
         return "sdxl"
     sample = ", ".join(keys[:3]) if keys else "no keys at all"
+    if has("double_blocks.") or has("model.diffusion_model.double_blocks."):
+        raise ModelError("This is a Flux.1 transformer: Flux trains from its file (base_model, with clip_l, t5xxl and "
+                         f"vae set); merging into a checkpoint and a host's model in memory take {SUPPORTED} only.")
     if any(".lora_down." in k or ".lora_A." in k or k.startswith(("lora_unet_", "lora_te")) for k in keys):
         raise ModelError(
             f"This file is a LoRA (keys start with {sample}), not a base model: give the full checkpoint the LoRA "

@@ -22,7 +22,7 @@ OPTIONAL_KEYS = ("position_ids",)
 
 
 @contextlib.contextmanager
-def _weights_skipped(empty: bool) -> Iterator[None]:
+def weights_skipped(empty: bool) -> Iterator[None]:
     """Build parameters on the meta device (no random init) when accelerate is there; buffers stay real."""
     if empty:
         try:
@@ -39,14 +39,14 @@ def _weights_skipped(empty: bool) -> Iterator[None]:
 def build_unet(config: Mapping, empty: bool = False):
     from diffusers import UNet2DConditionModel
 
-    with _weights_skipped(empty):
+    with weights_skipped(empty):
         return UNet2DConditionModel.from_config(dict(config))
 
 
 def build_vae(config: Mapping, empty: bool = False):
     from diffusers import AutoencoderKL
 
-    with _weights_skipped(empty):
+    with weights_skipped(empty):
         return AutoencoderKL.from_config(dict(config))
 
 
@@ -59,7 +59,7 @@ def build_text_encoder(config: Mapping, empty: bool = False):
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     cls = CLIPTextModelWithProjection if text_encoder_has_projection(config) else CLIPTextModel
-    with _weights_skipped(empty):
+    with weights_skipped(empty):
         return cls(CLIPTextConfig.from_dict(dict(config)))
 
 

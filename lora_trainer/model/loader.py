@@ -12,6 +12,7 @@ from ..errors import ModelError
 from . import factory
 from .components import Components
 from .detect import detect_family, normalize_keys
+from .flux import is_flux_file, load_flux
 from .folder import folder_family, folder_scheduler_config, is_diffusers_folder, models_from_folder
 from .hashing import file_sha256, state_dict_fingerprint
 from .prediction import check_prediction_type, guess_from_checkpoint
@@ -42,11 +43,12 @@ _SCHEDULER_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedu
 def load_components(base_model: BaseModel, family: str = "auto", prediction_type: str = "auto",
                     allow_ckpt: bool = False, name: str | None = None,
                     dtype: torch.dtype | None = None, vae_dtype: torch.dtype | None = None,
-                    matrix_dtype: torch.dtype | None = None) -> Components:
+                    matrix_dtype: torch.dtype | None = None, flux_parts: Mapping[str, str] | None = None) -> Components:
     """Load a Stable Diffusion base model for training, on the CPU: UNet and text encoders in `dtype` (float32
     default), the VAE in `vae_dtype` (default: `dtype`). A file is read tensor by tensor, each cast as it is read.
     `matrix_dtype` (single files and state dicts): the UNet's and text encoders' Linear/Conv2d weights in that
-    dtype (fp8 base weights), the rest in `dtype`.
+    dtype (fp8 base weights), the rest in `dtype`. A Flux.1 transformer file also needs `flux_parts`
+    ({"clip_l", "t5xxl", "vae", "t5_tokenizer"}: paths; flux.py).
 
     base_model: a single-file checkpoint (.safetensors; .ckpt only with allow_ckpt) in the original
     layout, a diffusers folder, or a state dict in the original layout (what A1111/Forge hold; left
@@ -60,7 +62,7 @@ def load_components(base_model: BaseModel, family: str = "auto", prediction_type
 
     dtype = dtype or torch.float32
     check_prediction_type(prediction_type)
-    if family not in ("auto", *FAMILIES):
+    if family not in ("auto", "flux", *FAMILIES):
         raise ModelError(f"model_family must be auto, sd1, sd2 or sdxl, not {family!r}.")
     vae_dtype = vae_dtype or dtype
     if isinstance(base_model, Mapping):
@@ -68,6 +70,14 @@ def load_components(base_model: BaseModel, family: str = "auto", prediction_type
                                 None, dtype, vae_dtype, copy=not isinstance(base_model, HandedOver),
                                 matrix_dtype=matrix_dtype)
     path = base_model_path(base_model)
+    if is_flux_file(path):
+        if family not in ("auto", "flux") or prediction_type != "auto":
+            raise ModelError(f"{path.name} is a Flux.1 transformer: leave model_family and prediction_type at auto "
+                             "(they are for SD models).")
+        return load_flux(str(path), flux_parts or {}, dtype, vae_dtype, matrix_dtype, name)
+    if family == "flux":
+        raise ModelError(f"model_family is flux, but {path} is not a Flux.1 transformer .safetensors file "
+                         "(flux1-dev.safetensors, in the original layout).")
     if path.is_dir():
         return _from_folder(path, family, prediction_type, name or path.name, dtype, vae_dtype)
     return _from_state_dict(read_checkpoint(path, allow_ckpt), family, prediction_type, name or path.stem,

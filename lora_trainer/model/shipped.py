@@ -14,7 +14,13 @@ from pathlib import Path
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
 FAMILIES = ("sd1", "sd2", "sdxl")
-FAMILY_NAMES = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL"}
+FAMILY_NAMES = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL", "flux": "Flux.1"}
+
+
+def a_family(family: str) -> str:
+    """"an SD 1.x", "a Flux.1": a family's name with its article, for messages."""
+    name = FAMILY_NAMES.get(family, family)
+    return f"{'an' if name.startswith('S') else 'a'} {name}"
 SUPPORTED = "SD 1.x, SD 2.x (512 and 768-v) and SDXL base"
 
 # What each text encoder pads with, as the upstream tokenizers do: OpenAI's CLIP-L pads with

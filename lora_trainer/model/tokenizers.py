@@ -46,6 +46,22 @@ def load_clip_tokenizer(pad_token: str, folder: Path | None = None):
     return CLIPTokenizer.from_pretrained(str(source), pad_token=pad_token, local_files_only=True)
 
 
+T5_TOKENIZER_FILES = ("tokenizer.json", "spiece.model")
+
+
+def load_t5_tokenizer(folder: str | Path):
+    """T5's tokenizer (Flux) from a local folder, as ComfyUI and Forge ship it; nothing is downloaded."""
+    from transformers import T5TokenizerFast
+
+    path = Path(folder).expanduser() if str(folder or "").strip() else None
+    if path is None or not any((path / name).is_file() for name in T5_TOKENIZER_FILES):
+        raise ModelError(
+            f"Flux needs T5's tokenizer (tokenizer.json or spiece.model){f' and {path} has neither' if path else ''}: "
+            "set t5_tokenizer to a folder that holds it, e.g. ComfyUI's comfy/text_encoders/t5_tokenizer or "
+            "Forge's backend/huggingface/black-forest-labs/FLUX.1-dev/tokenizer_2.")
+    return T5TokenizerFast.from_pretrained(str(path), local_files_only=True)
+
+
 def _package_file(package: str, *parts: str) -> Path | None:
     """A file inside an installed package, found without importing it (importing open_clip is slow)."""
     try:

@@ -114,7 +114,7 @@ class Checkpointer:
             "rng": rng_state(),
             "started_at": run.started_at,
         }
-        lora_fp32 = lora_state_dict(run.components, torch.float32)
+        lora_fp32 = lora_state_dict(run.components, torch.float32, fused=False)  # the layers as trained
         validation = {"id": self.validator.id, "best": self.best} if self.validator is not None else None
         self.last_state = save_state(Path(run.output_dir) / "state", run.position, lora_fp32, trainer, cfg,
                                      run.data_hash, keep_last=cfg.save_last_n, validation=validation,
@@ -163,7 +163,8 @@ class Checkpointer:
         folder = Path(run.output_dir) / "samples"
         path = folder / f"{run.cfg.name}-step{step:08d}.png"
         image = render_grid(run.components, run.cfg.sample_prompts, run.cfg.sample_strengths, path,
-                            seed=run.cfg.seed, steps=run.cfg.sample_steps, device=run.device)
+                            seed=run.cfg.seed, steps=run.cfg.sample_steps, device=run.device,
+                            size=run.cfg.resolution if run.components.family == "flux" else None)
         self.cb.on_sample(step, path, image)
         return path
 

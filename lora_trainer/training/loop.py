@@ -158,7 +158,7 @@ def _micro_step(run: Run, batch: list, epoch: int, index: int) -> torch.Tensor:
                 for i in places]
     draws = [objective.draw(run, latents.shape[1:], place(cfg.seed, epoch, index, i)) for i in places]
     noise = torch.stack([n for n, _ in draws]).to(dev)
-    timesteps = torch.tensor([t for _, t in draws], dtype=torch.long, device=dev)
+    timesteps = torch.tensor([t for _, t in draws], device=dev)  # integer steps; Flux: t in (0, 1)
     latents = latents.to(dev, torch.float32)
 
     def compute() -> torch.Tensor:  # text encoders and UNet in one forward: DDP syncs whatever of them trains

@@ -44,8 +44,21 @@ def draw(run: Any, shape: torch.Size, place: str) -> Tuple[torch.Tensor, int]:
     seed = int.from_bytes(hashlib.sha256(f"{place}:noise".encode()).digest()[:8], "little") >> 1
     generator = torch.Generator("cpu").manual_seed(seed)
     drawn = gaussian_noise(run.cfg, shape, generator)
+    if run.components.family == "flux":
+        return drawn, flow_time(run.cfg, generator)
     steps = run.components.noise_scheduler.config.num_train_timesteps
     return drawn, int(torch.randint(0, steps, (1,), generator=generator))
+
+
+def flow_time(cfg: Any, generator: torch.Generator) -> float:
+    """Rectified flow's t in (0, 1) (1: pure noise), drawn as timestep_sampling says."""
+    if cfg.timestep_sampling == "uniform":
+        return float(torch.rand((), generator=generator))
+    t = float(torch.sigmoid(torch.randn((), generator=generator)))
+    if cfg.timestep_sampling == "shift":
+        shift = cfg.discrete_flow_shift
+        t = shift * t / (1 + (shift - 1) * t)
+    return t
 
 
 def text_conditioning(run: Any, captions: List[str]) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
@@ -70,6 +83,8 @@ def image_losses(run: Any, latents: torch.Tensor, noise: torch.Tensor, timesteps
                  added: Any) -> torch.Tensor:
     """Per-image loss of the UNet's prediction: what training minimises and validation measures."""
     comps, cfg = run.components, run.cfg
+    if comps.family == "flux":
+        return flow_losses(run, latents, noise, timesteps, hidden, added)
     sched = comps.noise_scheduler
     with autocast(run):
         noisy = sched.add_noise(latents, noise, timesteps)
@@ -79,6 +94,32 @@ def image_losses(run: Any, latents: torch.Tensor, noise: torch.Tensor, timesteps
     if cfg.min_snr_gamma:
         loss = loss * min_snr_weights(sched, timesteps, cfg.min_snr_gamma, comps.prediction_type)
     return loss
+
+
+def flow_losses(run: Any, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor, hidden: torch.Tensor,
+                added: Any) -> torch.Tensor:
+    """Flux's rectified flow: noisy = (1 - t)·x0 + t·ε, the transformer predicts ε - x0 on 2×2-packed latents.
+
+    `timesteps`: t in (0, 1), or integer timesteps of [0, num_train_timesteps) (validation's fixed ones)."""
+    from ..model.flux import latent_ids, pack_latents, unpack_latents
+
+    transformer = run.components.unet
+    t = timesteps.float()
+    if not timesteps.is_floating_point():
+        t = t / run.components.noise_scheduler.config.num_train_timesteps
+    t = t.to(latents.device)
+    b, c, h, w = latents.shape
+    noisy = (1 - t.view(-1, 1, 1, 1)) * latents + t.view(-1, 1, 1, 1) * noise
+    guidance = None
+    if transformer.config.guidance_embeds:
+        guidance = torch.full((b,), float(run.cfg.guidance_scale), device=latents.device)
+    with autocast(run):
+        pred = transformer(hidden_states=pack_latents(noisy), timestep=t, guidance=guidance,
+                           pooled_projections=added["pooled_projections"], encoder_hidden_states=hidden,
+                           txt_ids=torch.zeros(hidden.shape[1], 3, device=latents.device),
+                           img_ids=latent_ids(h, w, latents.device), return_dict=False)[0]
+    target = noise - latents
+    return F.mse_loss(unpack_latents(pred.float(), c, h, w), target.float(), reduction="none").mean(dim=(1, 2, 3))
 
 
 def min_snr_weights(sched: Any, timesteps: torch.Tensor, gamma: float, prediction_type: str) -> torch.Tensor:

@@ -236,6 +236,10 @@ def architecture(cfg: TrainConfig, family: Optional[str] = None) -> Tuple[str, s
     if path is not None and path.is_dir() and is_diffusers_folder(path):
         return family or folder_family(path), "base"
     if path is not None and path.is_file() and path.suffix.lower() == ".safetensors":
+        from ..model.flux import is_flux
+
+        if is_flux(CheckpointFile(path)):
+            raise ConfigError("The memory plan does not know Flux.1 yet: set memory_budget_gb to 0 for this run.")
         header = normalize_keys(CheckpointFile(path))
         family = family or detect_family(list(header))
         key = UNET_PREFIX + "input_blocks.0.0.weight"

@@ -134,7 +134,11 @@ def prepare_run(cfg: TrainConfig, callbacks: Callbacks, base_weights: Optional[M
         components = load_components(source, family=cfg.model_family, prediction_type=cfg.prediction_type,
                                      allow_ckpt=cfg.allow_ckpt, name=base_name,
                                      dtype=load_dtype(storage, compute_dtype), vae_dtype=torch.float32,
-                                     matrix_dtype=quantized_dtype(storage))
+                                     matrix_dtype=quantized_dtype(storage),
+                                     flux_parts={"clip_l": cfg.clip_l, "t5xxl": cfg.t5xxl, "vae": cfg.vae,
+                                                 "t5_tokenizer": cfg.t5_tokenizer})
+    if components.family == "flux":
+        check_flux_settings(cfg)
 
     unet_params, te_params = _attach_lora(components, cfg, loaded)
     if cfg.gradient_checkpointing:
@@ -145,7 +149,9 @@ def prepare_run(cfg: TrainConfig, callbacks: Callbacks, base_weights: Optional[M
     if cfg.offload == "blocks" and not offload:
         callbacks.on_status("offload: blocks has no effect on the CPU (the weights are in RAM already)")
     # Cast on the CPU before moving (no full-precision peak on the GPU); offloaded weights never go there whole.
-    store_base_weights([components.unet, *components.text_encoders], storage, compute_dtype, offload=offload)
+    # Flux's T5 casts its activations to its layers' dtype (transformers' T5 does): it stays in compute dtype.
+    stored = components.text_encoders[:1] if components.family == "flux" else components.text_encoders
+    store_base_weights([components.unet, *stored], storage, compute_dtype, offload=offload)
     place_base_weights(components.unet, device, offload)
     for module in components.text_encoders:
         module.to(device)
@@ -186,6 +192,14 @@ def prepare_run(cfg: TrainConfig, callbacks: Callbacks, base_weights: Optional[M
     if processes.many:  # after the restore: every process starts from the same LoRA weights
         run.replica = replicate([components.unet, *(components.text_encoders if te_params else [])], device)
     return run
+
+
+def check_flux_settings(cfg: TrainConfig) -> None:
+    """What a Flux run cannot do yet, each said in one line before anything is trained."""
+    if cfg.lora_type != "lora":
+        raise ConfigError(f"lora_type {cfg.lora_type}: Flux LoRAs are trained as lora only for now.")
+    if cfg.bucket_reso_steps % 16 or cfg.resolution % 16:
+        raise ConfigError("Flux packs 2×2 latents: resolution and bucket_reso_steps must be multiples of 16.")
 
 
 def _attach_lora(components: Any, cfg: TrainConfig, loaded: Optional[LoadedState]):

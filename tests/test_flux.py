@@ -1,0 +1,241 @@
+"""Flux.1 on tiny random files in the released layouts: load, train with rectified flow, write the kohya Flux layout."""
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from flux_files import write_tiny_flux
+from lora_trainer.callbacks import Callbacks
+from lora_trainer.cli.commands import main
+from lora_trainer.errors import ModelError
+from lora_trainer.model import encode_text, flux, load_components
+from lora_trainer.training import objective
+from lora_trainer.training.loop import train
+
+
+@pytest.fixture(scope="module")
+def flux_dev(tmp_path_factory):
+    return write_tiny_flux(tmp_path_factory.mktemp("flux_dev"), "dev")
+
+
+@pytest.fixture(scope="module")
+def flux_schnell_all_in_one(tmp_path_factory):
+    return write_tiny_flux(tmp_path_factory.mktemp("flux_aio"), "schnell", seed=3, all_in_one=True)
+
+
+def parts(files):
+    return {k: files[k] for k in ("clip_l", "t5xxl", "vae", "t5_tokenizer")}
+
+
+@pytest.mark.parametrize("which", ["flux_dev", "flux_schnell_all_in_one"])
+def test_each_layout_loads_into_diffusers_and_transformers_classes_exactly(which, request):
+    files = request.getfixturevalue(which)
+    comps = load_components(files["base_model"], flux_parts=parts(files))
+    made = files["models"]
+    assert comps.family == "flux" and comps.variant == ("dev" if which == "flux_dev" else "schnell")
+    assert type(comps.unet).__name__ == "FluxTransformer2DModel"
+    assert comps.unet.config.num_layers == 1 and comps.unet.config.num_single_layers == 1  # depth from the keys
+    for got, want in ((comps.unet, made["transformer"]), (comps.vae, made["vae"])):
+        a, b = got.state_dict(), want.state_dict()
+        assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    ids = comps.tokenizers[1](["a red circle"], return_tensors="pt").input_ids
+    torch.testing.assert_close(comps.text_encoders[1](ids)[0], copy.deepcopy(made["t5"]).eval().half().float()(ids)[0], rtol=0, atol=0)
+    hidden, pooled = encode_text(comps, ["demo_style, a red circle"])
+    assert hidden.shape == (1, 512 if comps.variant == "dev" else 256, 32) and pooled.shape == (1, 32)
+
+
+def test_a_missing_companion_file_is_named_with_where_the_hosts_keep_it(flux_dev, tmp_path):
+    with pytest.raises(ModelError) as err:
+        load_components(flux_dev["base_model"], flux_parts={"clip_l": flux_dev["clip_l"],
+                                                            "vae": str(tmp_path / "ae.safetensors")})
+    said = str(err.value)
+    assert "t5xxl (t5xxl_fp16.safetensors" in said and "models/text_encoders" in said
+    assert f"vae not found: {tmp_path / 'ae.safetensors'}" in said and "clip_l" not in said.split(":", 1)[1][:40]
+    assert "\n" not in said
+
+
+def test_a_clip_file_given_as_t5xxl_is_one_line(flux_dev):
+    with pytest.raises(ModelError, match=r"clip_l\.safetensors\) has no shared\.weight: it is not a T5-XXL"):
+        load_components(flux_dev["base_model"], flux_parts={**parts(flux_dev), "t5xxl": flux_dev["clip_l"]})
+
+
+def test_sd_only_settings_on_a_flux_file_are_refused_naming_the_key(flux_dev):
+    with pytest.raises(ModelError, match="leave model_family and prediction_type at auto"):
+        load_components(flux_dev["base_model"], prediction_type="v_prediction", flux_parts=parts(flux_dev))
+
+
+def test_packing_matches_the_flux_pipeline():
+    from diffusers import FluxPipeline
+
+    latents = torch.randn(2, 16, 8, 12)
+    ours = flux.pack_latents(latents)
+    torch.testing.assert_close(ours, FluxPipeline._pack_latents(latents, 2, 16, 8, 12))
+    torch.testing.assert_close(flux.unpack_latents(ours, 16, 8, 12), latents)
+    torch.testing.assert_close(flux.latent_ids(8, 12, "cpu"),
+                               FluxPipeline._prepare_latent_image_ids(2, 4, 6, "cpu", torch.float32))
+
+
+def test_timestep_sampling_draws_in_the_unit_interval_and_shift_moves_it_towards_noise(make_cfg):
+    draws = {}
+    for how in ("sigmoid", "shift", "uniform"):
+        cfg = make_cfg(timestep_sampling=how, discrete_flow_shift=3.0)
+        gen = torch.Generator().manual_seed(0)
+        draws[how] = torch.tensor([objective.flow_time(cfg, gen) for _ in range(2000)])
+        assert 0 < draws[how].min() and draws[how].max() < 1
+    s = draws["sigmoid"]
+    torch.testing.assert_close(draws["shift"], 3 * s / (1 + 2 * s))  # same generator, same draws, shifted
+    assert draws["shift"].mean() > draws["sigmoid"].mean() + 0.1
+    assert abs(float(draws["uniform"].mean()) - 0.5) < 0.03
+
+
+class Stopper(Callbacks):
+    def __init__(self, at=None):
+        self.steps, self.at = 0, at
+
+    def on_loss(self, step, loss, lr):
+        self.steps = step
+
+    def should_stop(self):
+        return self.at is not None and self.steps >= self.at
+
+
+def flux_cfg(make_cfg, files, **overrides):
+    return make_cfg(base_model=files["base_model"], **parts(files), target_modules=["attn", "ff"], **overrides)
+
+
+def test_training_changes_only_the_lora_and_writes_what_comfyui_and_forge_load(flux_dev, make_cfg):
+    comps = load_components(flux_dev["base_model"], flux_parts=parts(flux_dev))
+    base = {k: v.clone() for k, v in comps.unet.state_dict().items()}
+    result = train(flux_cfg(make_cfg, flux_dev, max_train_steps=3, guidance_scale=3.5), components=comps)
+    after = comps.unet.state_dict()
+    assert any("lora_" in k for k in after)
+    unwrapped = {k.replace(".base_layer", ""): v for k, v in after.items() if "lora_" not in k}
+    assert set(unwrapped) == set(base) and all(torch.equal(unwrapped[k], base[k]) for k in base)  # no base weight moved
+    tensors = load_file(str(result.lora_path))
+    modules = {k.rsplit(".", 2)[0] if k.endswith(".weight") else k.rsplit(".", 1)[0] for k in tensors}
+    assert all(m.startswith(("lora_unet_double_blocks_0_", "lora_unet_single_blocks_0_")) for m in modules)
+    assert "lora_unet_double_blocks_0_img_attn_qkv" in modules and "lora_unet_single_blocks_0_linear1" in modules
+    with safe_open(str(result.lora_path), "pt") as f:
+        meta = f.metadata()
+    assert meta["modelspec.architecture"] == "flux-1-dev/lora" and meta["ss_base_model_version"] == "flux1"
+    assert meta["ss_network_module"] == "networks.lora_flux"
+
+    # diffusers' own reader of kohya Flux files gives each trained layer its update back
+    from diffusers.loaders.lora_conversion_utils import _convert_kohya_flux_lora_to_diffusers
+
+    from lora_trainer.adapters.lora import ADAPTER, lora_layers
+
+    double = {k: v.float() for k, v in tensors.items() if k.startswith("lora_unet_double_blocks_")}
+    back = _convert_kohya_flux_lora_to_diffusers(double)
+    for name, layer in lora_layers(comps.unet).items():
+        if not name.startswith("transformer_blocks."):
+            continue
+        want = layer.lora_B[ADAPTER].weight @ layer.lora_A[ADAPTER].weight * layer.scaling[ADAPTER]
+        got = back[f"transformer.{name}.lora_B.weight"] @ back[f"transformer.{name}.lora_A.weight"]
+        torch.testing.assert_close(got, want.detach().half().float(), rtol=2e-3, atol=2e-4, msg=name)
+
+
+def test_a_stopped_flux_run_resumes_to_exactly_the_uninterrupted_lora(flux_dev, make_cfg, tmp_path):
+    straight = train(flux_cfg(make_cfg, flux_dev, max_train_steps=3, save_steps=1,
+                              output_dir=str(tmp_path / "straight")))
+    stopped = train(flux_cfg(make_cfg, flux_dev, max_train_steps=3, save_steps=1, output_dir=str(tmp_path / "r")),
+                    Stopper(at=1))
+    assert stopped.stopped and stopped.steps == 1
+    resumed = train(flux_cfg(make_cfg, flux_dev, max_train_steps=3, save_steps=1, output_dir=str(tmp_path / "r")),
+                    resume=str(tmp_path / "r"))
+    a, b = load_file(str(straight.lora_path)), load_file(str(resumed.lora_path))
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_the_cli_trains_flux_from_a_config_and_refuses_what_flux_cannot_do_yet(flux_dev, demo_folder, tmp_path,
+                                                                                 capsys):
+    config = tmp_path / "flux.yaml"
+    lines = [f"train_data_dir: {demo_folder}", f"base_model: {flux_dev['base_model']}",
+             *(f"{k}: {v}" for k, v in parts(flux_dev).items()), "resolution: 64", "min_bucket_reso: 64",
+             "max_bucket_reso: 128", "lora_rank: 4", "batch_size: 2", "max_train_steps: 2", "device: cpu",
+             f"output_dir: {tmp_path / 'out'}"]
+    config.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    assert main(["train", "--config", str(config), "--set", "lora_type=dora"]) == 2
+    assert "Flux LoRAs are trained as lora only" in capsys.readouterr().err
+    assert main(["train", "--config", str(config), "--set", "memory_budget_gb=8"]) == 2
+    assert "memory plan does not know Flux.1 yet" in capsys.readouterr().err
+    assert main(["train", "--config", str(config)]) == 0
+    lora = Path(capsys.readouterr().out.strip().splitlines()[-1].removeprefix("LoRA: "))
+    assert lora.is_file() and any(k.startswith("lora_unet_double_blocks_0_img_attn_qkv") for k in load_file(str(lora)))
+    assert main(["sample", "--base-model", flux_dev["base_model"], "--lora", str(lora), "--prompt", "a"]) == 2
+    assert "set sample_prompts in the training config" in capsys.readouterr().err
+
+
+def test_a_flux_run_draws_its_strength_grid_from_the_layers_it_trains(flux_schnell_all_in_one, make_cfg):
+    from PIL import Image
+
+    rec = []
+
+    class Samples(Callbacks):
+        def on_sample(self, step, path, image=None):
+            rec.append((step, path))
+
+    result = train(flux_cfg(make_cfg, flux_schnell_all_in_one, max_train_steps=2, sample_prompts=["a red circle"],
+                            sample_strengths=[0.0, 1.0], sample_steps=2), Samples())
+    assert [step for step, _ in rec] == [2] and rec[0][1].is_file()
+    grid = Image.open(rec[0][1])
+    assert grid.width == 2 * 64  # two strengths at the training resolution
+    assert result.lora_path.is_file()
+
+
+def test_the_loss_is_rectified_flow_on_packed_latents_as_flux_pipelines_feed_the_transformer(flux_dev, make_cfg):
+    from types import SimpleNamespace
+
+    from diffusers import FluxPipeline
+
+    comps = load_components(flux_dev["base_model"], flux_parts=parts(flux_dev))
+    run = SimpleNamespace(components=comps, cfg=make_cfg(guidance_scale=3.5), autocast_dtype=None,
+                          device=torch.device("cpu"))
+    gen = torch.Generator().manual_seed(1)
+    x0, noise = torch.randn(2, 16, 8, 8, generator=gen), torch.randn(2, 16, 8, 8, generator=gen)
+    t = torch.tensor([0.25, 0.8])
+    hidden, pooled = encode_text(comps, ["a red circle", "a blue square"])
+    with torch.no_grad():
+        ours = objective.flow_losses(run, x0, noise, t, hidden, {"pooled_projections": pooled})
+        noisy = (1 - t.view(-1, 1, 1, 1)) * x0 + t.view(-1, 1, 1, 1) * noise
+        pred = comps.unet(hidden_states=FluxPipeline._pack_latents(noisy, 2, 16, 8, 8), timestep=t,
+                          guidance=torch.full((2,), 3.5), pooled_projections=pooled, encoder_hidden_states=hidden,
+                          txt_ids=torch.zeros(hidden.shape[1], 3),
+                          img_ids=FluxPipeline._prepare_latent_image_ids(2, 4, 4, "cpu", torch.float32)).sample
+        want = ((FluxPipeline._unpack_latents(pred, 64, 64, 8) - (noise - x0)) ** 2).mean(dim=(1, 2, 3))
+        steps = objective.flow_losses(run, x0, noise, torch.tensor([250, 800]), hidden, {"pooled_projections": pooled})
+    torch.testing.assert_close(ours, want)
+    torch.testing.assert_close(steps, want)  # validation's integer timesteps are t × 1000
+
+
+def test_fp8_base_validation_and_clip_l_training_work_for_flux(flux_dev, make_cfg):
+    result = train(flux_cfg(make_cfg, flux_dev, max_train_steps=2, save_steps=2, base_precision="fp8",
+                            validation_split=0.25, train_text_encoder=True))
+    assert [step for step, _ in result.val_losses] == [2]
+    tensors = load_file(str(result.lora_path))
+    assert any(k.startswith("lora_te1_text_model_encoder_layers_0_self_attn_q_proj") for k in tensors)
+    assert not any(k.startswith(("lora_te2", "lora_te3")) for k in tensors)  # T5 is never trained
+    with safe_open(str(result.lora_path), "pt") as f:
+        meta = f.metadata()
+    assert meta["lora_trainer.base_precision"] == "float8_e4m3fn" and "lora_trainer.val_loss" in meta
+
+
+def test_a_flux_lora_on_an_sd_base_names_both_families(tiny_sd1_file, tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    from lora_trainer.adapters.flux_layout import flux_to_kohya
+
+    lora = tmp_path / "flux_style.safetensors"
+    save_file(flux_to_kohya({"transformer.transformer_blocks.0.attn.to_q": {"down": torch.randn(2, 32),
+                                                                           "up": torch.randn(32, 2)}}), str(lora))
+    assert main(["merge", "--base", str(tiny_sd1_file), "--lora", str(lora), "--output", str(tmp_path / "m.safetensors")]) == 2
+    assert "flux_style.safetensors is a Flux.1 LoRA and tiny-sd1.safetensors is an SD 1.x checkpoint" in \
+        capsys.readouterr().err
+    assert main(["sample", "--base-model", str(tiny_sd1_file), "--lora", str(lora), "--prompt", "a", "--steps", "1",
+                 "--output", str(tmp_path / "s.png")]) == 2
+    assert "This is a Flux.1 LoRA and the base model is an SD 1.x model" in capsys.readouterr().err
+    assert not (tmp_path / "m.safetensors").exists() and not (tmp_path / "s.png").exists()
