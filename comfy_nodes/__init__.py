@@ -1,4 +1,4 @@
-"""ComfyUI nodes of lora-scripts: Caption Folder → Check Dataset → Train LoRA → LoRA Strength Grid.
+"""ComfyUI nodes of lora-scripts: Caption Folder → Check Dataset → Train LoRA (or Train Flux LoRA) → LoRA Strength Grid.
 
 Classic (V1) node classes: ComfyUI 0.8.0 loads them as it loads every older pack, forks and tools
 read NODE_CLASS_MAPPINGS, and they are plain classes that tests call without ComfyUI. The V3
@@ -7,6 +7,7 @@ read NODE_CLASS_MAPPINGS, and they are plain classes that tests call without Com
 
 from .caption_node import CaptionFolder
 from .dataset_node import CheckDataset
+from .flux_node import TrainFluxLoRA
 from .grid_node import LoRAStrengthGrid
 from .train_node import TrainLoRA
 
@@ -14,6 +15,7 @@ NODE_CLASS_MAPPINGS = {
     "LoraTrainerCaptionFolder": CaptionFolder,
     "LoraTrainerCheckDataset": CheckDataset,
     "LoraTrainerTrain": TrainLoRA,
+    "LoraTrainerTrainFlux": TrainFluxLoRA,
     "LoraTrainerStrengthGrid": LoRAStrengthGrid,
 }
 # The pack's name in every display name: ComfyUI has its own "Train LoRA" node, and search shows both.
@@ -22,6 +24,7 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "LoraTrainerCaptionFolder": "Caption Folder (lora-scripts)",
     "LoraTrainerCheckDataset": "Check Dataset (lora-scripts)",
     "LoraTrainerTrain": "Train LoRA (lora-scripts)",
+    "LoraTrainerTrainFlux": "Train Flux LoRA (lora-scripts)",
     "LoraTrainerStrengthGrid": "LoRA Strength Grid (lora-scripts)",
 }
 __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]

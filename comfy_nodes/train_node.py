@@ -48,25 +48,7 @@ class TrainLoRA:
 
         checkpoints = [FROM_GRAPH, *folder_paths.get_filename_list("checkpoints")]
         return {
-            "required": {
-                "dataset_path": ("STRING", {"default": "", "tooltip": tooltip("train_data_dir") + " Type a path, or "
-                                            "connect Caption Folder's dataset_path."}),
-                "lora_name": config_input("output_name", default="my_lora", help="File name of the LoRA in "
-                                          "models/loras, without .safetensors; a name already taken gets -v2, -v3 "
-                                          "(nothing is overwritten)."),
-                "rank": config_input("lora_rank", min=1, max=256),
-                "alpha": config_input("lora_alpha", min=0.01, max=1024.0, step=0.5),
-                "steps": config_input("max_train_steps", default=500, min=1, max=100000,
-                                      help="Optimizer steps to train; the node always trains this many (a "
-                                           "config file's epochs are not used)."),
-                # step 1e-7 (ComfyUI's own training node): the frontend rounds to the step, so 0.000025 stays
-                "learning_rate": config_input("learning_rate", min=1e-7, max=1.0, step=1e-7),
-                "resolution": config_input("resolution", min=64, max=2048, step=64),
-                "batch_size": config_input("batch_size", min=1, max=64),
-                # The frontend adds "control after generate" to any INT named seed; web/lora_trainer.js sets a
-                # fresh node's to "fixed": a new seed would train again on every Run.
-                "seed": config_input("seed", min=0, max=2**31 - 1, control_after_generate=True),
-            },
+            "required": training_inputs("my_lora", steps=500, resolution=dict(min=64, max=2048, step=64)),
             "optional": {
                 "model": ("MODEL", {"tooltip": "The base model from the graph (a checkpoint loader)."}),
                 "clip": ("CLIP", {"tooltip": "The base model's CLIP, from the same loader."}),
@@ -107,9 +89,34 @@ class TrainLoRA:
                                                             callbacks.plan))
 
 
+def training_inputs(lora_name: str, steps: int, resolution: dict, learning_rate: Optional[float] = None) -> dict:
+    """The inputs both train nodes have: the dataset, the file name and the run's main settings."""
+    lr = {} if learning_rate is None else {"default": learning_rate}
+    return {
+        "dataset_path": ("STRING", {"default": "", "tooltip": tooltip("train_data_dir") + " Type a path, or "
+                                    "connect Caption Folder's dataset_path."}),
+        "lora_name": config_input("output_name", default=lora_name, help="File name of the LoRA in models/loras, "
+                                  "without .safetensors; a name already taken gets -v2, -v3 (nothing is "
+                                  "overwritten)."),
+        "rank": config_input("lora_rank", min=1, max=256),
+        "alpha": config_input("lora_alpha", min=0.01, max=1024.0, step=0.5),
+        "steps": config_input("max_train_steps", default=steps, min=1, max=100000,
+                              help="Optimizer steps to train; the node always trains this many (a config file's "
+                                   "epochs are not used)."),
+        # step 1e-7 (ComfyUI's own training node): the frontend rounds to the step, so 0.000025 stays
+        "learning_rate": config_input("learning_rate", min=1e-7, max=1.0, step=1e-7, **lr),
+        "resolution": config_input("resolution", **resolution),
+        "batch_size": config_input("batch_size", min=1, max=64),
+        # The frontend adds "control after generate" to any INT named seed; web/lora_trainer.js sets a fresh
+        # node's to "fixed": a new seed would train again on every Run.
+        "seed": config_input("seed", min=0, max=2**31 - 1, control_after_generate=True),
+    }
+
+
 def node_config(dataset_path: str, lora_name: str, rank: int, alpha: float, steps: int, learning_rate: float,
-                resolution: int, batch_size: int, seed: int, config_file: str, ckpt_name: str):
-    """The config file's keys, overridden by the node's inputs; output under ComfyUI's output folder."""
+                resolution: int, batch_size: int, seed: int, config_file: str, ckpt_name: str, **files: str):
+    """The config file's keys, overridden by the node's inputs (`files`: more of them, e.g. Flux's paths); output
+    under ComfyUI's output folder."""
     import folder_paths
 
     if not lora_name.strip() or Path(lora_name).name != lora_name or lora_name in (".", ".."):
@@ -119,8 +126,8 @@ def node_config(dataset_path: str, lora_name: str, rank: int, alpha: float, step
                  seed=seed, output_dir=str(Path(folder_paths.get_output_directory()) / "lora_trainer" / lora_name))
     if ckpt_name != FROM_GRAPH:
         extra["base_model"] = folder_paths.get_full_path_or_raise("checkpoints", ckpt_name)
-    cfg = load_config(config_file.strip() or None, **extra)
-    if torch.cuda.is_available() and budget_left_at_default(cfg.memory_budget_gb):
+    cfg = load_config(config_file.strip() or None, **extra, **files)
+    if torch.cuda.is_available() and budget_left_at_default(cfg.memory_budget_gb) and not files:  # not Flux yet
         cfg = cfg.replace(memory_budget_gb="auto")  # fit what is free once ComfyUI's models are unloaded
     return cfg
 

@@ -127,11 +127,13 @@ def graph_models(checkpoint: Path, components):
 def install(base: Path, components_for_checkpoints=None) -> State:
     state = State(base)
     loras, checkpoints, output = base / "models" / "loras", base / "models" / "checkpoints", base / "output"
-    for folder in (loras, checkpoints, output):
+    folders = {"loras": loras, "checkpoints": checkpoints, "diffusion_models": base / "models" / "diffusion_models",
+               "text_encoders": base / "models" / "text_encoders", "vae": base / "models" / "vae"}
+    for folder in (*folders.values(), output):
         folder.mkdir(parents=True, exist_ok=True)
-    folders = {"loras": loras, "checkpoints": checkpoints}
 
     fp = types.ModuleType("folder_paths")
+    fp.base_path = str(base)
     fp.filename_list_cache = {}
     fp.get_folder_paths = lambda name: [str(folders[name])]
     fp.get_output_directory = lambda: str(output)

@@ -46,11 +46,11 @@ def train_inputs(demo_folder, config_file, **changes):
 def test_root_package_imports_outside_comfyui(pack):
     assert not any(name in sys.modules for name in comfy_stubs.MODULES)
     assert set(pack.NODE_CLASS_MAPPINGS) == {"LoraTrainerCaptionFolder", "LoraTrainerCheckDataset", "LoraTrainerTrain",
-                                             "LoraTrainerStrengthGrid"}
+                                             "LoraTrainerTrainFlux", "LoraTrainerStrengthGrid"}
     # ComfyUI's own node is called "Train LoRA": ours carry the pack's name, the class names stay
     assert set(pack.NODE_DISPLAY_NAME_MAPPINGS.values()) == {
         "Caption Folder (lora-scripts)", "Check Dataset (lora-scripts)", "Train LoRA (lora-scripts)",
-        "LoRA Strength Grid (lora-scripts)"}
+        "Train Flux LoRA (lora-scripts)", "LoRA Strength Grid (lora-scripts)"}
     assert pack.WEB_DIRECTORY == "./comfy_nodes/web" and (ROOT / pack.WEB_DIRECTORY / "lora_trainer.js").is_file()
     assert not any(name in sys.modules for name in comfy_stubs.MODULES)
 
@@ -329,7 +329,8 @@ def test_example_workflows_match_the_nodes(pack, comfy):
     merge = json.loads((folder / "api" / "merge_lora_into_checkpoint.json").read_text(encoding="utf-8"))
     assert [n["class_type"] for n in merge.values()] == ["CheckpointLoaderSimple", "LoraLoader", "CheckpointSave"]
     ours = [n for n in api.values() if n["class_type"] in pack.NODE_CLASS_MAPPINGS]
-    assert {n["class_type"] for n in ours} == set(pack.NODE_CLASS_MAPPINGS)
+    # every node is in the example graph but the Flux trainer, whose graph is still to come (docs/flux.md)
+    assert {n["class_type"] for n in ours} == set(pack.NODE_CLASS_MAPPINGS) - {"LoraTrainerTrainFlux"}
     for node in ours:
         spec = pack.NODE_CLASS_MAPPINGS[node["class_type"]].INPUT_TYPES()
         assert set(spec["required"]) <= set(node["inputs"]) <= set(spec["required"]) | set(spec.get("optional", {}))

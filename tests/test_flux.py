@@ -239,3 +239,34 @@ def test_a_flux_lora_on_an_sd_base_names_both_families(tiny_sd1_file, tmp_path, 
                  "--output", str(tmp_path / "s.png")]) == 2
     assert "This is a Flux.1 LoRA and the base model is an SD 1.x model" in capsys.readouterr().err
     assert not (tmp_path / "m.safetensors").exists() and not (tmp_path / "s.png").exists()
+
+
+def test_resize_and_merge_keep_a_flux_lora_in_its_layout_and_its_update(tmp_path):
+    from safetensors.torch import save_file
+
+    from lora_trainer.adapters.flux_layout import flux_to_kohya
+
+    def flux_lora(path, seed):
+        gen = torch.Generator().manual_seed(seed)
+        tensors = flux_to_kohya({f"transformer.transformer_blocks.0.attn.{m}": {
+            "down": torch.randn(2, 32, generator=gen), "up": torch.randn(32, 2, generator=gen)}
+            for m in ("to_q", "to_v")})
+        save_file(tensors, str(path), {"ss_base_model_version": "flux1", "modelspec.architecture": "flux-1-dev/lora"})
+        return tensors
+
+    def update(t, name="lora_unet_double_blocks_0_img_attn_qkv"):
+        down, up = t[f"{name}.lora_down.weight"].float(), t[f"{name}.lora_up.weight"].float()
+        return up @ down * (float(t[f"{name}.alpha"]) / down.shape[0])
+
+    a, b = flux_lora(tmp_path / "a.safetensors", 1), flux_lora(tmp_path / "b.safetensors", 2)
+    assert main(["resize", "--input", str(tmp_path / "a.safetensors"), "--output", str(tmp_path / "r.safetensors"),
+                 "--rank", "4"]) == 0
+    assert main(["merge", "--lora", str(tmp_path / "a.safetensors"), "--lora", str(tmp_path / "b.safetensors:0.5"),
+                 "--output", str(tmp_path / "m.safetensors"), "--precision", "fp32"]) == 0
+    resized, merged = load_file(str(tmp_path / "r.safetensors")), load_file(str(tmp_path / "m.safetensors"))
+    torch.testing.assert_close(update(resized), update(a), rtol=2e-3, atol=2e-3)  # rank 4 holds the whole update
+    torch.testing.assert_close(update(merged), update(a) + 0.5 * update(b), rtol=1e-4, atol=1e-4)
+    for path in ("r.safetensors", "m.safetensors"):
+        with safe_open(str(tmp_path / path), "pt") as f:
+            meta = f.metadata()
+        assert meta["modelspec.architecture"] == "flux-1-dev/lora" and meta["ss_network_module"] == "networks.lora_flux"

@@ -11,8 +11,8 @@
 import { app } from "../../scripts/app.js";
 
 const OURS = new Set(["LoraTrainerCaptionFolder", "LoraTrainerCheckDataset", "LoraTrainerTrain",
-    "LoraTrainerStrengthGrid"]);
-const FIXED_SEED = new Set(["LoraTrainerTrain", "LoraTrainerStrengthGrid"]);
+    "LoraTrainerTrainFlux", "LoraTrainerStrengthGrid"]);
+const FIXED_SEED = new Set(["LoraTrainerTrain", "LoraTrainerTrainFlux", "LoraTrainerStrengthGrid"]);
 const RESULT = "result";
 
 function showText(node, message) {

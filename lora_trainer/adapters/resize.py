@@ -155,6 +155,8 @@ def _metadata(family: str, name: str, table: Sequence[Kept], base: Dict[str, str
     ranks = sorted({r.new_rank for r in table})
     meta = {k: v for k, v in base.items() if k.startswith(("ss_", "modelspec."))}
     meta.update(network_metadata(dora, on_output=on_output))  # conv_dim/conv_alpha of the old file no longer hold
+    if family == "flux":
+        meta["ss_network_module"] = "networks.lora_flux"
     meta.update({
         "ss_output_name": name, "modelspec.title": name,
         "ss_base_model_version": base.get("ss_base_model_version", BASE_MODEL_VERSION[family]),
@@ -162,7 +164,8 @@ def _metadata(family: str, name: str, table: Sequence[Kept], base: Dict[str, str
         "ss_network_dim": str(ranks[0]) if len(ranks) == 1 else "Dynamic",
         "ss_network_alpha": str(ranks[0]) if len(ranks) == 1 else "Dynamic",
         "modelspec.sai_model_spec": "1.0.0",
-        "modelspec.architecture": base.get("modelspec.architecture", ARCHITECTURE[(family, "epsilon")]),
+        "modelspec.architecture": base.get("modelspec.architecture",
+                                           ARCHITECTURE.get((family, "epsilon"), ARCHITECTURE.get((family, "dev")))),
     })
     return meta
 
