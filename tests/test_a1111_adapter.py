@@ -794,3 +794,27 @@ def test_merge_shows_how_much_is_written_and_runs_one_at_a_time(webui, ckpt_fold
     assert second == ["A merge is already running: wait for it to end."]
     assert seen[-1].startswith(f"Merged style.safetensors at 0.8 into base.safetensors: {out} (1.0 MB, ")
     assert _merged(backend, "base.safetensors", 0.5, "other")[-1].startswith("Merged")  # the lock is free again
+
+
+@pytest.mark.parametrize("forge", [False, True])
+def test_a_flux_checkpoint_is_refused_in_one_line_that_says_where_flux_trains(webui, make_cfg, tmp_path, monkeypatch,
+                                                                               forge):
+    import sys
+
+    import torch
+    from safetensors.torch import save_file
+
+    from lora_trainer.errors import ConfigError
+    from lora_trainer_a1111.host import A1111Backend
+
+    flux = tmp_path / "flux1-dev.safetensors"
+    save_file({"double_blocks.0.img_attn.qkv.weight": torch.zeros(6, 2)}, str(flux))
+    if forge:
+        monkeypatch.setitem(sys.modules, "modules_forge", types.ModuleType("modules_forge"))
+    with pytest.raises(ConfigError) as err:
+        A1111Backend().train(make_cfg(base_model=str(flux)), A1111Backend().progress_callbacks())
+    said = str(err.value)
+    assert said.startswith("flux1-dev.safetensors is a Flux.1 model: ") and "\n" not in said
+    assert ("the Forge tab does not train Flux yet" in said) == forge
+    assert ("AUTOMATIC1111 1.10 cannot run Flux" in said) != forge
+    assert not webui.progress.log  # refused before any WebUI job was queued

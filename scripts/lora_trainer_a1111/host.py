@@ -223,8 +223,16 @@ class A1111Backend(Backend):
                 self._host.restore_gpu()
 
     def train(self, cfg: Any, callbacks: Callbacks, task_id: str = "") -> Any:
+        from lora_trainer.errors import ConfigError
+        from lora_trainer.model.flux import is_flux_file
         from lora_trainer.training.loop import train
 
+        if is_flux_file(cfg.base_model):  # said before the WebUI's job queue is waited for
+            raise ConfigError(f"{Path(cfg.base_model).name} is a Flux.1 model: " + (
+                "the Forge tab does not train Flux yet; train it with `python -m lora_trainer train` (docs/flux.md) "
+                "or ComfyUI's Train Flux LoRA node, then load the LoRA here." if is_forge() else
+                "AUTOMATIC1111 1.10 cannot run Flux. Use Forge or ComfyUI for Flux, or pick an SD 1.x, SD 2.x or "
+                "SDXL checkpoint."))
         callbacks.on_status("waiting for the WebUI's current job to finish")
         with webui_job(task_id or self.new_task_id()):
             return train(cfg, callbacks=callbacks, host=self._host)
