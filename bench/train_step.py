@@ -11,6 +11,12 @@ and torch's start-up and peak memory is that process's own.
 
     python bench/train_step.py --threads 1 --rank 8  # CPU: 64 px, fp32
     python bench/train_step.py --device cuda         # GPU: 512 px, bf16
+    python bench/train_step.py --family flux --resolution 256 --steps 3 --warmup 1   # Flux.1 schnell
+
+Flux: the transformer at Flux.1's full width with one double and one single block (the original file layout,
+fp16), CLIP-L and T5 small but of the widths it reads; the bare loop builds it as diffusers does
+(`convert_flux_transformer_checkpoint_to_diffusers`, then `FluxTransformer2DModel`) and trains with the same
+rectified-flow loss on the same cached latents and embeddings.
 """
 
 from __future__ import annotations
@@ -34,7 +40,7 @@ def _args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--resolution", type=int, default=None, help="default: 64 on CPU, 512 on CUDA")
-    p.add_argument("--family", default="sd1", choices=["sd1", "sdxl"])
+    p.add_argument("--family", default="sd1", choices=["sd1", "sdxl", "flux"])
     p.add_argument("--variant", default="base", help="shipped architecture: base (real size) or tiny")
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--rank", type=int, default=16)
@@ -64,6 +70,25 @@ def random_checkpoint(family: str, variant: str = "base") -> Path:
         subprocess.run([sys.executable, "-c", code.format(root=str(ROOT), tests=str(ROOT / "tests"), family=family,
                                                            variant=variant, path=str(path))], check=True)
     return path
+
+
+def random_flux_files() -> Path:
+    """Flux.1 schnell files at full width, one block of each kind (fp16), written once; a JSON of their paths."""
+    folder = Path(tempfile.gettempdir()) / "lora-trainer-bench" / "random-flux-full-width"
+    index = folder / "files.json"
+    if not index.is_file():
+        code = ("import sys, json, torch; sys.path[:0] = [{root!r}, {tests!r}]; from pathlib import Path; "
+                "from flux_files import FULL_WIDTH, write_tiny_flux; "
+                "f = write_tiny_flux(Path({folder!r}), 'schnell', width=FULL_WIDTH, dtype=torch.float16); "
+                "f.pop('models'); Path({index!r}).write_text(json.dumps(f))")
+        folder.mkdir(parents=True, exist_ok=True)
+        subprocess.run([sys.executable, "-c", code.format(root=str(ROOT), tests=str(ROOT / "tests"),
+                                                           folder=str(folder), index=str(index))], check=True)
+    return index
+
+
+def _flux_files(args) -> dict:
+    return json.loads(Path(args.checkpoint).read_text(encoding="utf-8"))
 
 
 def _bare_components(args):
@@ -109,11 +134,12 @@ def run_ours(args) -> dict:
             stamps.append(time.perf_counter())
 
     out = tempfile.mkdtemp(prefix="bench-ours-")
-    cfg = TrainConfig(train_data_dir=args.data, output_dir=out, base_model=args.checkpoint, resolution=args.resolution,
+    files = _flux_files(args) if args.family == "flux" else {"base_model": args.checkpoint}
+    cfg = TrainConfig(train_data_dir=args.data, output_dir=out, resolution=args.resolution,
                       min_bucket_reso=min(256, args.resolution), lora_rank=args.rank, lora_alpha=args.rank,
                       target_modules=TARGETS, batch_size=args.batch_size, max_train_steps=args.warmup + args.steps,
                       mixed_precision=_precision(args), device=args.device, cache_latents=True,
-                      cache_text_embeddings=True, seed=0)
+                      cache_text_embeddings=True, seed=0, **files)
     train(cfg, Clock())
     return _result(args, stamps)
 
@@ -181,6 +207,101 @@ def run_bare(args) -> dict:
     return _result(args, stamps)
 
 
+def run_bare_flux(args) -> dict:
+    """The Flux reference: diffusers' and transformers' classes loaded as their from_single_file / from_pretrained
+    would, latents and embeddings once, then the rectified-flow loop of the diffusers Flux LoRA example."""
+    import torch
+    import torch.nn.functional as F
+    from diffusers import AutoencoderKL, FluxPipeline, FluxTransformer2DModel
+    from diffusers.loaders.single_file_utils import convert_flux_transformer_checkpoint_to_diffusers, \
+        convert_ldm_vae_checkpoint
+    from peft import LoraConfig
+    from safetensors.torch import load_file
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel, T5TokenizerFast
+
+    from flux_files import FULL_WIDTH
+    from lora_trainer.config import TrainConfig
+    from lora_trainer.data.dataset import epoch_batches, prepare_image, scan_images
+    from lora_trainer.model.tokenizers import load_clip_tokenizer
+
+    torch.manual_seed(0)
+    files, device = _flux_files(args), torch.device(args.device)
+    dtype = torch.bfloat16 if _precision(args) == "bf16" else torch.float32
+    clip_sd = load_file(files["clip_l"])
+    width = clip_sd["text_model.embeddings.token_embedding.weight"].shape[1]
+    clip = CLIPTextModel(CLIPTextConfig(hidden_size=width, intermediate_size=37, num_hidden_layers=2,
+                                        num_attention_heads=width // 64, hidden_act="quick_gelu", projection_dim=width,
+                                        bos_token_id=0, eos_token_id=2))
+    clip.load_state_dict({k.removeprefix("text_model."): v.float() for k, v in clip_sd.items()}, strict=False)
+    t5 = T5EncoderModel(T5Config(vocab_size=60, d_model=FULL_WIDTH["t5"], d_kv=8, num_heads=4, d_ff=64, num_layers=2,
+                                 feed_forward_proj="gated-gelu", is_encoder_decoder=False, use_cache=False))
+    t5.load_state_dict({k: v.float() for k, v in load_file(files["t5xxl"]).items()}, strict=False)
+    vae_config = dict(in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(8, 8, 16, 16),
+                      layers_per_block=1, down_block_types=("DownEncoderBlock2D",) * 4,
+                      up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=8, use_quant_conv=False,
+                      use_post_quant_conv=False, scaling_factor=0.3611, shift_factor=0.1159)
+    vae = AutoencoderKL(**vae_config)
+    vae.load_state_dict(convert_ldm_vae_checkpoint(load_file(files["vae"]), vae_config))
+    clip_tok, t5_tok = load_clip_tokenizer("<|endoftext|>"), T5TokenizerFast.from_pretrained(files["t5_tokenizer"])
+    cfg = TrainConfig(train_data_dir=args.data, resolution=args.resolution, min_bucket_reso=min(256, args.resolution),
+                      batch_size=args.batch_size)
+    records, _ = scan_images(cfg)
+    batches = epoch_batches(records, cfg, 0, 0)
+    with torch.no_grad():
+        latents, texts = [], []
+        for batch in batches:
+            pixels = torch.stack([prepare_image(r, b).pixels for r, b in batch])
+            z = vae.encode(pixels).latent_dist.mean
+            latents.append((z - vae.config.shift_factor) * vae.config.scaling_factor)
+            captions = [r.caption for r, _ in batch]
+            pooled = clip(clip_tok(captions, padding="max_length", max_length=77, truncation=True,
+                                   return_tensors="pt").input_ids).pooler_output
+            hidden = t5(t5_tok(captions, padding="max_length", max_length=256, truncation=True,
+                               return_tensors="pt").input_ids)[0]
+            texts.append((hidden, pooled))
+    del clip, t5, vae
+    transformer = FluxTransformer2DModel(in_channels=64, num_layers=1, num_single_layers=1,
+                                         attention_head_dim=FULL_WIDTH["head_dim"],
+                                         num_attention_heads=FULL_WIDTH["heads"], joint_attention_dim=FULL_WIDTH["t5"],
+                                         pooled_projection_dim=FULL_WIDTH["clip"], guidance_embeds=False,
+                                         axes_dims_rope=FULL_WIDTH["rope"])
+    transformer.load_state_dict(convert_flux_transformer_checkpoint_to_diffusers(load_file(files["base_model"])))
+    transformer.requires_grad_(False)
+    # the layers ours trains for q_proj, k_proj, v_proj, out_proj: both streams' attention and the single blocks'
+    attention = r".*transformer_blocks\.\d+\.(attn\.(to_[qkv]|add_[qkv]_proj|to_out\.0|to_add_out)|proj_out)"
+    transformer.add_adapter(LoraConfig(r=args.rank, lora_alpha=args.rank, target_modules=attention))
+    for n, p in transformer.named_parameters():
+        p.data = p.data.float() if "lora_" in n else p.data.to(dtype)
+    transformer.to(device).train()
+    params = [p for p in transformer.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.01, fused=device.type == "cuda")
+    stamps = []
+    for step in range(args.warmup + args.steps):
+        i = step % len(batches)
+        x0, (hidden, pooled) = latents[i].to(device), texts[i]
+        b, c, h, w = x0.shape
+        noise = torch.randn_like(x0)
+        t = torch.sigmoid(torch.randn(b, device=device))
+        noisy = (1 - t.view(-1, 1, 1, 1)) * x0 + t.view(-1, 1, 1, 1) * noise
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+            pred = transformer(hidden_states=FluxPipeline._pack_latents(noisy, b, c, h, w), timestep=t,
+                               pooled_projections=pooled.to(device), encoder_hidden_states=hidden.to(device),
+                               txt_ids=torch.zeros(hidden.shape[1], 3, device=device),
+                               img_ids=FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, device, torch.float32),
+                               return_dict=False)[0]
+        target = FluxPipeline._pack_latents(noise - x0, b, c, h, w)
+        loss = F.mse_loss(pred.float(), target.float())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        loss.item()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        stamps.append(time.perf_counter())
+    return _result(args, stamps)
+
+
 def main(argv=None) -> None:
     args = _args(argv)
     args.resolution = args.resolution or (512 if args.device == "cuda" else 64)
@@ -189,13 +310,15 @@ def main(argv=None) -> None:
 
         torch.set_num_threads(args.threads)
     if args.worker:
-        print(json.dumps(run_ours(args) if args.worker == "ours" else run_bare(args)))
+        sys.path.insert(0, str(ROOT / "tests"))  # flux_files: the widths of the benchmark's Flux files
+        bare = run_bare_flux if args.family == "flux" else run_bare
+        print(json.dumps(run_ours(args) if args.worker == "ours" else bare(args)))
         return
     from lora_trainer.cli.demo_data import make_demo_images
 
     folder = Path(tempfile.mkdtemp(prefix="bench-data-"))
     data = make_demo_images(folder, n=8, size=args.resolution * 3 // 2)
-    checkpoint = random_checkpoint(args.family, args.variant)
+    checkpoint = random_flux_files() if args.family == "flux" else random_checkpoint(args.family, args.variant)
     results = {}
     for worker in ("bare", "ours"):
         cmd = [sys.executable, __file__, *(argv or sys.argv[1:]), "--worker", worker, "--data", str(data),
@@ -208,7 +331,9 @@ def main(argv=None) -> None:
         results[worker]["start_to_last"] = results[worker]["last_step_at"] - started
     bare, ours = results["bare"], results["ours"]
     mem = "peak GPU MiB" if args.device == "cuda" else "peak RSS MiB"
-    print(f"\n{args.family} {args.variant} architecture, {args.resolution} px, batch {args.batch_size}, rank {args.rank}, "
+    what = "Flux.1 schnell, full width, 1 double + 1 single block" if args.family == "flux" else \
+        f"{args.family} {args.variant} architecture"
+    print(f"\n{what}, {args.resolution} px, batch {args.batch_size}, rank {args.rank}, "
           f"{_precision(args)}, {args.device}, median of {args.steps} steps\n")
     print(f"| loop | s/step | start → last step, s | {mem} |")
     print("| --- | ---: | ---: | ---: |")

@@ -19,14 +19,20 @@ from lora_trainer.model.flux import original_module
 WORDS = "a the of and in on with house red blue circle square background style demo_style teal photo".split()
 
 
-def flux_transformer(variant: str = "schnell", seed: int = 0, layers: int = 1, single_layers: int = 1):
+# The widths of the tiny files, and of Flux.1's own (its transformer, with CLIP-L's and T5-XXL's output widths)
+TINY = {"heads": 2, "head_dim": 16, "rope": (4, 6, 6), "clip": 32, "t5": 32}
+FULL_WIDTH = {"heads": 24, "head_dim": 128, "rope": (16, 56, 56), "clip": 768, "t5": 4096}
+
+
+def flux_transformer(variant: str = "schnell", seed: int = 0, layers: int = 1, single_layers: int = 1,
+                     width: dict = TINY):
     from diffusers import FluxTransformer2DModel
 
     torch.manual_seed(seed)
     return FluxTransformer2DModel(patch_size=1, in_channels=64, num_layers=layers, num_single_layers=single_layers,
-                                  attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
-                                  pooled_projection_dim=32, guidance_embeds=variant == "dev",
-                                  axes_dims_rope=(4, 6, 6)).eval()
+                                  attention_head_dim=width["head_dim"], num_attention_heads=width["heads"],
+                                  joint_attention_dim=width["t5"], pooled_projection_dim=width["clip"],
+                                  guidance_embeds=variant == "dev", axes_dims_rope=width["rope"]).eval()
 
 
 def to_original_layout(transformer) -> dict[str, torch.Tensor]:
@@ -59,19 +65,22 @@ def write_t5_tokenizer(folder: Path) -> Path:
     return folder
 
 
-def write_tiny_flux(folder: Path, variant: str = "schnell", seed: int = 0, all_in_one: bool = False) -> dict:
-    """{"base_model", "clip_l", "t5xxl", "vae", "t5_tokenizer"}: paths, as a config names them."""
+def write_tiny_flux(folder: Path, variant: str = "schnell", seed: int = 0, all_in_one: bool = False,
+                    width: dict = TINY, dtype: torch.dtype = torch.float32) -> dict:
+    """{"base_model", "clip_l", "t5xxl", "vae", "t5_tokenizer"}: paths, as a config names them. `width`:
+    FULL_WIDTH gives Flux.1's transformer widths (one block of each kind), with encoders of its input widths."""
     from diffusers import AutoencoderKL
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
     folder.mkdir(parents=True, exist_ok=True)
-    transformer = flux_transformer(variant, seed)
+    transformer = flux_transformer(variant, seed, width=width)
     torch.manual_seed(seed + 1)
-    clip = CLIPTextModel(CLIPTextConfig(vocab_size=49408, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
-                                        num_attention_heads=1, max_position_embeddings=77, hidden_act="quick_gelu",
-                                        projection_dim=32, bos_token_id=0, eos_token_id=2))
+    clip = CLIPTextModel(CLIPTextConfig(vocab_size=49408, hidden_size=width["clip"], intermediate_size=37,
+                                        num_hidden_layers=2, num_attention_heads=max(1, width["clip"] // 64),
+                                        max_position_embeddings=77, hidden_act="quick_gelu",
+                                        projection_dim=width["clip"], bos_token_id=0, eos_token_id=2))
     tokenizer = write_t5_tokenizer(folder / "t5_tokenizer")
-    t5 = T5EncoderModel(T5Config(vocab_size=60, d_model=32, d_kv=8, num_heads=4, d_ff=64, num_layers=2,
+    t5 = T5EncoderModel(T5Config(vocab_size=60, d_model=width["t5"], d_kv=8, num_heads=4, d_ff=64, num_layers=2,
                                  feed_forward_proj="gated-gelu", is_encoder_decoder=False, use_cache=False,
                                  tie_word_embeddings=False))
     vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(8, 8, 16, 16),
@@ -89,7 +98,7 @@ def write_tiny_flux(folder: Path, variant: str = "schnell", seed: int = 0, all_i
         name += "-all-in-one"
     paths = {"base_model": folder / f"{name}.safetensors", "clip_l": folder / "clip_l.safetensors",
              "t5xxl": folder / "t5xxl_fp16.safetensors", "vae": folder / "ae.safetensors"}
-    save_file(original, str(paths["base_model"]))
+    save_file({k: v.to(dtype) for k, v in original.items()}, str(paths["base_model"]))
     save_file({k: v.half() for k, v in clip_sd.items()}, str(paths["clip_l"]))
     save_file({k: v.half() for k, v in t5_sd.items()}, str(paths["t5xxl"]))
     save_file(ae, str(paths["vae"]))
