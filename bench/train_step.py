@@ -194,17 +194,23 @@ def run_bare(args) -> dict:
         t = torch.randint(0, noise_sched.config.num_train_timesteps, (x0.shape[0],), device=device)
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
             pred = unet(noise_sched.add_noise(x0, noise, t), t, encoder_hidden_states=hidden).sample
-        loss = F.mse_loss(pred.float(), noise.float())
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
+        _update(F.mse_loss(pred.float(), noise.float()), params, opt, device, stamps)
         sched.step()
-        opt.zero_grad(set_to_none=True)
-        loss.item()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        stamps.append(time.perf_counter())
     return _result(args, stamps)
+
+
+def _update(loss, params, opt, device, stamps) -> None:
+    """The bare loops' optimizer step (clipped as ours is) and its time stamp, taken when the step is done."""
+    import torch
+
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    loss.item()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    stamps.append(time.perf_counter())
 
 
 def run_bare_flux(args) -> dict:
@@ -290,15 +296,7 @@ def run_bare_flux(args) -> dict:
                                img_ids=FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, device, torch.float32),
                                return_dict=False)[0]
         target = FluxPipeline._pack_latents(noise - x0, b, c, h, w)
-        loss = F.mse_loss(pred.float(), target.float())
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        loss.item()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        stamps.append(time.perf_counter())
+        _update(F.mse_loss(pred.float(), target.float()), params, opt, device, stamps)
     return _result(args, stamps)
 
 
