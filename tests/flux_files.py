@@ -54,9 +54,13 @@ def write_t5_tokenizer(folder: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + [("▁" + w, -1.0) for w in WORDS] + \
         [(c, -5.0) for c in "abcdefghijklmnopqrstuvwxyz_,.0123456789▁"]
-    tok = Tokenizer(models.Unigram(vocab, unk_id=2, byte_fallback=False))
-    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
-    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
+    tok = Tokenizer(models.Unigram(vocab, unk_id=2))
+    try:
+        space = {"replacement": "▁", "prepend_scheme": "always"}
+        tok.pre_tokenizer, tok.decoder = pre_tokenizers.Metaspace(**space), decoders.Metaspace(**space)
+    except TypeError:  # tokenizers < 0.14 (the a1111 stack) spell it add_prefix_space
+        space = {"replacement": "▁", "add_prefix_space": True}
+        tok.pre_tokenizer, tok.decoder = pre_tokenizers.Metaspace(**space), decoders.Metaspace(**space)
     tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
     tok.save(str(folder / "tokenizer.json"))
     (folder / "tokenizer_config.json").write_text(json.dumps({
@@ -99,8 +103,11 @@ def write_tiny_flux(folder: Path, variant: str = "schnell", seed: int = 0, all_i
     paths = {"base_model": folder / f"{name}.safetensors", "clip_l": folder / "clip_l.safetensors",
              "t5xxl": folder / "t5xxl_fp16.safetensors", "vae": folder / "ae.safetensors"}
     save_file({k: v.to(dtype) for k, v in original.items()}, str(paths["base_model"]))
-    save_file({k: v.half() for k, v in clip_sd.items()}, str(paths["clip_l"]))
-    save_file({k: v.half() for k, v in t5_sd.items()}, str(paths["t5xxl"]))
+    def half(tensors):
+        return {k: v.half() if v.is_floating_point() else v for k, v in tensors.items()}
+
+    save_file(half(clip_sd), str(paths["clip_l"]))
+    save_file(half(t5_sd), str(paths["t5xxl"]))
     save_file(ae, str(paths["vae"]))
     return {**{k: str(v) for k, v in paths.items()}, "t5_tokenizer": str(tokenizer),
             "models": {"transformer": transformer, "clip": clip, "t5": t5, "vae": vae}}

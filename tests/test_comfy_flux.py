@@ -17,15 +17,17 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture
 def comfy(tmp_path):
-    state = comfy_stubs.install(tmp_path / "comfy")
     files = write_tiny_flux(tmp_path / "downloads", "dev")
-    models = tmp_path / "comfy" / "models"
-    for key, folder in (("base_model", "diffusion_models"), ("clip_l", "text_encoders"), ("t5xxl", "text_encoders"),
-                        ("vae", "vae")):
-        shutil.copy(files[key], models / folder / Path(files[key]).name)
-    shutil.copytree(files["t5_tokenizer"], tmp_path / "comfy" / "comfy" / "text_encoders" / "t5_tokenizer")
-    yield state
-    comfy_stubs.uninstall()
+    state = comfy_stubs.install(tmp_path / "comfy")
+    try:  # the stand-ins leave sys.modules whatever happens: later tests import the pack without ComfyUI
+        models = tmp_path / "comfy" / "models"
+        for key, folder in (("base_model", "diffusion_models"), ("clip_l", "text_encoders"),
+                            ("t5xxl", "text_encoders"), ("vae", "vae")):
+            shutil.copy(files[key], models / folder / Path(files[key]).name)
+        shutil.copytree(files["t5_tokenizer"], tmp_path / "comfy" / "comfy" / "text_encoders" / "t5_tokenizer")
+        yield state
+    finally:
+        comfy_stubs.uninstall()
 
 
 def flux_inputs(demo_folder, config_file, **changes):

@@ -68,15 +68,26 @@ def test_sd_only_settings_on_a_flux_file_are_refused_naming_the_key(flux_dev):
         load_components(flux_dev["base_model"], prediction_type="v_prediction", flux_parts=parts(flux_dev))
 
 
-def test_packing_matches_the_flux_pipeline():
-    from diffusers import FluxPipeline
+def flux_pipeline():
+    """diffusers' FluxPipeline, the oracle of the packing; its pipelines do not import beside the transformers
+    AUTOMATIC1111 1.10 pins (the a1111 stack), where the packing is checked on the other stacks."""
+    try:
+        from diffusers import FluxPipeline
+    except (ImportError, RuntimeError) as err:
+        pytest.skip(f"diffusers' FluxPipeline does not import on this stack: {str(err).splitlines()[0]}")
+    return FluxPipeline
 
+
+def test_packing_matches_the_flux_pipeline():
+    pipeline = flux_pipeline()
     latents = torch.randn(2, 16, 8, 12)
     ours = flux.pack_latents(latents)
-    torch.testing.assert_close(ours, FluxPipeline._pack_latents(latents, 2, 16, 8, 12))
+    torch.testing.assert_close(ours, pipeline._pack_latents(latents, 2, 16, 8, 12))
     torch.testing.assert_close(flux.unpack_latents(ours, 16, 8, 12), latents)
-    torch.testing.assert_close(flux.latent_ids(8, 12, "cpu"),
-                               FluxPipeline._prepare_latent_image_ids(2, 4, 6, "cpu", torch.float32))
+    ids = pipeline._prepare_latent_image_ids(2, 4, 6, "cpu", torch.float32)  # diffusers ≥ 0.31: packed sides
+    if ids.shape[-2] != 24:  # older diffusers take the latent's sides and halve them
+        ids = pipeline._prepare_latent_image_ids(2, 8, 12, "cpu", torch.float32)
+    torch.testing.assert_close(flux.latent_ids(8, 12, "cpu"), ids.reshape(-1, 3))
 
 
 def test_timestep_sampling_draws_in_the_unit_interval_and_shift_moves_it_towards_noise(make_cfg):
@@ -190,8 +201,6 @@ def test_a_flux_run_draws_its_strength_grid_from_the_layers_it_trains(flux_schne
 def test_the_loss_is_rectified_flow_on_packed_latents_as_flux_pipelines_feed_the_transformer(flux_dev, make_cfg):
     from types import SimpleNamespace
 
-    from diffusers import FluxPipeline
-
     comps = load_components(flux_dev["base_model"], flux_parts=parts(flux_dev))
     run = SimpleNamespace(components=comps, cfg=make_cfg(guidance_scale=3.5), autocast_dtype=None,
                           device=torch.device("cpu"))
@@ -202,11 +211,11 @@ def test_the_loss_is_rectified_flow_on_packed_latents_as_flux_pipelines_feed_the
     with torch.no_grad():
         ours = objective.flow_losses(run, x0, noise, t, hidden, {"pooled_projections": pooled})
         noisy = (1 - t.view(-1, 1, 1, 1)) * x0 + t.view(-1, 1, 1, 1) * noise
-        pred = comps.unet(hidden_states=FluxPipeline._pack_latents(noisy, 2, 16, 8, 8), timestep=t,
+        # the packing itself is checked against FluxPipeline above
+        pred = comps.unet(hidden_states=flux.pack_latents(noisy), timestep=t,
                           guidance=torch.full((2,), 3.5), pooled_projections=pooled, encoder_hidden_states=hidden,
-                          txt_ids=torch.zeros(hidden.shape[1], 3),
-                          img_ids=FluxPipeline._prepare_latent_image_ids(2, 4, 4, "cpu", torch.float32)).sample
-        want = ((FluxPipeline._unpack_latents(pred, 64, 64, 8) - (noise - x0)) ** 2).mean(dim=(1, 2, 3))
+                          txt_ids=torch.zeros(hidden.shape[1], 3), img_ids=flux.latent_ids(8, 8, "cpu")).sample
+        want = ((flux.unpack_latents(pred, 16, 8, 8) - (noise - x0)) ** 2).mean(dim=(1, 2, 3))
         steps = objective.flow_losses(run, x0, noise, torch.tensor([250, 800]), hidden, {"pooled_projections": pooled})
     torch.testing.assert_close(ours, want)
     torch.testing.assert_close(steps, want)  # validation's integer timesteps are t × 1000

@@ -280,7 +280,8 @@ def flux_components(transformer, vae, clip, t5, variant: str, t5_tokenizer: str,
 
 
 def _without(file: CheckpointFile, *prefixes: str) -> dict:
-    return {k: file[k] for k in file if not k.startswith(prefixes)}
+    # position_ids: a buffer every transformers builds itself; some files store it, some as floats
+    return {k: file[k] for k in file if not k.startswith(prefixes) and not k.endswith(".position_ids")}
 
 
 def pack_latents(latents: "torch.Tensor") -> "torch.Tensor":
