@@ -1,12 +1,14 @@
 """The memory plan against measured peaks, and what base_precision saves, side by side in one run.
 
 For each architecture (random weights in the real SD1.5 / SDXL shapes, read from a single-file
-checkpoint as users have them), resolution and base_precision, one process first asks
+checkpoint as users have them; `flux`: Flux.1 schnell at full width with one double and one single
+block, in its four released files, as bench/train_step.py --family flux trains it), resolution and base_precision, one process first asks
 `plan_memory` for its prediction (counting only), then runs `train(cfg)` for a few steps and
 reports its own peak: on the CPU its resident set (VmHWM), on CUDA torch.cuda.max_memory_allocated.
 
     python bench/memory.py                                    # SD1.5 and SDXL, 256 and 512 px, every precision
     python bench/memory.py --families sd1 --resolutions 256 --batch 2
+    python bench/memory.py --families flux --resolutions 256,512 --precisions fp32,bf16,fp8
     python bench/memory.py --device cuda --families sdxl --resolutions 1024 --precisions bf16 --low-vram
 """
 
@@ -52,8 +54,12 @@ def worker(spec: dict) -> dict:
     if spec["threads"]:
         torch.set_num_threads(spec["threads"])
     device = spec["device"]
-    cfg = TrainConfig(train_data_dir=spec["data"], output_dir=tempfile.mkdtemp(prefix="bench-memory-"),
-                      base_model=spec["checkpoint"], resolution=spec["resolution"], min_bucket_reso=64,
+    files = json.loads(Path(spec["checkpoint"]).read_text()) if spec["checkpoint"].endswith(".json") else \
+        {"base_model": spec["checkpoint"]}
+    if "t5_tokenizer" in files:
+        files["target_modules"] = ["attn", "ff"]  # Flux: the double and single blocks' attention and MLP
+    cfg = TrainConfig(train_data_dir=spec["data"], output_dir=tempfile.mkdtemp(prefix="bench-memory-"), **files,
+                      resolution=spec["resolution"], min_bucket_reso=64,
                       batch_size=spec["batch"], max_train_steps=spec["steps"], lora_rank=spec["rank"],
                       lora_alpha=spec["rank"], base_precision=spec["precision"], device=device,
                       mixed_precision="bf16" if device == "cuda" else "no",
@@ -73,11 +79,11 @@ def main(argv=None) -> None:
         print(json.dumps(worker(json.loads(args.worker))))
         return
     from lora_trainer.cli.demo_data import make_demo_images
-    from train_step import random_checkpoint
+    from train_step import random_checkpoint, random_flux_files
 
     rows = []
     for family in args.families.split(","):
-        checkpoint = random_checkpoint(family)
+        checkpoint = random_flux_files() if family == "flux" else random_checkpoint(family)
         for resolution in map(int, args.resolutions.split(",")):
             data = make_demo_images(Path(tempfile.mkdtemp(prefix="bench-data-")), n=4, size=resolution * 3 // 2)
             for precision in args.precisions.split(","):

@@ -84,7 +84,9 @@ class TrainConfig:
     guidance_scale: float = _f(1.0, "Flux dev: the guidance embedding's value while training.", "model")
     timestep_sampling: str = _f(
         "sigmoid", "Flux: how each image's noise level t is drawn: sigmoid (of a normal draw), shift (sigmoid, then "
-        "moved towards noise by discrete_flow_shift) or uniform.", "model", ("sigmoid", "shift", "uniform"))
+        "moved towards noise by discrete_flow_shift), flux_shift (sigmoid, shifted by the image's size as Flux.1-dev "
+        "samples: e^0.5 at 256 px, e^1.15 at 1024 px) or uniform.", "model",
+        ("sigmoid", "shift", "flux_shift", "uniform"))
     discrete_flow_shift: float = _f(3.0, "Flux with timestep_sampling shift: the shift (1 changes nothing).", "model")
     prediction_type: str = _f("auto", "What the UNet predicts; auto: v for SD2 768-v checkpoints, else epsilon.",
                               "model", ("auto", "epsilon", "v_prediction"))

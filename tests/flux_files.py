@@ -70,14 +70,15 @@ def write_t5_tokenizer(folder: Path) -> Path:
 
 
 def write_tiny_flux(folder: Path, variant: str = "schnell", seed: int = 0, all_in_one: bool = False,
-                    width: dict = TINY, dtype: torch.dtype = torch.float32) -> dict:
+                    width: dict = TINY, dtype: torch.dtype = torch.float32, layers: int = 1) -> dict:
     """{"base_model", "clip_l", "t5xxl", "vae", "t5_tokenizer"}: paths, as a config names them. `width`:
-    FULL_WIDTH gives Flux.1's transformer widths (one block of each kind), with encoders of its input widths."""
+    FULL_WIDTH gives Flux.1's transformer widths (one block of each kind), with encoders of its input widths;
+    `layers`: double blocks."""
     from diffusers import AutoencoderKL
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
     folder.mkdir(parents=True, exist_ok=True)
-    transformer = flux_transformer(variant, seed, width=width)
+    transformer = flux_transformer(variant, seed, layers=layers, width=width)
     torch.manual_seed(seed + 1)
     clip = CLIPTextModel(CLIPTextConfig(vocab_size=49408, hidden_size=width["clip"], intermediate_size=37,
                                         num_hidden_layers=2, num_attention_heads=max(1, width["clip"] // 64),
@@ -99,6 +100,8 @@ def write_tiny_flux(folder: Path, variant: str = "schnell", seed: int = 0, all_i
     if all_in_one:  # ComfyUI's checkpoint: the transformer under model.diffusion_model., the encoders beside it
         original = {f"model.diffusion_model.{k}": v for k, v in original.items()}
         original.update({f"text_encoders.clip_l.transformer.{k}": v for k, v in clip_sd.items()})
+        original.update({f"text_encoders.t5xxl.transformer.{k}": v for k, v in t5_sd.items()})
+        original.update({f"vae.{k}": v for k, v in ae.items()})
         name += "-all-in-one"
     paths = {"base_model": folder / f"{name}.safetensors", "clip_l": folder / "clip_l.safetensors",
              "t5xxl": folder / "t5xxl_fp16.safetensors", "vae": folder / "ae.safetensors"}

@@ -796,11 +796,7 @@ def test_merge_shows_how_much_is_written_and_runs_one_at_a_time(webui, ckpt_fold
     assert _merged(backend, "base.safetensors", 0.5, "other")[-1].startswith("Merged")  # the lock is free again
 
 
-@pytest.mark.parametrize("forge", [False, True])
-def test_a_flux_checkpoint_is_refused_in_one_line_that_says_where_flux_trains(webui, make_cfg, tmp_path, monkeypatch,
-                                                                               forge):
-    import sys
-
+def test_automatic1111_refuses_a_flux_checkpoint_in_one_line(webui, make_cfg, tmp_path):
     import torch
     from safetensors.torch import save_file
 
@@ -809,12 +805,40 @@ def test_a_flux_checkpoint_is_refused_in_one_line_that_says_where_flux_trains(we
 
     flux = tmp_path / "flux1-dev.safetensors"
     save_file({"double_blocks.0.img_attn.qkv.weight": torch.zeros(6, 2)}, str(flux))
-    if forge:
-        monkeypatch.setitem(sys.modules, "modules_forge", types.ModuleType("modules_forge"))
     with pytest.raises(ConfigError) as err:
         A1111Backend().train(make_cfg(base_model=str(flux)), A1111Backend().progress_callbacks())
     said = str(err.value)
-    assert said.startswith("flux1-dev.safetensors is a Flux.1 model: ") and "\n" not in said
-    assert ("the Forge tab does not train Flux yet" in said) == forge
-    assert ("AUTOMATIC1111 1.10 cannot run Flux" in said) != forge
+    assert said.startswith("flux1-dev.safetensors is a Flux.1 model: AUTOMATIC1111 1.10 cannot run Flux.")
+    assert "\n" not in said and "Forge or ComfyUI" in said
     assert not webui.progress.log  # refused before any WebUI job was queued
+
+
+def test_forge_trains_its_flux_model_with_the_encoders_and_vae_it_runs_with(monkeypatch, tmp_path, tiny_sd1_file,
+                                                                          make_cfg):
+    """The checkpoint from the tab, clip_l / t5xxl / ae from Forge's VAE / Text Encoder box (in any order, beside an
+    unrelated file), T5's tokenizer from Forge's backend/huggingface folder; the LoRA in the kohya Flux layout."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    from flux_files import write_tiny_flux
+
+    monkeypatch.syspath_prepend(str(ROOT / "scripts"))
+    forge = webui_stubs.install(monkeypatch, tmp_path, Path(tiny_sd1_file), types.SimpleNamespace(), forge=True)
+    files = write_tiny_flux(tmp_path / "models", "dev")
+    from lora_trainer_a1111.host import A1111Backend
+    from lora_trainer_a1111.webui import FORGE_T5_TOKENIZER
+
+    shutil.copytree(files["t5_tokenizer"], tmp_path.joinpath(*FORGE_T5_TOKENIZER))
+    sys.modules["modules.shared"].opts.forge_additional_modules = [files["vae"], str(tiny_sd1_file), files["t5xxl"],
+                                                                   files["clip_l"]]
+    backend = A1111Backend()
+    cfg = make_cfg(base_model=files["base_model"], target_modules=["attn"], max_train_steps=1)
+    result = backend.train(cfg, backend.progress_callbacks())
+    keys = load_file(str(result.lora_path))
+    assert any(k.startswith("lora_unet_double_blocks_0_img_attn_qkv.") for k in keys)
+    assert ("unload",) in forge.calls  # Forge's model was off the GPU for the run
+    from lora_trainer_a1111.card import lora_family
+
+    assert lora_family(result.lora_path) == "flux"  # the card Forge's Lora pane shows says Flux

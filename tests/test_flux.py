@@ -48,6 +48,16 @@ def test_each_layout_loads_into_diffusers_and_transformers_classes_exactly(which
     assert hidden.shape == (1, 512 if comps.variant == "dev" else 256, 32) and pooled.shape == (1, 32)
 
 
+def test_an_all_in_one_checkpoint_brings_its_own_encoders_and_vae(flux_schnell_all_in_one):
+    files, made = flux_schnell_all_in_one, flux_schnell_all_in_one["models"]
+    comps = load_components(files["base_model"], flux_parts={"t5_tokenizer": files["t5_tokenizer"]})
+    for got, want in ((comps.text_encoders[1], made["t5"]), (comps.vae, made["vae"]), (comps.text_encoders[0], made["clip"])):
+        a, b = got.state_dict(), want.state_dict()
+        keys = {k for k in b if not k.endswith("position_ids")}
+        assert keys <= set(a) and all(torch.equal(a[k], b[k]) for k in keys), type(got)
+    assert comps.source == files["base_model"]
+
+
 def test_a_missing_companion_file_is_named_with_where_the_hosts_keep_it(flux_dev, tmp_path):
     with pytest.raises(ModelError) as err:
         load_components(flux_dev["base_model"], flux_parts={"clip_l": flux_dev["clip_l"],
@@ -92,7 +102,7 @@ def test_packing_matches_the_flux_pipeline():
 
 def test_timestep_sampling_draws_in_the_unit_interval_and_shift_moves_it_towards_noise(make_cfg):
     draws = {}
-    for how in ("sigmoid", "shift", "uniform"):
+    for how in ("sigmoid", "shift", "uniform"):  # (flux_shift below)
         cfg = make_cfg(timestep_sampling=how, discrete_flow_shift=3.0)
         gen = torch.Generator().manual_seed(0)
         draws[how] = torch.tensor([objective.flow_time(cfg, gen) for _ in range(2000)])
@@ -101,6 +111,12 @@ def test_timestep_sampling_draws_in_the_unit_interval_and_shift_moves_it_towards
     torch.testing.assert_close(draws["shift"], 3 * s / (1 + 2 * s))  # same generator, same draws, shifted
     assert draws["shift"].mean() > draws["sigmoid"].mean() + 0.1
     assert abs(float(draws["uniform"].mean()) - 0.5) < 0.03
+    # flux_shift: the shift of FluxPipeline's dynamic shifting for the image's packed tokens
+    for tokens, mu in ((256, 0.5), (4096, 1.15), (1024, 0.5 + 0.65 * 768 / 3840)):
+        cfg, gen = make_cfg(timestep_sampling="flux_shift"), torch.Generator().manual_seed(0)
+        got = torch.tensor([objective.flow_time(cfg, gen, image_tokens=tokens) for _ in range(2000)])
+        shift = torch.exp(torch.tensor(mu, dtype=torch.float64)).item()
+        torch.testing.assert_close(got, shift * s / (1 + (shift - 1) * s))
 
 
 class Stopper(Callbacks):
@@ -170,10 +186,11 @@ def test_the_cli_trains_flux_from_a_config_and_refuses_what_flux_cannot_do_yet(f
              "max_bucket_reso: 128", "lora_rank: 4", "batch_size: 2", "max_train_steps: 2", "device: cpu",
              f"output_dir: {tmp_path / 'out'}"]
     config.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    assert main(["train", "--config", str(config), "--set", "lora_type=dora"]) == 2
+    # refused before the files are read: the missing clip_l is not what it says
+    assert main(["train", "--config", str(config), "--set", "lora_type=dora", "--set", "clip_l="]) == 2
     assert "Flux LoRAs are trained as lora only" in capsys.readouterr().err
-    assert main(["train", "--config", str(config), "--set", "memory_budget_gb=8"]) == 2
-    assert "memory plan does not know Flux.1 yet" in capsys.readouterr().err
+    assert main(["train", "--config", str(config), "--set", "resolution=72"]) == 2
+    assert "multiples of 16" in capsys.readouterr().err
     assert main(["train", "--config", str(config)]) == 0
     lora = Path(capsys.readouterr().out.strip().splitlines()[-1].removeprefix("LoRA: "))
     assert lora.is_file() and any(k.startswith("lora_unet_double_blocks_0_img_attn_qkv") for k in load_file(str(lora)))
@@ -279,3 +296,33 @@ def test_resize_and_merge_keep_a_flux_lora_in_its_layout_and_its_update(tmp_path
         with safe_open(str(tmp_path / path), "pt") as f:
             meta = f.metadata()
         assert meta["modelspec.architecture"] == "flux-1-dev/lora" and meta["ss_network_module"] == "networks.lora_flux"
+
+
+def test_the_memory_plan_counts_a_flux_run_from_its_four_files(flux_dev, make_cfg, tmp_path):
+    from lora_trainer.training.plan import plan_memory
+
+    def plan(files=flux_dev, **kw):
+        return plan_memory(flux_cfg(make_cfg, files, **kw), "cpu").parts
+
+    base = plan()
+    # 512 T5 tokens beside 16 image tokens at 64 px, 1024 at 512 px
+    assert plan(resolution=512)["activations"] > 1.5 * base["activations"]
+    assert plan(lora_rank=16)["LoRA + optimizer"] == 4 * plan(lora_rank=4)["LoRA + optimizer"]
+    fp8 = plan(base_precision="fp8")
+    assert fp8["base weights (UNet)"] < 0.4 * base["base weights (UNet)"]
+    # T5 stays in compute dtype under fp8 (only CLIP-L's layers are stored): the encoders shrink by CLIP's share
+    assert 0.5 * base["text encoders + VAE"] < fp8["text encoders + VAE"] < base["text encoders + VAE"]
+    deeper = write_tiny_flux(tmp_path / "deeper", "dev", layers=2)  # depth from the file's keys
+    assert plan(deeper)["base weights (UNet)"] > 1.3 * base["base weights (UNet)"]
+    with pytest.raises(ModelError, match=r"t5xxl \(t5xxl_fp16.safetensors.*is not set"):
+        plan(files={**flux_dev, "t5xxl": ""})
+
+
+def test_a_flux_run_under_a_memory_budget_takes_the_plan_s_changes(flux_dev, make_cfg):
+    from lora_trainer.adapters.export import read_lora
+    from lora_trainer.training.plan import plan_memory
+
+    cfg = flux_cfg(make_cfg, flux_dev, max_train_steps=1)
+    budget = (plan_memory(cfg, "cpu").peak_bytes - 1) / (1 << 30)
+    _, meta = read_lora(train(cfg.replace(memory_budget_gb=str(budget))).lora_path)
+    assert meta["ss_gradient_checkpointing"] == "True"

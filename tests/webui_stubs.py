@@ -164,7 +164,8 @@ def install(monkeypatch: Any, tmp_path: Path, checkpoint: Path, sd_model: Any, f
     modules = dict(
         shared=shared, sd_models=sd_models, devices=types.SimpleNamespace(torch_gc=lambda: None),
         shared_items=types.SimpleNamespace(refresh_checkpoints=lambda: sd_models.list_models()),
-        paths=types.SimpleNamespace(models_path=str(tmp_path / "models"), data_path=str(tmp_path)),
+        paths=types.SimpleNamespace(models_path=str(tmp_path / "models"), data_path=str(tmp_path),
+                                    script_path=str(tmp_path)),
         call_queue=types.SimpleNamespace(queue_lock=threading.Lock()), progress=_progress_module(state),
         processing=_processing_module(state, calls), infotext_utils=_infotext_module(),
     )

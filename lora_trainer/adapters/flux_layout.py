@@ -22,11 +22,6 @@ from ..model.flux import SWAPPED, original_module
 MLP_RATIO = 4  # Flux.1: proj_mlp is 4 × the width (for the rows of a proj_mlp without a LoRA)
 _COMPONENT_PREFIXES = ("transformer.", "base_model.model.", "diffusion_model.")
 
-def is_flux_module(module: str) -> bool:
-    """A diffusers Flux transformer module name (with or without a component prefix) or a kohya Flux name."""
-    return _strip(module).startswith(("transformer_blocks.", "single_transformer_blocks.")) or module.startswith(
-        ("lora_unet_double_blocks_", "lora_unet_single_blocks_"))
-
 
 def flux_to_kohya(parts: Mapping[str, Mapping[str, torch.Tensor]],
                   default_alpha: Optional[float] = None) -> Dict[str, torch.Tensor]:

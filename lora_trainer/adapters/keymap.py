@@ -72,9 +72,11 @@ _FOREIGN_COMPONENTS = (
 
 
 def family_of_keys(keys: Sequence[str]) -> Optional[str]:
-    """The family a LoRA's key names alone give away ("flux", "sdxl"), else None."""
-    if any(k.startswith(("lora_unet_double_blocks_", "lora_unet_single_blocks_", "transformer.transformer_blocks.",
-                         "transformer.single_transformer_blocks.")) for k in keys):
+    """The family a LoRA's key names alone give away ("flux", "sdxl"), else None: kohya's Flux names, or diffusers'
+    Flux transformer blocks with or without a component prefix (transformer., base_model.model., diffusion_model.)."""
+    flux_blocks = ("transformer_blocks.", "single_transformer_blocks.")
+    flux = tuple(p + b for p in ("", "transformer.", "base_model.model.", "diffusion_model.") for b in flux_blocks)
+    if any(k.startswith(("lora_unet_double_blocks_", "lora_unet_single_blocks_", *flux)) for k in keys):
         return "flux"
     if any(k.startswith(("lora_te2_", "text_encoder_2.", "te2.")) for k in keys):
         return "sdxl"

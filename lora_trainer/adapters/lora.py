@@ -172,21 +172,31 @@ def set_lora_scale(models: Iterable[nn.Module], scale: float) -> None:
             layer.scaling[ADAPTER] = scale * layer.lora_alpha[ADAPTER] / layer.r[ADAPTER]
 
 
+def base_targets(model: nn.Module, family: str, names: Iterable[str]) -> List[str]:
+    """The UNet's (or Flux transformer's) modules that `target_modules` names, as training wraps them."""
+    flux = family == "flux"
+    return resolve_targets(model, names, FLUX_TARGETS if flux else UNET_TARGETS, within=FLUX_BLOCKS if flux else ())
+
+
+def trained_text_encoders(family: str, encoders: List[nn.Module]) -> List[nn.Module]:
+    """The text encoders `train_text_encoder` trains: all of SD's; Flux's CLIP-L only, never T5."""
+    return encoders[:1] if family == "flux" else list(encoders)
+
+
 def add_lora_to_components(components, cfg) -> Tuple[List[nn.Parameter], List[nn.Parameter]]:
     """Wrap the UNet (and, if asked, the text encoders) as the config says.
 
     Returns (unet LoRA parameters, text-encoder LoRA parameters).
     """
-    flux = components.family == "flux"
-    unet_targets = resolve_targets(components.unet, cfg.target_modules, FLUX_TARGETS if flux else UNET_TARGETS,
-                                   within=FLUX_BLOCKS if flux else ())
+    unet_targets = base_targets(components.unet, components.family, cfg.target_modules)
     dora = cfg.lora_type == "dora"
     unet_params = add_lora(components.unet, unet_targets, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout,
                            cfg.conv_rank, cfg.conv_alpha, dora)
     te_params: List[nn.Parameter] = []
-    for i, te in enumerate(components.text_encoders):
+    trained = trained_text_encoders(components.family, components.text_encoders)
+    for te in components.text_encoders:
         te.requires_grad_(False)
-        if cfg.train_text_encoder and not (flux and i > 0):  # Flux: CLIP-L only, never T5
+        if cfg.train_text_encoder and any(te is t for t in trained):
             targets = resolve_targets(te, cfg.target_modules, TEXT_TARGETS, strict=False)
             if not targets:
                 targets = resolve_targets(te, ["attn"], TEXT_TARGETS)

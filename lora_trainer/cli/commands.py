@@ -295,7 +295,7 @@ def _demo(args) -> int:
 def _convert(args) -> int:
     from ..adapters.export import (BASE_MODEL_VERSION, SAVE_DTYPES, dora_on_output, is_dora, network_metadata,
                                    peft_alpha, read_lora, save_lora, stored_precision, to_kohya)
-    from ..adapters.flux_layout import is_flux_module
+    from ..adapters.keymap import family_of_keys
 
     tensors, meta = read_lora(Path(args.input))
     precision = args.save_precision or stored_precision(Path(args.input))
@@ -303,10 +303,8 @@ def _convert(args) -> int:
         print(f"{Path(args.input).name} is already in the kohya layout: written again in {precision}"
               + ("" if args.save_precision else " (its own precision; --save-precision changes it)"))
     family = args.family
-    if family == "auto" and any(is_flux_module(k) for k in tensors):
-        family = "flux-dev"
-    elif family == "auto":
-        family = "sdxl" if any("text_encoder_2" in k or k.startswith("lora_te2_") for k in tensors) else "sd1"
+    if family == "auto":
+        family = {"flux": "flux-dev", "sdxl": "sdxl"}.get(family_of_keys(list(tensors)), "sd1")
     flux = family.startswith("flux")
     alpha = args.alpha if args.alpha is not None else peft_alpha(Path(args.input))
     kohya = to_kohya(tensors, "flux" if flux else family, 2 if family == "sdxl" else 1, default_alpha=alpha)

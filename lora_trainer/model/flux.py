@@ -207,22 +207,73 @@ def vae_config(file: Mapping) -> dict:
             "scaling_factor": VAE_SCALE, "shift_factor": VAE_SHIFT, "sample_size": 1024}
 
 
-def flux_files(base_model: str, parts: Mapping[str, str]) -> Dict[str, Path]:
-    """The transformer file and each of clip_l, t5xxl and vae, checked; one line naming every missing one."""
-    found = {"transformer": Path(base_model).expanduser()}
+# Where ComfyUI's all-in-one Flux checkpoints keep the other parts (its supported_models.Flux prefixes)
+EMBEDDED = {"clip_l": "text_encoders.clip_l.transformer.", "t5xxl": "text_encoders.t5xxl.transformer.",
+            "vae": "vae."}
+Part = Tuple[Path, str]  # a file, and the prefix of the part's keys in it ("" for a file of its own)
+
+
+def flux_files(base_model: str, parts: Mapping[str, str]) -> Dict[str, Part]:
+    """The transformer and each of clip_l, t5xxl and vae: the file the config names, else the part inside an
+    all-in-one checkpoint; one line naming every part that is neither."""
+    path = Path(base_model).expanduser()
+    keys = list(CheckpointFile(path))
+    found = {"transformer": (path, PREFIX if any(k.startswith(PREFIX) for k in keys) else "")}
     missing = []
     for part, name in FILES.items():
         given = (parts.get(part) or "").strip()
-        if not given:
-            missing.append(f"{part} ({name}, in {WHERE[part]}) is not set")
-        elif not Path(given).expanduser().is_file():
+        if given and not Path(given).expanduser().is_file():
             missing.append(f"{part} not found: {given}")
+        elif given:
+            found[part] = (Path(given).expanduser(), "")
+        elif any(k.startswith(EMBEDDED[part]) for k in keys):
+            found[part] = (path, EMBEDDED[part])
         else:
-            found[part] = Path(given).expanduser()
+            missing.append(f"{part} ({name}, in {WHERE[part]}) is not set")
     if missing:
-        raise ModelError(f"{found['transformer'].name} is a Flux.1 transformer; its other files are needed too: "
+        raise ModelError(f"{path.name} is a Flux.1 transformer; its other files are needed too: "
                          + "; ".join(missing) + ". Set them in the config (clip_l, t5xxl, vae).")
     return found
+
+
+def part_of_file(path: str | Path) -> Optional[str]:
+    """Which Flux part a separate file is, from its header: "clip_l", "t5xxl", "vae", or None (a host's list of
+    text encoders and VAEs names files, not parts)."""
+    path = Path(path).expanduser()
+    if not (path.is_file() and path.suffix.lower() in (".safetensors", ".sft")):
+        return None
+    keys = {k.removeprefix("transformer.") for k in CheckpointFile(path)}
+    if "text_model.embeddings.token_embedding.weight" in keys:
+        return "clip_l"
+    if "shared.weight" in keys or "encoder.embed_tokens.weight" in keys:
+        return "t5xxl"
+    if "encoder.conv_out.weight" in keys and "decoder.conv_out.weight" in keys:
+        return "vae"
+    return None
+
+
+def open_part(part: Part, dtype: "torch.dtype | None" = None) -> CheckpointFile:
+    """A part's tensors under their own names: of an all-in-one file, only that part's keys, its prefix removed."""
+    path, prefix = part
+    file = CheckpointFile(path, dtype)
+    if prefix:
+        for key in [k for k in file if not k.startswith(prefix)]:
+            del file[key]
+        file.rename(lambda k: k[len(prefix):])
+    return file
+
+
+def open_clip_l(part: Part, dtype: "torch.dtype | None" = None) -> CheckpointFile:
+    clip = open_part(part, dtype)
+    clip.rename(lambda k: k.removeprefix("transformer."))  # ComfyUI's own saves keep that level
+    return clip
+
+
+def flux_configs(files: Mapping[str, Part]) -> Dict[str, dict]:
+    """The configs of the transformer, CLIP-L, T5 and VAE that `flux_files` found, from their headers alone."""
+    return {"transformer": transformer_config(open_part(files["transformer"])),
+            "clip": clip_config(open_clip_l(files["clip_l"])), "t5": t5_config(open_part(files["t5xxl"])),
+            "vae": vae_config(open_part(files["vae"]))}
 
 
 def load_flux(base_model: str, parts: Mapping[str, str], dtype: "torch.dtype", vae_dtype: "torch.dtype",
@@ -236,18 +287,13 @@ def load_flux(base_model: str, parts: Mapping[str, str], dtype: "torch.dtype", v
     from .text_convert import match_model_layout
 
     files = flux_files(base_model, parts)
-    source = CheckpointFile(files["transformer"])
-    if any(k.startswith(PREFIX) for k in source):
-        for key in [k for k in source if not k.startswith(PREFIX)]:
-            del source[key]  # an all-in-one file: its own encoders are not read; clip_l / t5xxl / vae are
-        source.rename(lambda k: k[len(PREFIX):])
+    source = open_part(files["transformer"])
     variant = flux_variant(source)
     with factory.weights_skipped(True):
         transformer = FluxTransformer2DModel.from_config(transformer_config(source))
     factory.load_weights(transformer, diffusers_transformer_weights(source, dtype, matrix_dtype), "Flux transformer",
                          dtype, False, matrix_dtype)
-    clip_file, t5_file = CheckpointFile(files["clip_l"], dtype), CheckpointFile(files["t5xxl"], dtype)
-    clip_file.rename(lambda k: k.removeprefix("transformer."))  # ComfyUI's own saves keep that level
+    clip_file, t5_file = open_clip_l(files["clip_l"], dtype), open_part(files["t5xxl"], dtype)
     with factory.weights_skipped(True):
         clip = CLIPTextModel(CLIPTextConfig.from_dict(clip_config(clip_file)))
         t5 = T5EncoderModel(T5Config.from_dict(t5_config(t5_file)))
@@ -256,14 +302,14 @@ def load_flux(base_model: str, parts: Mapping[str, str], dtype: "torch.dtype", v
     t5_weights = _without(t5_file, "decoder.", "lm_head.")
     t5_weights.setdefault("encoder.embed_tokens.weight", t5_weights["shared.weight"])
     factory.load_weights(t5, t5_weights, "T5 (t5xxl)", dtype)
-    vae_file = CheckpointFile(files["vae"], vae_dtype)
+    vae_file = open_part(files["vae"], vae_dtype)
     config = vae_config(vae_file)
     with factory.weights_skipped(True):
         vae = AutoencoderKL.from_config(config)
     factory.load_weights(vae, convert_ldm_vae_checkpoint(dict(vae_file.items()), config), "VAE (vae)", vae_dtype)
-    return flux_components(transformer, vae, clip, t5, variant, parts.get("t5_tokenizer", ""),
-                           name or files["transformer"].stem, file_sha256(files["transformer"]),
-                           str(files["transformer"]))
+    path = files["transformer"][0]
+    return flux_components(transformer, vae, clip, t5, variant, parts.get("t5_tokenizer", ""), name or path.stem,
+                           file_sha256(path), str(path))
 
 
 def flux_components(transformer, vae, clip, t5, variant: str, t5_tokenizer: str, name: str, model_hash,

@@ -45,20 +45,30 @@ def draw(run: Any, shape: torch.Size, place: str) -> Tuple[torch.Tensor, int]:
     generator = torch.Generator("cpu").manual_seed(seed)
     drawn = gaussian_noise(run.cfg, shape, generator)
     if run.components.family == "flux":
-        return drawn, flow_time(run.cfg, generator)
+        return drawn, flow_time(run.cfg, generator, image_tokens=(shape[-2] // 2) * (shape[-1] // 2))
     steps = run.components.noise_scheduler.config.num_train_timesteps
     return drawn, int(torch.randint(0, steps, (1,), generator=generator))
 
 
-def flow_time(cfg: Any, generator: torch.Generator) -> float:
+# flux_shift: the shift grows with the image's packed tokens, as FluxPipeline's dynamic shifting does (mu linear
+# in the sequence length, from 0.5 at 256 tokens to 1.15 at 4096; shift = e^mu)
+FLUX_SHIFT_TOKENS, FLUX_SHIFT_MU = (256, 4096), (0.5, 1.15)
+
+
+def flow_time(cfg: Any, generator: torch.Generator, image_tokens: int = 4096) -> float:
     """Rectified flow's t in (0, 1) (1: pure noise), drawn as timestep_sampling says."""
+    import math
+
     if cfg.timestep_sampling == "uniform":
         return float(torch.rand((), generator=generator))
     t = float(torch.sigmoid(torch.randn((), generator=generator)))
+    shift = 1.0
     if cfg.timestep_sampling == "shift":
         shift = cfg.discrete_flow_shift
-        t = shift * t / (1 + (shift - 1) * t)
-    return t
+    elif cfg.timestep_sampling == "flux_shift":
+        (lo, hi), (mu_lo, mu_hi) = FLUX_SHIFT_TOKENS, FLUX_SHIFT_MU
+        shift = math.exp(mu_lo + (mu_hi - mu_lo) * (image_tokens - lo) / (hi - lo))
+    return shift * t / (1 + (shift - 1) * t)
 
 
 def text_conditioning(run: Any, captions: List[str]) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:

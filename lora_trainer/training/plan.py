@@ -239,7 +239,7 @@ def architecture(cfg: TrainConfig, family: Optional[str] = None) -> Tuple[str, s
         from ..model.flux import is_flux
 
         if is_flux(CheckpointFile(path)):
-            raise ConfigError("The memory plan does not know Flux.1 yet: set memory_budget_gb to 0 for this run.")
+            return "flux", flux_architecture(cfg)
         header = normalize_keys(CheckpointFile(path))
         family = family or detect_family(list(header))
         key = UNET_PREFIX + "input_blocks.0.0.weight"
@@ -257,6 +257,15 @@ def architecture(cfg: TrainConfig, family: Optional[str] = None) -> Tuple[str, s
         raise ConfigError("The plan needs the model family: set base_model to a .safetensors file or diffusers "
                           "folder, or model_family to sd1, sd2 or sdxl.")
     return family, "base"
+
+
+def flux_architecture(cfg: TrainConfig) -> str:
+    """The shapes of a Flux run's four files (transformer, clip_l, t5xxl, vae), read from their headers, as JSON:
+    the `variant` the Flux plan is counted with (reduced and pruned files are planned as they are)."""
+    from ..model.flux import flux_configs, flux_files
+
+    files = flux_files(cfg.base_model, {"clip_l": cfg.clip_l, "t5xxl": cfg.t5xxl, "vae": cfg.vae})
+    return json.dumps(flux_configs(files), sort_keys=True)
 
 
 # -- prediction -----------------------------------------------------------------------------------
@@ -333,7 +342,8 @@ def _counts(family: str, variant: str, targets: tuple, rank: int, conv_rank: int
     """Parameter counts by kind: matrices (Linear/Conv weights: what base_precision stores), the rest, LoRA."""
     from torch import nn
 
-    from ..adapters.lora import TEXT_TARGETS, UNET_TARGETS, resolve_targets
+    from ..adapters.lora import TEXT_TARGETS, base_targets, resolve_targets, trained_text_encoders
+    from .setup import stored_text_encoders
 
     unet, vae, encoders = _meta_models(family, variant)
 
@@ -342,11 +352,12 @@ def _counts(family: str, variant: str, targets: tuple, rank: int, conv_rank: int
         return matrix, sum(p.numel() for p in model.parameters()) - matrix
 
     unet_matrix, unet_other = split(unet)
-    te = [split(e) for e in encoders]
+    stored = stored_text_encoders(family, encoders)
+    te = [split(e) if any(e is s for s in stored) else (0, sum(p.numel() for p in e.parameters())) for e in encoders]
     modules = dict(unet.named_modules())
-    lora = sum(_lora_size(modules[n], rank, conv_rank) for n in resolve_targets(unet, list(targets), UNET_TARGETS))
+    lora = sum(_lora_size(modules[n], rank, conv_rank) for n in base_targets(unet, family, list(targets)))
     if train_te:
-        for encoder in encoders:
+        for encoder in trained_text_encoders(family, encoders):
             names = resolve_targets(encoder, list(targets), TEXT_TARGETS, strict=False) or \
                 resolve_targets(encoder, ["attn"], TEXT_TARGETS)
             named = dict(encoder.named_modules())
@@ -370,15 +381,25 @@ def _lora_size(module: Any, rank: int, conv_rank: int) -> int:
 
 @lru_cache(maxsize=4)
 def _meta_models(family: str, variant: str):
-    """UNet, VAE and text encoders of the shipped architecture on the meta device (no memory)."""
+    """UNet (Flux: its transformer), VAE and text encoders of the architecture on the meta device (no memory)."""
     import torch
 
     from ..model import factory
     from .activations import meta_unet
     from ..model.shipped import load_configs, text_encoder_parts
 
-    configs = load_configs(family, variant)
     unet = meta_unet(family, variant)
+    if family == "flux":
+        from diffusers import AutoencoderKL
+        from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+        configs = json.loads(variant)
+        with torch.device("meta"):
+            vae = AutoencoderKL.from_config(configs["vae"])
+            encoders = [CLIPTextModel(CLIPTextConfig.from_dict(configs["clip"])),
+                        T5EncoderModel(T5Config.from_dict(configs["t5"]))]
+        return unet, vae, encoders
+    configs = load_configs(family, variant)
     with torch.device("meta"):
         vae = factory.build_vae(configs["vae"])
         encoders = [factory.build_text_encoder(configs[p]) for p in text_encoder_parts(family)]

@@ -104,6 +104,10 @@ class Inputs:
 
 def check_inputs(cfg: TrainConfig, callbacks: Callbacks, resume: Optional[str] = None,
                  processes: Processes = SINGLE) -> Inputs:
+    from ..model.flux import is_flux_file
+
+    if cfg.model_family == "flux" or is_flux_file(cfg.base_model or ""):
+        check_flux_settings(cfg)  # before the images are scanned and a 12B model is read
     records, report = scan_images(cfg)
     callbacks.on_status(report.summary())
     records, held_out = validation_records(cfg, records, callbacks)  # held-out images never reach a batch
@@ -137,7 +141,7 @@ def prepare_run(cfg: TrainConfig, callbacks: Callbacks, base_weights: Optional[M
                                      matrix_dtype=quantized_dtype(storage),
                                      flux_parts={"clip_l": cfg.clip_l, "t5xxl": cfg.t5xxl, "vae": cfg.vae,
                                                  "t5_tokenizer": cfg.t5_tokenizer})
-    if components.family == "flux":
+    if components.family == "flux" and not owns_components:  # a host's Flux model, handed in
         check_flux_settings(cfg)
 
     unet_params, te_params = _attach_lora(components, cfg, loaded)
@@ -149,8 +153,7 @@ def prepare_run(cfg: TrainConfig, callbacks: Callbacks, base_weights: Optional[M
     if cfg.offload == "blocks" and not offload:
         callbacks.on_status("offload: blocks has no effect on the CPU (the weights are in RAM already)")
     # Cast on the CPU before moving (no full-precision peak on the GPU); offloaded weights never go there whole.
-    # Flux's T5 casts its activations to its layers' dtype (transformers' T5 does): it stays in compute dtype.
-    stored = components.text_encoders[:1] if components.family == "flux" else components.text_encoders
+    stored = stored_text_encoders(components.family, components.text_encoders)
     store_base_weights([components.unet, *stored], storage, compute_dtype, offload=offload)
     place_base_weights(components.unet, device, offload)
     for module in components.text_encoders:
@@ -192,6 +195,12 @@ def prepare_run(cfg: TrainConfig, callbacks: Callbacks, base_weights: Optional[M
     if processes.many:  # after the restore: every process starts from the same LoRA weights
         run.replica = replicate([components.unet, *(components.text_encoders if te_params else [])], device)
     return run
+
+
+def stored_text_encoders(family: str, encoders: List[Any]) -> List[Any]:
+    """The text encoders base_precision stores: Flux's T5 casts its activations to its layers' dtype (transformers'
+    T5 does), so it stays in compute dtype; CLIP-L and SD's encoders are stored as the UNet is."""
+    return list(encoders[:1] if family == "flux" else encoders)
 
 
 def check_flux_settings(cfg: TrainConfig) -> None:

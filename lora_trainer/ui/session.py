@@ -21,6 +21,13 @@ PRESETS: Dict[str, Dict[str, Any]] = {
     "character": {"lora_rank": 32, "lora_alpha": 16, "learning_rate": 1e-4, "epochs": 12, "flip_aug": False},
     "object": {"lora_rank": 16, "lora_alpha": 8, "learning_rate": 1e-4, "epochs": 10, "flip_aug": True},
 }
+# Flux.1 (Forge): 1024 px, the blocks' attention and MLP, fp8 base and checkpointing for a 24 GB card; the
+# 12 GB preset adds block offload (the plan's predictions for Flux-dev: docs/flux.md)
+_FLUX = {"lora_rank": 16, "lora_alpha": 16, "learning_rate": 1e-4, "epochs": 10, "flip_aug": False,
+         "target_modules": ["attn", "ff"], "resolution": 1024, "gradient_checkpointing": True,
+         "base_precision": "fp8", "batch_size": 1, "cache_latents": True}
+PRESETS["Flux (24 GB)"] = dict(_FLUX)
+PRESETS["Flux (12 GB)"] = dict(_FLUX, offload="blocks")
 LOW_VRAM = {"batch_size": 1, "gradient_accumulation_steps": 4, "gradient_checkpointing": True,
             "cache_latents": True, "base_precision": "fp8"}
 # The options a preset or Low VRAM sets: the tab's form updates these when either changes.

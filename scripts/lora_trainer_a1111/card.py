@@ -13,7 +13,8 @@ from lora_trainer.files import atomic_write_text, atomic_write_with
 from lora_trainer.ui.session import PREFERRED_STRENGTH
 
 PREFERRED_KEY = "preferred weight"  # extensions-builtin/Lora/ui_edit_user_metadata.py (A1111 1.10, Forge)
-SD_VERSION = {"sd1": "SD1", "sd2": "SD2", "sdxl": "SDXL"}  # ui_edit_user_metadata.py's "sd version" choices
+# ui_edit_user_metadata.py's "sd version" choices (Forge's add Flux)
+SD_VERSION = {"sd1": "SD1", "sd2": "SD2", "sdxl": "SDXL", "flux": "Flux"}
 PREVIEW_SIDE = 1024  # the card's preview: a training photo may be 20 MB, the Lora pane shows a thumbnail
 
 
@@ -55,7 +56,7 @@ def preferred_weight(lora_path: Path) -> Optional[float]:
 
 
 def lora_family(lora_path: Path) -> str:
-    """sd1, sd2 or sdxl, from the metadata the file was written with (its tensors are not read)."""
+    """sd1, sd2, sdxl or flux, from the metadata the file was written with (its tensors are not read)."""
     from lora_trainer.adapters.export import read_lora
     from lora_trainer.adapters.merge import lora_family as family_of
 

@@ -19,7 +19,7 @@ from . import merging
 from .card import lora_family, preferred_weight, preview_image, set_preferred_weight, write_card
 from .keycheck import module_names_from_state_dict, unmatched_keys
 from .testgrid import release_test_memory, txt2img_pictures
-from .webui import webui_modules, is_forge, loaded_model, on_main_thread, webui_job
+from .webui import forge_flux_config, webui_modules, is_forge, loaded_model, on_main_thread, webui_job
 
 __all__ = ["A1111Backend", "A1111Callbacks", "A1111Host", "check_against_host", "is_forge", "webui_job"]
 
@@ -227,12 +227,11 @@ class A1111Backend(Backend):
         from lora_trainer.model.flux import is_flux_file
         from lora_trainer.training.loop import train
 
-        if is_flux_file(cfg.base_model):  # said before the WebUI's job queue is waited for
-            raise ConfigError(f"{Path(cfg.base_model).name} is a Flux.1 model: " + (
-                "the Forge tab does not train Flux yet; train it with `python -m lora_trainer train` (docs/flux.md) "
-                "or ComfyUI's Train Flux LoRA node, then load the LoRA here." if is_forge() else
-                "AUTOMATIC1111 1.10 cannot run Flux. Use Forge or ComfyUI for Flux, or pick an SD 1.x, SD 2.x or "
-                "SDXL checkpoint."))
+        if is_flux_file(cfg.base_model) and not is_forge():  # said before the WebUI's job queue is waited for
+            raise ConfigError(f"{Path(cfg.base_model).name} is a Flux.1 model: AUTOMATIC1111 1.10 cannot run Flux. "
+                              "Use Forge or ComfyUI for Flux, or pick an SD 1.x, SD 2.x or SDXL checkpoint.")
+        if is_flux_file(cfg.base_model):
+            cfg = forge_flux_config(cfg)
         callbacks.on_status("waiting for the WebUI's current job to finish")
         with webui_job(task_id or self.new_task_id()):
             return train(cfg, callbacks=callbacks, host=self._host)

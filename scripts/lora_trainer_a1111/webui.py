@@ -23,6 +23,29 @@ def is_forge() -> bool:
     return sys.modules.get("modules_forge") is not None
 
 
+# Where Forge ships T5's tokenizer for Flux, under its own folder (paths.script_path)
+FORGE_T5_TOKENIZER = ("backend", "huggingface", "black-forest-labs", "FLUX.1-dev", "tokenizer_2")
+
+
+def forge_flux_config(cfg: Any) -> Any:
+    """`cfg` with what Forge runs its Flux model with, where the config leaves it empty: the text encoders and VAE
+    chosen in Forge's VAE / Text Encoder box (shared.opts.forge_additional_modules, each told apart by its keys)
+    and Forge's T5 tokenizer. An all-in-one checkpoint needs none of them."""
+    from pathlib import Path
+
+    from lora_trainer.model.flux import part_of_file
+    from modules import paths
+
+    chosen = {}
+    for path in getattr(webui_modules()[0].opts, "forge_additional_modules", None) or []:
+        part = part_of_file(path)
+        if part is not None and not getattr(cfg, part) and part not in chosen:
+            chosen[part] = str(path)
+    if not cfg.t5_tokenizer:
+        chosen["t5_tokenizer"] = str(Path(paths.script_path, *FORGE_T5_TOKENIZER))
+    return cfg.replace(**chosen)
+
+
 def loaded_model() -> Any:
     """The WebUI's model without loading one (`shared.sd_model` would load a checkpoint when none is)."""
     return webui_modules()[1].model_data.sd_model
