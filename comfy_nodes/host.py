@@ -117,14 +117,16 @@ def lora_module_names(keys: Iterable[str]) -> List[str]:
 
 
 def check_lora_keys(lora: Dict[str, Any], model: Any, clip: Any = None) -> None:
-    """Every module of our file must be in ComfyUI's own key map for this model (else: `lora key not loaded`)."""
+    """Every module of our file must be in ComfyUI's own key map for this model (else: `lora key not loaded`);
+    without a CLIP, the text encoder's modules are not checked (they are not applied)."""
     import comfy.lora
 
     key_map: Dict[str, Any] = {}
     comfy.lora.model_lora_keys_unet(model.model, key_map)
     if clip is not None:
         comfy.lora.model_lora_keys_clip(clip.cond_stage_model, key_map)
-    missing = [name for name in lora_module_names(lora) if name not in key_map]
+    names = [n for n in lora_module_names(lora) if clip is not None or n.startswith("lora_unet_")]
+    missing = [name for name in names if name not in key_map]
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
         raise LoraTrainerError(f"{len(missing)} LoRA modules would not load in ComfyUI for this model: {shown}. "

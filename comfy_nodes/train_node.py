@@ -85,8 +85,9 @@ class TrainLoRA:
             import nodes
 
             model, clip = nodes.CheckpointLoaderSimple().load_checkpoint(ckpt_name)[:2]
-        return apply_result(result, model, clip, report(result, str(result.output_dir or cfg.output_dir), dataset,
-                                                            callbacks.plan))
+        text = report(result, str(result.output_dir or cfg.output_dir), dataset, callbacks.plan)
+        model_lora, clip_lora, curve = apply_result(result, model, clip)
+        return {"ui": {"text": [text]}, "result": (model_lora, clip_lora, result.lora_path.name, curve, text)}
 
 
 def training_inputs(lora_name: str, steps: int, resolution: dict, learning_rate: Optional[float] = None) -> dict:
@@ -127,7 +128,7 @@ def node_config(dataset_path: str, lora_name: str, rank: int, alpha: float, step
     if ckpt_name != FROM_GRAPH:
         extra["base_model"] = folder_paths.get_full_path_or_raise("checkpoints", ckpt_name)
     cfg = load_config(config_file.strip() or None, **extra, **files)
-    if torch.cuda.is_available() and budget_left_at_default(cfg.memory_budget_gb) and not files:  # not Flux yet
+    if torch.cuda.is_available() and budget_left_at_default(cfg.memory_budget_gb):
         cfg = cfg.replace(memory_budget_gb="auto")  # fit what is free once ComfyUI's models are unloaded
     return cfg
 
@@ -155,16 +156,17 @@ def report(result: TrainResult, output_dir: str, *notes: str) -> str:
     return "\n".join(lines + [n for n in notes if n])
 
 
-def apply_result(result: TrainResult, model: Any, clip: Any, text: str) -> dict:
-    """Check the file against ComfyUI's key map, apply it to the graph's MODEL/CLIP, draw the loss curve.
+def apply_result(result: TrainResult, model: Any, clip: Any = None) -> tuple:
+    """(MODEL, CLIP, loss curve): the file checked against ComfyUI's key map and applied to the graph's MODEL (and
+    CLIP, when given) through ComfyUI's own LoRA loader, strength 1.
 
-    The report goes to the node's outputs and to the UI message built-in nodes use (`ui.text`), which
+    The nodes put their report in their outputs and in the UI message built-in nodes use (`ui.text`), which
     web/lora_trainer.js shows on the node.
     """
     import comfy.sd
 
     lora = load_lora_file(result.lora_path)
     check_lora_keys(lora, model, clip)
-    model_lora, clip_lora = comfy.sd.load_lora_for_models(model, clip, lora, 1.0, 1.0)
+    model_lora, clip_lora = comfy.sd.load_lora_for_models(model, clip, lora, 1.0, 1.0 if clip is not None else 0.0)
     curve = loss_curve(result.losses, val=result.val_losses, first_step=result.steps - len(result.losses) + 1)
-    return {"ui": {"text": [text]}, "result": (model_lora, clip_lora, result.lora_path.name, curve, text)}
+    return model_lora, clip_lora, curve

@@ -9,6 +9,8 @@ template's thumbnail, `<name>.jpg`, is a screenshot of its graph in the real Com
 by tests/comfyui (COMFYUI_SCREENSHOTS=example_workflows writes them all).
 
 - `caption_train_sample`: Caption Folder → Check Dataset → Train LoRA → KSampler and LoRA Strength Grid.
+- `flux_train_sample`: Load Diffusion Model + DualCLIPLoader + Load VAE → Check Dataset → Train Flux LoRA →
+  KSampler (FluxGuidance 3.5) with the MODEL it hands on (the LoRA applied).
 - `merge_lora_into_checkpoint`: Load Checkpoint → LoraLoader → CheckpointSave, ComfyUI's own nodes: the
   LoRA baked into a new checkpoint at a strength (tests/comfyui checks the file samples like the base
   with the LoRA at that strength).
@@ -83,7 +85,51 @@ MERGE_LORA_INTO_CHECKPOINT = {
         {"model": ("MODEL", 2, 0), "clip": ("CLIP", 2, 1), "vae": ("VAE", 1, 2)}, []),
     4: ("Note", "Where the checkpoint goes", (40, 220), (1080, 110), [("text", MERGE_NOTE)], {}, []),
 }
-GRAPHS = {"caption_train_sample": CAPTION_TRAIN_SAMPLE, "merge_lora_into_checkpoint": MERGE_LORA_INTO_CHECKPOINT}
+FLUX_NOTE = ("Flux.1 from ComfyUI's own loaders: Load Diffusion Model (models/diffusion_models), DualCLIPLoader type "
+             "flux (T5-XXL and CLIP-L, models/text_encoders) and Load VAE (ae.safetensors). Train Flux LoRA trains on "
+             "them (names left at (from inputs); pick a file instead to read that part from disk) and hands on the "
+             "MODEL with the new LoRA applied. Later, in any graph: LoraLoaderModelOnly with lora_name "
+             "my_flux_lora.safetensors. Memory: set base_precision: fp8 (and offload: blocks under 16 GB) in a config "
+             "file, docs/flux.md.")
+FLUX_TRAIN_SAMPLE = {
+    1: ("UNETLoader", "Load Diffusion Model", (40, 40), (320, 90),
+        [("unet_name", "flux1-dev.safetensors"), ("weight_dtype", "default")], {}, [("MODEL", "MODEL")]),
+    2: ("DualCLIPLoader", "DualCLIPLoader", (40, 180), (320, 130),
+        [("clip_name1", "t5xxl_fp16.safetensors"), ("clip_name2", "clip_l.safetensors"), ("type", "flux"),
+         ("device", "default")], {}, [("CLIP", "CLIP")]),
+    3: ("VAELoader", "Load VAE", (40, 360), (320, 60), [("vae_name", "ae.safetensors")], {}, [("VAE", "VAE")]),
+    4: ("LoraTrainerCheckDataset", "Check Dataset", (40, 470), (320, 130),
+        [("folder", DATA), ("trigger_word", "xyzposter"), ("config_file", "")], {},
+        [("dataset_path", "STRING"), ("report", "STRING")]),
+    5: ("LoraTrainerTrainFlux", "Train Flux LoRA", (420, 40), (340, 520),
+        [("unet_name", "(from inputs)"), ("clip_l_name", "(from inputs)"), ("t5xxl_name", "(from inputs)"),
+         ("vae_name", "(from inputs)"), ("dataset_path", ""), ("lora_name", "my_flux_lora"), ("rank", 16),
+         ("alpha", 16.0), ("steps", 1000), ("learning_rate", 0.0001), ("resolution", 1024), ("batch_size", 1),
+         ("seed", 42), ("control", "fixed"), ("config_file", ""), ("resume", False)],
+        {"dataset_path": ("STRING", 4, 0), "model": ("MODEL", 1, 0), "clip": ("CLIP", 2, 0), "vae": ("VAE", 3, 0)},
+        [("MODEL", "MODEL"), ("lora_name", "STRING"), ("loss_curve", "IMAGE"), ("report", "STRING")]),
+    6: ("CLIPTextEncode", "Prompt", (820, 40), (320, 130), [("text", "xyzposter, a travel poster of a harbour town")],
+        {"clip": ("CLIP", 2, 0)}, [("CONDITIONING", "CONDITIONING")]),
+    7: ("FluxGuidance", "FluxGuidance", (820, 220), (320, 60), [("guidance", 3.5)],
+        {"conditioning": ("CONDITIONING", 6, 0)}, [("CONDITIONING", "CONDITIONING")]),
+    8: ("ConditioningZeroOut", "Negative (zero)", (820, 330), (320, 30), [],
+        {"conditioning": ("CONDITIONING", 6, 0)}, [("CONDITIONING", "CONDITIONING")]),
+    9: ("EmptySD3LatentImage", "Empty Latent Image", (820, 410), (320, 110),
+        [("width", 1024), ("height", 1024), ("batch_size", 1)], {}, [("LATENT", "LATENT")]),
+    10: ("KSampler", "KSampler", (1200, 40), (320, 270),
+         [("seed", 1), ("control", "fixed"), ("steps", 20), ("cfg", 1.0), ("sampler_name", "euler"),
+          ("scheduler", "simple"), ("denoise", 1.0)],
+         {"model": ("MODEL", 5, 0), "positive": ("CONDITIONING", 7, 0), "negative": ("CONDITIONING", 8, 0),
+          "latent_image": ("LATENT", 9, 0)}, [("LATENT", "LATENT")]),
+    11: ("VAEDecode", "VAE Decode", (1580, 40), (200, 60), [], {"samples": ("LATENT", 10, 0), "vae": ("VAE", 3, 0)},
+         [("IMAGE", "IMAGE")]),
+    12: ("SaveImage", "Save Image", (1840, 40), (300, 300), [("filename_prefix", "my_flux_lora")],
+         {"images": ("IMAGE", 11, 0)}, []),
+    13: ("PreviewImage", "Loss curve", (1200, 380), (320, 220), [], {"images": ("IMAGE", 5, 2)}, []),
+    14: ("Note", "Flux", (40, 660), (720, 130), [("text", FLUX_NOTE)], {}, []),
+}
+GRAPHS = {"caption_train_sample": CAPTION_TRAIN_SAMPLE, "merge_lora_into_checkpoint": MERGE_LORA_INTO_CHECKPOINT,
+          "flux_train_sample": FLUX_TRAIN_SAMPLE}
 VIRTUAL = {"Note"}  # nodes only the frontend knows: in the editor graph, never in the API one
 LINKED_WIDGETS = {"dataset_path", "folder", "trained_lora"}
 

@@ -76,6 +76,16 @@ class BaseModel:
         return sd
 
 
+class FluxModel(BaseModel):
+    """comfy.model_base.Flux: its supported_models.Flux saves the all-in-one layout (text_encoders., vae.)."""
+
+    def state_dict_for_saving(self, clip_sd=None, vae_sd=None, clip_vision_sd=None):
+        sd = {f"model.diffusion_model.{k}": v for k, v in self.unet_sd.items()}
+        sd.update({f"text_encoders.{k}": v for k, v in (clip_sd or {}).items()})
+        sd.update({f"vae.{k}": v for k, v in (vae_sd or {}).items()})
+        return sd
+
+
 class CLIP:
     def __init__(self, sd, lora_names, patches=()):
         self.sd, self.patches = sd, list(patches)
@@ -122,6 +132,16 @@ def graph_models(checkpoint: Path, components):
     model = ModelPatcher(BaseModel(split["model.diffusion_model."], unet_names))
     clip = CLIP({f"clip_l.{k}": v for k, v in split["cond_stage_model."].items()}, te_names)
     return model, clip, VAE(split["first_stage_model."])
+
+
+def flux_graph_models(files: dict):
+    """(MODEL, CLIP, VAE) as UNETLoader, DualCLIPLoader (type flux) and VAELoader give them for Flux's files."""
+    with torch.inference_mode():
+        unet, clip_l, t5, ae = (load_file(files[k]) for k in ("base_model", "clip_l", "t5xxl", "vae"))
+    clip = {**{f"clip_l.transformer.{k}": v for k, v in clip_l.items()},
+            **{f"t5xxl.transformer.{k}": v for k, v in t5.items()}}
+    names = {"lora_unet_" + k[:-len(".weight")].replace(".", "_") for k in unet if k.endswith(".weight")}
+    return ModelPatcher(FluxModel(unet, names)), CLIP(clip, set()), VAE(ae)
 
 
 def install(base: Path, components_for_checkpoints=None) -> State:
@@ -195,9 +215,10 @@ def install(base: Path, components_for_checkpoints=None) -> State:
 
     def load_lora_for_models(model, clip, lora_sd, strength_model, strength_clip):
         names = {k.split(".", 1)[0] for k in lora_sd}
-        new_model, new_clip = model.clone(), clip.clone()
+        new_model, new_clip = model.clone(), clip.clone() if clip is not None else None  # LoraLoaderModelOnly: None
         new_model.add_patches({n for n in names if n.startswith("lora_unet_")}, strength_model)
-        new_clip.add_patches({n for n in names if n.startswith("lora_te")}, strength_clip)
+        if new_clip is not None:
+            new_clip.add_patches({n for n in names if n.startswith("lora_te")}, strength_clip)
         return new_model, new_clip
 
     sd_module.load_lora_for_models = load_lora_for_models

@@ -317,7 +317,8 @@ def test_example_workflows_match_the_nodes(pack, comfy):
     # ComfyUI lists every JSON directly in example_workflows/ as a template, with <name>.jpg as its picture; each has
     # its POST /prompt twin in api/ with the same nodes (but the frontend's Notes) and links
     templates = sorted(folder.glob("*.json"))
-    assert [t.name for t in templates] == ["caption_train_sample.json", "merge_lora_into_checkpoint.json"]
+    assert [t.name for t in templates] == ["caption_train_sample.json", "flux_train_sample.json",
+                                           "merge_lora_into_checkpoint.json"]
     for template in templates:
         graph = json.loads(template.read_text(encoding="utf-8"))
         assert {"nodes", "links", "version"} <= set(graph), f"{template.name} is not an editor graph"
@@ -328,9 +329,16 @@ def test_example_workflows_match_the_nodes(pack, comfy):
         assert len(graph["links"]) == sum(isinstance(v, list) for n in twin.values() for v in n["inputs"].values())
     merge = json.loads((folder / "api" / "merge_lora_into_checkpoint.json").read_text(encoding="utf-8"))
     assert [n["class_type"] for n in merge.values()] == ["CheckpointLoaderSimple", "LoraLoader", "CheckpointSave"]
-    ours = [n for n in api.values() if n["class_type"] in pack.NODE_CLASS_MAPPINGS]
-    # every node is in the example graph but the Flux trainer, whose graph is still to come (docs/flux.md)
-    assert {n["class_type"] for n in ours} == set(pack.NODE_CLASS_MAPPINGS) - {"LoraTrainerTrainFlux"}
+    flux = json.loads((folder / "api" / "flux_train_sample.json").read_text(encoding="utf-8"))
+    ours = [n for graph in (api, flux) for n in graph.values() if n["class_type"] in pack.NODE_CLASS_MAPPINGS]
+    assert {n["class_type"] for n in ours} == set(pack.NODE_CLASS_MAPPINGS)  # every node is in an example graph
+    trainer = next(n for n in flux.values() if n["class_type"] == "LoraTrainerTrainFlux")
+    loaders = {nid: n["class_type"] for nid, n in flux.items()}
+    assert [loaders[trainer["inputs"][k][0]] for k in ("model", "clip", "vae")] == ["UNETLoader", "DualCLIPLoader",
+                                                                                     "VAELoader"]
+    assert all(trainer["inputs"][k] == "(from inputs)" for k in ("unet_name", "clip_l_name", "t5xxl_name", "vae_name"))
+    sampler = next(n for n in flux.values() if n["class_type"] == "KSampler")
+    assert sampler["inputs"]["model"] == [next(k for k, n in flux.items() if n is trainer), 0]  # the LoRA applied
     for node in ours:
         spec = pack.NODE_CLASS_MAPPINGS[node["class_type"]].INPUT_TYPES()
         assert set(spec["required"]) <= set(node["inputs"]) <= set(spec["required"]) | set(spec.get("optional", {}))

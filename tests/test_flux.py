@@ -326,3 +326,27 @@ def test_a_flux_run_under_a_memory_budget_takes_the_plan_s_changes(flux_dev, mak
     budget = (plan_memory(cfg, "cpu").peak_bytes - 1) / (1 << 30)
     _, meta = read_lora(train(cfg.replace(memory_budget_gb=str(budget))).lora_path)
     assert meta["ss_gradient_checkpointing"] == "True"
+
+
+def test_a_hosts_all_in_one_state_dict_loads_as_the_file_does_and_is_left_untouched(flux_schnell_all_in_one):
+    """What ComfyUI's state_dict_for_saving gives for a Flux MODEL, CLIP and VAE: read without a file; a caller's
+    dict keeps its tensors and shares no memory with the training copy, a handed-over one is consumed."""
+    from lora_trainer.model.loader import HandedOver
+
+    files = flux_schnell_all_in_one
+    tokenizer = {"t5_tokenizer": files["t5_tokenizer"]}
+    from_file = load_components(files["base_model"], flux_parts=tokenizer)
+    sd = load_file(files["base_model"])
+    kept = {k: v.clone() for k, v in sd.items()}
+    in_memory = load_components(sd, flux_parts=tokenizer)
+    assert set(sd) == set(kept) and all(torch.equal(sd[k], kept[k]) for k in sd)
+    pointers = {v.data_ptr() for v in sd.values()}
+    for got, want in zip((in_memory.unet, in_memory.vae, *in_memory.text_encoders),
+                         (from_file.unet, from_file.vae, *from_file.text_encoders)):
+        a, b = got.state_dict(), want.state_dict()
+        assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+        assert not any(p.data_ptr() in pointers for p in got.parameters())
+    assert in_memory.source == "<in-memory>" and in_memory.variant == "schnell"
+    handed = HandedOver(load_file(files["base_model"]))
+    load_components(handed, flux_parts=tokenizer)
+    assert len(handed) == 0

@@ -210,15 +210,16 @@ def vae_config(file: Mapping) -> dict:
 # Where ComfyUI's all-in-one Flux checkpoints keep the other parts (its supported_models.Flux prefixes)
 EMBEDDED = {"clip_l": "text_encoders.clip_l.transformer.", "t5xxl": "text_encoders.t5xxl.transformer.",
             "vae": "vae."}
-Part = Tuple[Path, str]  # a file, and the prefix of the part's keys in it ("" for a file of its own)
+# a part's source (a file, or a state dict in memory: a host's all-in-one weights) and its keys' prefix in it
+Part = Tuple["Path | Mapping", str]
 
 
-def flux_files(base_model: str, parts: Mapping[str, str]) -> Dict[str, Part]:
+def flux_files(base_model: "str | Path | Mapping", parts: Mapping[str, str]) -> Dict[str, Part]:
     """The transformer and each of clip_l, t5xxl and vae: the file the config names, else the part inside an
-    all-in-one checkpoint; one line naming every part that is neither."""
-    path = Path(base_model).expanduser()
-    keys = list(CheckpointFile(path))
-    found = {"transformer": (path, PREFIX if any(k.startswith(PREFIX) for k in keys) else "")}
+    all-in-one checkpoint (a file, or a host's state dict); one line naming every part that is neither."""
+    source = base_model if isinstance(base_model, Mapping) else Path(base_model).expanduser()
+    keys = list(source if isinstance(source, Mapping) else CheckpointFile(source))
+    found: Dict[str, Part] = {"transformer": (source, PREFIX if any(k.startswith(PREFIX) for k in keys) else "")}
     missing = []
     for part, name in FILES.items():
         given = (parts.get(part) or "").strip()
@@ -227,11 +228,12 @@ def flux_files(base_model: str, parts: Mapping[str, str]) -> Dict[str, Part]:
         elif given:
             found[part] = (Path(given).expanduser(), "")
         elif any(k.startswith(EMBEDDED[part]) for k in keys):
-            found[part] = (path, EMBEDDED[part])
+            found[part] = (source, EMBEDDED[part])
         else:
             missing.append(f"{part} ({name}, in {WHERE[part]}) is not set")
     if missing:
-        raise ModelError(f"{path.name} is a Flux.1 transformer; its other files are needed too: "
+        what = source.name if isinstance(source, Path) else "The model"
+        raise ModelError(f"{what} is a Flux.1 transformer; its other files are needed too: "
                          + "; ".join(missing) + ". Set them in the config (clip_l, t5xxl, vae).")
     return found
 
@@ -252,10 +254,13 @@ def part_of_file(path: str | Path) -> Optional[str]:
     return None
 
 
-def open_part(part: Part, dtype: "torch.dtype | None" = None) -> CheckpointFile:
-    """A part's tensors under their own names: of an all-in-one file, only that part's keys, its prefix removed."""
-    path, prefix = part
-    file = CheckpointFile(path, dtype)
+def open_part(part: Part, dtype: "torch.dtype | None" = None) -> "CheckpointFile | dict":
+    """A part's tensors under their own names: of an all-in-one file, only that part's keys, its prefix removed.
+    From a state dict: a dict of the same tensors (`dtype` is then the loader's to apply)."""
+    source, prefix = part
+    if isinstance(source, Mapping):
+        return {k[len(prefix):]: source[k] for k in source if k.startswith(prefix)}
+    file = CheckpointFile(source, dtype)
     if prefix:
         for key in [k for k in file if not k.startswith(prefix)]:
             del file[key]
@@ -263,9 +268,11 @@ def open_part(part: Part, dtype: "torch.dtype | None" = None) -> CheckpointFile:
     return file
 
 
-def open_clip_l(part: Part, dtype: "torch.dtype | None" = None) -> CheckpointFile:
+def open_clip_l(part: Part, dtype: "torch.dtype | None" = None) -> "CheckpointFile | dict":
     clip = open_part(part, dtype)
-    clip.rename(lambda k: k.removeprefix("transformer."))  # ComfyUI's own saves keep that level
+    if isinstance(clip, dict):  # ComfyUI's own saves keep a transformer. level
+        return {k.removeprefix("transformer."): v for k, v in clip.items()}
+    clip.rename(lambda k: k.removeprefix("transformer."))
     return clip
 
 
@@ -276,40 +283,55 @@ def flux_configs(files: Mapping[str, Part]) -> Dict[str, dict]:
             "vae": vae_config(open_part(files["vae"]))}
 
 
-def load_flux(base_model: str, parts: Mapping[str, str], dtype: "torch.dtype", vae_dtype: "torch.dtype",
-              matrix_dtype: "torch.dtype | None" = None, name: Optional[str] = None) -> "Components":
-    """Components of a Flux.1 model: FluxTransformer2DModel as `unet`, [CLIP-L, T5] as the text encoders."""
+def load_flux(base_model: "str | Mapping", parts: Mapping[str, str], dtype: "torch.dtype", vae_dtype: "torch.dtype",
+              matrix_dtype: "torch.dtype | None" = None, name: Optional[str] = None,
+              consume: bool = False) -> "Components":
+    """Components of a Flux.1 model: FluxTransformer2DModel as `unet`, [CLIP-L, T5] as the text encoders.
+
+    base_model: the transformer's file, or a host's state dict in ComfyUI's all-in-one layout (what
+    `state_dict_for_saving` gives for a Flux MODEL, CLIP and VAE): left untouched, or emptied as it is
+    read when `consume` (the host's copies become the training copy)."""
     from diffusers import AutoencoderKL, FluxTransformer2DModel
     from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
-    from .hashing import file_sha256
+    from .hashing import file_sha256, state_dict_fingerprint
     from .text_convert import match_model_layout
 
     files = flux_files(base_model, parts)
     source = open_part(files["transformer"])
+    parts_of = {part: open_part(files[part], vae_dtype if part == "vae" else dtype) for part in ("t5xxl", "vae")}
+    clip_file = open_clip_l(files["clip_l"], dtype)
+    in_memory = isinstance(base_model, Mapping)
+    if in_memory and consume:
+        base_model.clear()  # the parts hold the tensors now: each is freed once it is in its model
+    copy = in_memory and not consume
+    path = files["transformer"][0]
+    model_hash = state_dict_fingerprint([source]) if in_memory else file_sha256(path)
     variant = flux_variant(source)
     with factory.weights_skipped(True):
         transformer = FluxTransformer2DModel.from_config(transformer_config(source))
     factory.load_weights(transformer, diffusers_transformer_weights(source, dtype, matrix_dtype), "Flux transformer",
                          dtype, False, matrix_dtype)
-    clip_file, t5_file = open_clip_l(files["clip_l"], dtype), open_part(files["t5xxl"], dtype)
+    t5_file, vae_file = parts_of["t5xxl"], parts_of["vae"]
     with factory.weights_skipped(True):
         clip = CLIPTextModel(CLIPTextConfig.from_dict(clip_config(clip_file)))
         t5 = T5EncoderModel(T5Config.from_dict(t5_config(t5_file)))
     clip_weights = match_model_layout(_without(clip_file, "text_projection.", "logit_scale"), clip.state_dict())
-    factory.load_weights(clip, clip_weights, "CLIP-L (clip_l)", dtype)
+    factory.load_weights(clip, clip_weights, "CLIP-L (clip_l)", dtype, copy)
     t5_weights = _without(t5_file, "decoder.", "lm_head.")
     t5_weights.setdefault("encoder.embed_tokens.weight", t5_weights["shared.weight"])
-    factory.load_weights(t5, t5_weights, "T5 (t5xxl)", dtype)
-    vae_file = open_part(files["vae"], vae_dtype)
+    factory.load_weights(t5, t5_weights, "T5 (t5xxl)", dtype, copy)
     config = vae_config(vae_file)
     with factory.weights_skipped(True):
         vae = AutoencoderKL.from_config(config)
-    factory.load_weights(vae, convert_ldm_vae_checkpoint(dict(vae_file.items()), config), "VAE (vae)", vae_dtype)
-    path = files["transformer"][0]
+    factory.load_weights(vae, convert_ldm_vae_checkpoint(dict(vae_file.items()), config), "VAE (vae)", vae_dtype,
+                         copy)
+    if in_memory:
+        return flux_components(transformer, vae, clip, t5, variant, parts.get("t5_tokenizer", ""),
+                               name or "in-memory", model_hash, "<in-memory>")
     return flux_components(transformer, vae, clip, t5, variant, parts.get("t5_tokenizer", ""), name or path.stem,
-                           file_sha256(path), str(path))
+                           model_hash, str(path))
 
 
 def flux_components(transformer, vae, clip, t5, variant: str, t5_tokenizer: str, name: str, model_hash,

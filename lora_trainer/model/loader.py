@@ -12,7 +12,7 @@ from ..errors import ModelError
 from . import factory
 from .components import Components
 from .detect import detect_family, normalize_keys
-from .flux import is_flux_file, load_flux
+from .flux import is_flux, is_flux_file, load_flux
 from .folder import folder_family, folder_scheduler_config, is_diffusers_folder, models_from_folder
 from .hashing import file_sha256, state_dict_fingerprint
 from .prediction import check_prediction_type, guess_from_checkpoint
@@ -65,16 +65,19 @@ def load_components(base_model: BaseModel, family: str = "auto", prediction_type
     if family not in ("auto", "flux", *FAMILIES):
         raise ModelError(f"model_family must be auto, sd1, sd2 or sdxl, not {family!r}.")
     vae_dtype = vae_dtype or dtype
+    flux = {"parts": flux_parts or {}, "dtype": dtype, "vae_dtype": vae_dtype, "matrix_dtype": matrix_dtype,
+            "name": name}
+    if isinstance(base_model, Mapping) and is_flux(base_model):  # a host's Flux MODEL, CLIP and VAE
+        check_flux_family("The model", family, prediction_type)
+        return load_flux(base_model, consume=isinstance(base_model, HandedOver), **flux)
     if isinstance(base_model, Mapping):
         return _from_state_dict(base_model, family, prediction_type, name or "in-memory", "<in-memory>",
                                 None, dtype, vae_dtype, copy=not isinstance(base_model, HandedOver),
                                 matrix_dtype=matrix_dtype)
     path = base_model_path(base_model)
     if is_flux_file(path):
-        if family not in ("auto", "flux") or prediction_type != "auto":
-            raise ModelError(f"{path.name} is a Flux.1 transformer: leave model_family and prediction_type at auto "
-                             "(they are for SD models).")
-        return load_flux(str(path), flux_parts or {}, dtype, vae_dtype, matrix_dtype, name)
+        check_flux_family(path.name, family, prediction_type)
+        return load_flux(str(path), **flux)
     if family == "flux":
         raise ModelError(f"model_family is flux, but {path} is not a Flux.1 transformer .safetensors file "
                          "(flux1-dev.safetensors, in the original layout).")
@@ -97,6 +100,12 @@ def base_model_path(base_model: object) -> Path:
     if path.is_dir() and not is_diffusers_folder(path):
         raise ModelError(f"{path} is a folder but not a diffusers model (no model_index.json). {WHERE_TO_PUT}")
     return path
+
+
+def check_flux_family(what: str, family: str, prediction_type: str) -> None:
+    if family not in ("auto", "flux") or prediction_type != "auto":
+        raise ModelError(f"{what} is a Flux.1 transformer: leave model_family and prediction_type at auto "
+                         "(they are for SD models).")
 
 
 def _from_state_dict(sd: Mapping, family: str, prediction_type: str, name: str, source: str,

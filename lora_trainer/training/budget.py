@@ -18,10 +18,12 @@ def fit_budget(cfg: Any, callbacks: Any, base_weights: Any = None, components: A
     if not budget_is_set(cfg.memory_budget_gb):
         return cfg
     from ..model.detect import detect_family
+    from ..model.flux import is_flux
 
-    family = components.family if components is not None else \
-        detect_family(list(base_weights)) if base_weights is not None else None
-    plan = plan_memory(cfg, None, cfg.memory_budget_gb, family=family)
+    family = components.family if components is not None else None
+    if family is None and base_weights is not None:
+        family = "flux" if is_flux(base_weights) else detect_family(list(base_weights))
+    plan = plan_memory(cfg, None, cfg.memory_budget_gb, family=family, weights=base_weights)
     said = ", ".join(f"{k}: {v}" for change in plan.changes for k, v in change["set"].items())
     callbacks.on_status(f"memory plan on {plan.device}: predicted peak {plan.peak_bytes / 2**30:.1f} GB, budget "
                         f"{plan.budget_bytes / 2**30:.1f} GB" + (f"; changed {said} → {plan.final_peak / 2**30:.1f} GB"

@@ -88,17 +88,18 @@ def _gb(n: int) -> str:
 # -- the plan -------------------------------------------------------------------------------------
 
 def plan_memory(cfg: TrainConfig, device: Optional[str] = None, budget_gb: Any = None,
-                family: Optional[str] = None) -> Plan:
+                family: Optional[str] = None, weights: Any = None) -> Plan:
     """Predict the training peak of `cfg` on `device` and, given a budget, the changes that make it fit.
 
     budget_gb: None, 0 or "off" (no budget), a number of GB, or "auto" (free memory now, less a margin).
     family: the model family when `cfg.base_model` cannot tell (a host's weights in memory).
+    weights: a host's Flux state dict (all-in-one layout), whose shapes the Flux plan reads.
     Raises ConfigError when no change can meet the budget, naming the smallest reachable peak.
     """
     import torch
 
     dev = torch.device(device or _default_device(cfg))
-    family, variant = architecture(cfg, family)
+    family, variant = architecture(cfg, family, weights)
     budget = resolve_budget(budget_gb, dev)
     base = process_rss() if dev.type != "cuda" else 0  # read once: every variant is compared on the same base
     peak, parts = predict_peak(cfg, dev, family, variant, base)
@@ -224,22 +225,25 @@ def process_rss() -> int:
 
 # -- architecture ---------------------------------------------------------------------------------
 
-def architecture(cfg: TrainConfig, family: Optional[str] = None) -> Tuple[str, str]:
-    """(family, shipped variant) from the checkpoint's header or folder configs, reading no weights."""
+def architecture(cfg: TrainConfig, family: Optional[str] = None, weights: Any = None) -> Tuple[str, str]:
+    """(family, shipped variant) from the checkpoint's header or folder configs, reading no weights; for Flux,
+    the variant is the shapes of its files (or of a host's Flux `weights`)."""
     from ..model.checkpoint_file import CheckpointFile
     from ..model.detect import UNET_PREFIX, detect_family, normalize_keys
     from ..model.folder import folder_family, is_diffusers_folder
     from ..model.shipped import load_configs, variants
 
+    from ..model.flux import is_flux
+
+    if weights is not None and is_flux(weights):
+        return "flux", flux_architecture(cfg, weights)
     family = family or (cfg.model_family if cfg.model_family != "auto" else None)
     path = Path(cfg.base_model).expanduser() if cfg.base_model else None
     if path is not None and path.is_dir() and is_diffusers_folder(path):
         return family or folder_family(path), "base"
     if path is not None and path.is_file() and path.suffix.lower() == ".safetensors":
-        from ..model.flux import is_flux
-
         if is_flux(CheckpointFile(path)):
-            return "flux", flux_architecture(cfg)
+            return "flux", flux_architecture(cfg, path)
         header = normalize_keys(CheckpointFile(path))
         family = family or detect_family(list(header))
         key = UNET_PREFIX + "input_blocks.0.0.weight"
@@ -259,12 +263,12 @@ def architecture(cfg: TrainConfig, family: Optional[str] = None) -> Tuple[str, s
     return family, "base"
 
 
-def flux_architecture(cfg: TrainConfig) -> str:
-    """The shapes of a Flux run's four files (transformer, clip_l, t5xxl, vae), read from their headers, as JSON:
-    the `variant` the Flux plan is counted with (reduced and pruned files are planned as they are)."""
+def flux_architecture(cfg: TrainConfig, source: Any) -> str:
+    """The shapes of a Flux run's four parts (transformer, clip_l, t5xxl, vae), read from their headers (or a
+    host's state dict), as JSON: the `variant` the Flux plan is counted with (reduced files as they are)."""
     from ..model.flux import flux_configs, flux_files
 
-    files = flux_files(cfg.base_model, {"clip_l": cfg.clip_l, "t5xxl": cfg.t5xxl, "vae": cfg.vae})
+    files = flux_files(source, {"clip_l": cfg.clip_l, "t5xxl": cfg.t5xxl, "vae": cfg.vae})
     return json.dumps(flux_configs(files), sort_keys=True)
 
 

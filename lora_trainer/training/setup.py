@@ -104,10 +104,6 @@ class Inputs:
 
 def check_inputs(cfg: TrainConfig, callbacks: Callbacks, resume: Optional[str] = None,
                  processes: Processes = SINGLE) -> Inputs:
-    from ..model.flux import is_flux_file
-
-    if cfg.model_family == "flux" or is_flux_file(cfg.base_model or ""):
-        check_flux_settings(cfg)  # before the images are scanned and a 12B model is read
     records, report = scan_images(cfg)
     callbacks.on_status(report.summary())
     records, held_out = validation_records(cfg, records, callbacks)  # held-out images never reach a batch
@@ -120,7 +116,11 @@ def prepare_run(cfg: TrainConfig, callbacks: Callbacks, base_weights: Optional[M
                 base_name: Optional[str] = None, resume: Optional[str] = None, components: Any = None,
                 inputs: Optional[Inputs] = None, processes: Processes = SINGLE) -> Run:
     from ..model import load_components
+    from ..model.flux import is_flux, is_flux_file
 
+    if (components.family == "flux" if components is not None else is_flux(base_weights) if base_weights is not None
+            else cfg.model_family == "flux" or is_flux_file(cfg.base_model or "")):
+        check_flux_settings(cfg)  # before a 12B model is read
     inputs = inputs or check_inputs(cfg, callbacks, resume, processes)
     records, data_hash, loaded = inputs.records, inputs.data_hash, inputs.loaded
     torch.manual_seed(cfg.seed)
@@ -141,8 +141,6 @@ def prepare_run(cfg: TrainConfig, callbacks: Callbacks, base_weights: Optional[M
                                      matrix_dtype=quantized_dtype(storage),
                                      flux_parts={"clip_l": cfg.clip_l, "t5xxl": cfg.t5xxl, "vae": cfg.vae,
                                                  "t5_tokenizer": cfg.t5_tokenizer})
-    if components.family == "flux" and not owns_components:  # a host's Flux model, handed in
-        check_flux_settings(cfg)
 
     unet_params, te_params = _attach_lora(components, cfg, loaded)
     if cfg.gradient_checkpointing:
