@@ -178,7 +178,7 @@ def test_a_stopped_flux_run_resumes_to_exactly_the_uninterrupted_lora(flux_dev, 
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_the_cli_trains_flux_from_a_config_and_refuses_what_flux_cannot_do_yet(flux_dev, demo_folder, tmp_path,
+def test_the_cli_trains_and_samples_flux_and_refuses_what_flux_cannot_do_yet(flux_dev, demo_folder, tmp_path,
                                                                                  capsys):
     config = tmp_path / "flux.yaml"
     lines = [f"train_data_dir: {demo_folder}", f"base_model: {flux_dev['base_model']}",
@@ -194,8 +194,17 @@ def test_the_cli_trains_flux_from_a_config_and_refuses_what_flux_cannot_do_yet(f
     assert main(["train", "--config", str(config)]) == 0
     lora = Path(capsys.readouterr().out.strip().splitlines()[-1].removeprefix("LoRA: "))
     assert lora.is_file() and any(k.startswith("lora_unet_double_blocks_0_img_attn_qkv") for k in load_file(str(lora)))
-    assert main(["sample", "--base-model", flux_dev["base_model"], "--lora", str(lora), "--prompt", "a"]) == 2
-    assert "set sample_prompts in the training config" in capsys.readouterr().err
+    flux_args = [a for k, v in parts(flux_dev).items() for a in (f"--{k.replace('_', '-')}", v)]
+    sample = ["sample", "--base-model", flux_dev["base_model"], "--lora", str(lora), "--prompt", "a red circle",
+              "--steps", "2", "--size", "64", "--strengths", "0,1", "--output", str(tmp_path / "grid.png")]
+    assert main(sample + flux_args[:2]) == 2  # only --clip-l: the others are named, before anything loads
+    said = capsys.readouterr().err
+    assert "t5xxl (t5xxl_fp16.safetensors" in said and "vae (ae.safetensors" in said and not (tmp_path / "grid.png").exists()
+    assert main(sample + flux_args) == 0
+    from PIL import Image
+
+    grid = Image.open(tmp_path / "grid.png")
+    assert grid.width >= 2 * 64 and grid.height >= 64  # two strengths of one prompt, labelled
 
 
 def test_a_flux_run_draws_its_strength_grid_from_the_layers_it_trains(flux_schnell_all_in_one, make_cfg):
@@ -250,7 +259,7 @@ def test_fp8_base_validation_and_clip_l_training_work_for_flux(flux_dev, make_cf
     assert meta["lora_trainer.base_precision"] == "float8_e4m3fn" and "lora_trainer.val_loss" in meta
 
 
-def test_a_flux_lora_on_an_sd_base_names_both_families(tiny_sd1_file, tmp_path, capsys):
+def test_a_flux_lora_on_an_sd_base_names_both_families(tiny_sd1_file, tmp_path, capsys, make_cfg):
     from safetensors.torch import save_file
 
     from lora_trainer.adapters.flux_layout import flux_to_kohya
@@ -265,6 +274,10 @@ def test_a_flux_lora_on_an_sd_base_names_both_families(tiny_sd1_file, tmp_path, 
                  "--output", str(tmp_path / "s.png")]) == 2
     assert "This is a Flux.1 LoRA and the base model is an SD 1.x model" in capsys.readouterr().err
     assert not (tmp_path / "m.safetensors").exists() and not (tmp_path / "s.png").exists()
+    from lora_trainer.errors import LoraTrainerError
+
+    with pytest.raises(LoraTrainerError, match="This is a Flux.1 LoRA and the base model is an SD 1.x model"):
+        train(make_cfg(base_model=str(tiny_sd1_file), init_lora=str(lora), max_train_steps=1))
 
 
 def test_resize_and_merge_keep_a_flux_lora_in_its_layout_and_its_update(tmp_path):
@@ -350,3 +363,75 @@ def test_a_hosts_all_in_one_state_dict_loads_as_the_file_does_and_is_left_untouc
     handed = HandedOver(load_file(files["base_model"]))
     load_components(handed, flux_parts=tokenizer)
     assert len(handed) == 0
+
+
+def _updates(comps):
+    from lora_trainer.adapters.lora import ADAPTER, lora_layers
+
+    return {name: (layer.lora_B[ADAPTER].weight @ layer.lora_A[ADAPTER].weight * layer.scaling[ADAPTER]).detach()
+            for name, layer in lora_layers(comps.unet).items()}
+
+
+def test_init_lora_continues_from_a_flux_file_in_the_hosts_fused_layout(flux_dev, make_cfg, tmp_path):
+    """Ours (block-diagonal ups: each part gets its own rank back) and one as kohya's trainer writes it (one down
+    shared by q, k, v: each part takes it whole with its rows of the up) give every split layer its update."""
+    from safetensors.torch import save_file
+
+    from lora_trainer.adapters.export import load_lora_file
+    from lora_trainer.adapters.lora import ADAPTER, lora_layers
+
+    def fresh():
+        return load_components(flux_dev["base_model"], flux_parts=parts(flux_dev))
+
+    trained = fresh()
+    ours = train(flux_cfg(make_cfg, flux_dev, max_train_steps=2, learning_rate=1e-2, lora_alpha=8), components=trained)
+    again = fresh()
+    load_lora_file(again, ours.lora_path)
+    want, got = _updates(trained), _updates(again)
+    assert set(got) == set(want) and {layer.r[ADAPTER] for layer in lora_layers(again.unet).values()} == {4}
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=2e-3, atol=5e-5, msg=name)
+
+    gen = torch.Generator().manual_seed(1)
+    kohya, fused = {}, {}
+    for key, tensor in load_file(str(ours.lora_path)).items():
+        module, _, part = key.partition(".")
+        if part == "lora_down.weight":
+            fused.setdefault(module, {})["down"] = torch.randn(3, tensor.shape[1], generator=gen)
+        elif part == "lora_up.weight":
+            fused.setdefault(module, {})["up"] = torch.randn(tensor.shape[0], 3, generator=gen)
+    for module, p in fused.items():
+        kohya.update({f"{module}.lora_down.weight": p["down"], f"{module}.lora_up.weight": p["up"],
+                      f"{module}.alpha": torch.tensor(1.5)})
+    path = tmp_path / "kohya_flux.safetensors"
+    save_file(kohya, str(path))
+    theirs = fresh()
+    load_lora_file(theirs, path)
+    got = _updates(theirs)
+    width = 32
+    qkv = fused["lora_unet_double_blocks_0_img_attn_qkv"]
+    for i, name in enumerate(("to_q", "to_k", "to_v")):
+        rows = qkv["up"][i * width:(i + 1) * width] @ qkv["down"] * 0.5
+        torch.testing.assert_close(got[f"transformer_blocks.0.attn.{name}"], rows, rtol=1e-5, atol=1e-6)
+    mlp = fused["lora_unet_single_blocks_0_linear1"]
+    torch.testing.assert_close(got["single_transformer_blocks.0.proj_mlp"], mlp["up"][3 * width:] @ mlp["down"] * 0.5,
+                               rtol=1e-5, atol=1e-6)
+    continued = train(flux_cfg(make_cfg, flux_dev, max_train_steps=1, init_lora=str(path),
+                               output_dir=str(tmp_path / "continued")))
+    assert continued.lora_path.is_file()
+
+
+def test_score_ranks_a_flux_lora_s_strengths_on_its_flux_base(flux_schnell_all_in_one, make_cfg, tiny_coca,
+                                                               demo_folder, capsys):
+    import json
+
+    lora = train(flux_cfg(make_cfg, flux_schnell_all_in_one, max_train_steps=1)).lora_path
+    config, weights, _ = tiny_coca
+    argv = ["score", "--base-model", flux_schnell_all_in_one["base_model"], "--lora", str(lora), "--prompt",
+            "demo_style, a red circle", "--reference-dir", str(demo_folder), "--strengths", "0.5,1",
+            "--clip-model", str(config), "--clip-weights", str(weights), "--steps", "2", "--size", "64", "--json",
+            "--t5-tokenizer", flux_schnell_all_in_one["t5_tokenizer"]]  # the encoders and VAE: inside the file
+    assert main(argv) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert [s["strength"] for s in result["scores"]] == [0.5, 1.0] and result["best"] in (0.5, 1.0)
+    assert all(all(v == v for v in s.values()) for s in result["scores"])  # finite, no NaN

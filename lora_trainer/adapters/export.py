@@ -235,6 +235,10 @@ def load_lora_file(components: Any, path: Path, dropout: float = 0.0,
 
     tensors, _ = read_lora(Path(path))
     kohya = to_kohya(tensors, components.family, len(components.text_encoders), unet_config=components.unet.config)
+    if components.family == "flux":  # the hosts' fused modules → the split ones training wraps
+        from .flux_layout import kohya_to_split
+
+        kohya = kohya_to_split(kohya)
     return load_lora_into(components, kohya, dropout, trainable)
 
 

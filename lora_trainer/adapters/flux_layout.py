@@ -7,6 +7,10 @@ exactly: the downs stacked, the ups block-diagonal (a module without a LoRA adds
 part's alpha / rank folded into its up, so the fused LoRA has alpha = its rank (scale 1).
 Written as `lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight` …, the names ComfyUI and Forge derive
 from the original checkpoint's keys; CLIP-L (text encoder 1) as `lora_te1_…`.
+
+`kohya_to_split` goes back, for continuing from a file (`init_lora`): a fused LoRA whose up is block-diagonal
+(ours) gives each part its own block, exactly; any other (kohya's trainer shares one down across q, k, v)
+gives each part the whole down and its rows of the up — the same update either way.
 """
 
 from __future__ import annotations
@@ -17,9 +21,8 @@ import torch
 
 from . import keymap
 from ..errors import ModelError
-from ..model.flux import SWAPPED, original_module
+from ..model.flux import MLP_RATIO, SWAPPED, original_module, split_module
 
-MLP_RATIO = 4  # Flux.1: proj_mlp is 4 × the width (for the rows of a proj_mlp without a LoRA)
 _COMPONENT_PREFIXES = ("transformer.", "base_model.model.", "diffusion_model.")
 
 
@@ -94,3 +97,60 @@ def _strip(module: str) -> str:
         if module.startswith(prefix):
             return module[len(prefix):]
     return module
+
+
+def kohya_to_split(kohya: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """kohya Flux tensors (original fused module names) → kohya names of diffusers' split modules
+    (`lora_unet_transformer_blocks_0_attn_to_q…`), the names training wraps; text encoders' keys pass as they are."""
+    out: Dict[str, torch.Tensor] = {}
+    modules = sorted({k.split(".", 1)[0] for k in kohya})
+    for module in modules:
+        parts = split_module(module[len("lora_unet_"):]) if module.startswith("lora_unet_") else None
+        if parts is None:  # CLIP-L's, and names that are diffusers' already (loading names what is unknown)
+            out.update({k: v for k, v in kohya.items() if k.split(".", 1)[0] == module})
+            continue
+        down, up = kohya[f"{module}.lora_down.weight"], kohya[f"{module}.lora_up.weight"]
+        rank = down.shape[0]
+        alpha = float(kohya[f"{module}.alpha"]) if f"{module}.alpha" in kohya else float(rank)
+        if module.endswith(SWAPPED.replace(".", "_")):
+            half = up.shape[0] // 2
+            up = torch.cat([up[half:], up[:half]])
+        rows = [up[start:stop] for start, stop in _row_blocks(parts, up.shape[0])]
+        columns = [set(torch.nonzero(r.abs().sum(0)).flatten().tolist()) for r in rows]
+        blocks = _blocks(columns, rank, len(parts))
+        for (name, _), row, cols in zip(parts, rows, blocks):
+            if cols is not None and not cols:
+                continue  # a part without a LoRA of its own (only zero rows in the fused up)
+            index = torch.tensor(sorted(cols)) if cols is not None else torch.arange(rank)
+            part_rank = len(index)
+            key = keymap.kohya_name(keymap.UNET_PREFIX, name)
+            out[f"{key}.lora_down.weight"] = down[index].contiguous()
+            out[f"{key}.lora_up.weight"] = row[:, index].contiguous()
+            out[f"{key}.alpha"] = torch.tensor(alpha * part_rank / rank)  # the same update: alpha/rank kept
+    return out
+
+
+def _row_blocks(parts: List[Tuple[str, int]], rows: int) -> List[Tuple[int, int]]:
+    """Each part's rows of the fused output: in widths (linear1: q, k, v, then the MLP's MLP_RATIO widths)."""
+    units = sum(share for _, share in parts)
+    width = rows // units
+    spans, start = [], 0
+    for _, share in parts:
+        spans.append((start, start + share * width))
+        start += share * width
+    return spans
+
+
+def _blocks(columns: List[set], rank: int, count: int) -> List[Optional[set]]:
+    """Per part, the down rows (up columns) that are its own when the fused up is block-diagonal, else None each
+    (every part then takes the whole down). A wholly zero up (untrained) is split into equal blocks when it can."""
+    if count == 1:
+        return [None]
+    union = set().union(*columns)
+    disjoint = sum(len(c) for c in columns) == len(union)
+    if union and disjoint:
+        return columns
+    if not union and rank % count == 0:
+        size = rank // count
+        return [set(range(i * size, (i + 1) * size)) for i in range(count)]
+    return [None] * count

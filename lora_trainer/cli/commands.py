@@ -54,6 +54,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--size", type=int, default=None, help="image side in pixels (default: the model's)")
     s.add_argument("--output", default=None, help="PNG path (default: next to the LoRA)")
     s.add_argument("--allow-ckpt", action="store_true")
+    _flux_arguments(s)
 
     r = sub.add_parser("score", help="render a LoRA at several strengths and score each with CLIP: style, "
                        "fidelity to the prompt, the best strength")
@@ -76,6 +77,7 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--output", default=None, help="also write the labelled grid PNG here")
     r.add_argument("--allow-ckpt", action="store_true")
     r.add_argument("--json", action="store_true", help='print {"scores": [...], "best": ...} as JSON')
+    _flux_arguments(r)
 
     d = sub.add_parser("demo", help="train a tiny LoRA end to end on generated images (CPU, a few minutes)")
     d.add_argument("--output", default="output/demo")
@@ -207,8 +209,7 @@ def _sample(args) -> int:
     from ..evaluate.sample import parse_strengths, render_grid
 
     strengths = parse_strengths(args.strengths, "--strengths")
-    refuse_flux_base(args.base_model, "sample")
-    components = load_components(args.base_model, allow_ckpt=args.allow_ckpt)
+    components = load_components(args.base_model, allow_ckpt=args.allow_ckpt, flux_parts=flux_parts(args))
     load_lora_file(components, args.lora)
     out = Path(args.output) if args.output else Path(args.lora).with_suffix(".grid.png")
     import torch
@@ -220,13 +221,25 @@ def _sample(args) -> int:
     return 0
 
 
-def refuse_flux_base(base_model: str, command: str) -> None:
-    from ..model.flux import is_flux_file
+FLUX_FILES = ("clip_l", "t5xxl", "vae", "t5_tokenizer")
 
-    if is_flux_file(base_model):
-        raise LoraTrainerError(f"{command} takes SD 1.x, SD 2.x and SDXL bases so far: for a Flux.1 LoRA, set "
-                               "sample_prompts in the training config (its grids are drawn during the run), or load "
-                               "it in ComfyUI or Forge.")
+
+def _flux_arguments(parser) -> None:
+    from ..config import field_help
+
+    group = parser.add_argument_group("Flux.1 (a --base-model that is a Flux transformer; docs/flux.md)")
+    for key in FLUX_FILES:
+        group.add_argument(f"--{key.replace('_', '-')}", default="", metavar="PATH", help=field_help()[key]["help"])
+
+
+def flux_parts(args) -> dict:
+    """The Flux files the arguments name; a Flux base missing one is said now, before anything renders."""
+    from ..model.flux import flux_files, is_flux_file
+
+    parts = {key: getattr(args, key) for key in FLUX_FILES}
+    if is_flux_file(args.base_model):
+        flux_files(args.base_model, parts)
+    return parts
 
 
 def _score(args) -> int:
@@ -246,7 +259,7 @@ def _score(args) -> int:
     # What can be missing is said now, not after minutes of rendering: the user's files before the scorer's.
     lora_trigger = read_trigger(args.lora)
     base_model_path(args.base_model)
-    refuse_flux_base(args.base_model, "score")
+    parts = flux_parts(args)
     reference_files(args.reference_dir)
     try:
         check_weights(args.clip_model, args.clip_weights)
@@ -254,7 +267,7 @@ def _score(args) -> int:
         raise LoraTrainerError(e.in_words(option="--clip-weights", download_option="")) from None
     trigger = args.trigger if args.trigger is not None else lora_trigger
     rendered = with_base(strengths)
-    components = load_components(args.base_model, allow_ckpt=args.allow_ckpt)
+    components = load_components(args.base_model, allow_ckpt=args.allow_ckpt, flux_parts=parts)
     load_lora_file(components, args.lora)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     with deterministic():

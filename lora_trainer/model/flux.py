@@ -63,6 +63,7 @@ TOP_LEVEL = {
     "final_layer.adaLN_modulation.1": "norm_out.linear",
 }
 SWAPPED = "final_layer.adaLN_modulation.1"
+MLP_RATIO = 4  # Flux.1: a single block's proj_mlp is 4 × the width (its share of linear1's rows)
 CLIP_L, T5XXL, AE = ("CLIP-L text encoder (clip_l.safetensors)", "T5-XXL text encoder (t5xxl_fp16.safetensors)",
                      "Flux.1 autoencoder (ae.safetensors)")
 T5_MAX_LENGTH = {"dev": 512, "schnell": 256}
@@ -152,6 +153,22 @@ def diffusers_transformer_weights(file: Mapping, dtype: "torch.dtype",
         raise ModelError(f"The Flux file has keys this loader does not know (e.g. {unknown[:3]}): it is not a "
                          "Flux.1 dev/schnell transformer in the original layout.")
     return out
+
+
+def split_module(kohya_module: str) -> Optional[List[Tuple[str, int]]]:
+    """The diffusers modules (each with its share of the fused rows, in widths) of an original Flux module named
+    kohya-style, `double_blocks_0_img_attn_qkv`; None if Flux has no such module."""
+    for blocks, table in (("double_blocks_", DOUBLE_BLOCK), ("single_blocks_", SINGLE_BLOCK)):
+        if kohya_module.startswith(blocks):
+            number, _, rest = kohya_module[len(blocks):].partition("_")
+            original = next((o for o in table if o.replace(".", "_") == rest), None)
+            if original is None:
+                return None
+            members = _diffusers_modules(f"{blocks[:-1]}.{number}.{original}")
+            shares = [MLP_RATIO if m.endswith("proj_mlp") else 1 for m in members]
+            return list(zip(members, shares))
+    original = next((o for o in TOP_LEVEL if o.replace(".", "_") == kohya_module), None)
+    return None if original is None else [(TOP_LEVEL[original], 1)]
 
 
 def _diffusers_modules(original: str) -> Optional[List[str]]:
