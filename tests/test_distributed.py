@@ -133,6 +133,27 @@ def test_text_encoder_training_with_gradient_checkpointing_under_ddp(data, tmp_p
 
 
 @once
+def test_two_processes_train_a_flux_lora_as_one_process_at_twice_the_batch(data, tmp_path):
+    """Flux under DDP: each image's noise level t is drawn from its place in the run, so the split batch draws
+    what the whole one does; the fused file of the two processes is the single process's."""
+    from flux_files import write_tiny_flux
+
+    images, _, _ = data
+    flux = write_tiny_flux(tmp_path / "flux", "dev")
+    short = dict(max_train_steps=3, save_steps=0, validation_dir='""', target_modules="[attn, ff]",
+                 **{k: flux[k] for k in ("clip_l", "t5xxl", "vae", "t5_tokenizer")})
+    base = Path(flux["base_model"])
+    two, one = tmp_path / "two", tmp_path / "one"
+    code, _, stderr = finish(cli("--config", str(write_config(tmp_path / "t.yaml", images, base, two, **short)),
+                                 "--gpus", "2"))
+    assert code == 0, stderr
+    assert main(["train", "--config", str(write_config(tmp_path / "o.yaml", images, base, one, batch_size=6,
+                                                       **short))]) == 0
+    assert any(k.startswith("lora_unet_double_blocks_0_img_attn_qkv") for k in load_file(str(two / "lora.safetensors")))
+    assert_same_lora(two / "lora.safetensors", one / "lora.safetensors")
+
+
+@once
 def test_ctrl_c_stops_every_process_and_a_resume_on_one_process_ends_with_the_same_lora(data, two_processes, tmp_path):
     images, base, _ = data
     out = tmp_path / "stopped"

@@ -435,3 +435,31 @@ def test_score_ranks_a_flux_lora_s_strengths_on_its_flux_base(flux_schnell_all_i
     result = json.loads(capsys.readouterr().out)
     assert [s["strength"] for s in result["scores"]] == [0.5, 1.0] and result["best"] in (0.5, 1.0)
     assert all(all(v == v for v in s.values()) for s in result["scores"])  # finite, no NaN
+
+
+def test_merge_bakes_a_flux_lora_into_the_original_fused_weights_of_the_base(flux_schnell_all_in_one, make_cfg,
+                                                                             tmp_path):
+    """Bare or all-in-one: the LoRA's fused modules are the file's own weights; CLIP-L's go into the checkpoint's
+    text_encoders.clip_l; every other tensor is copied as it is; the file loads again as a Flux base."""
+    files = flux_schnell_all_in_one
+    lora = train(flux_cfg(make_cfg, files, max_train_steps=2, learning_rate=1e-2, train_text_encoder=True,
+                          lora_alpha=8)).lora_path
+    out = tmp_path / "merged.safetensors"
+    assert main(["merge", "--base", files["base_model"], "--lora", f"{lora}:0.7", "--output", str(out)]) == 0
+    base, merged, tensors = load_file(files["base_model"]), load_file(str(out)), load_file(str(lora))
+    assert set(merged) == set(base)
+    clip, unet = "text_encoders.clip_l.transformer.", "model.diffusion_model."
+    weight_of = {("lora_te1_" + k[len(clip):-7] if k.startswith(clip) else "lora_unet_" + k[len(unet):-7])
+                 .replace(".", "_"): k for k in base if k.endswith(".weight") and k.startswith((clip, unet))}
+    touched = set()
+    for key in (k for k in tensors if k.endswith(".lora_down.weight")):
+        module = key.split(".")[0]
+        down, up = tensors[key].float(), tensors[f"{module}.lora_up.weight"].float()
+        scale = float(tensors[f"{module}.alpha"]) / down.shape[0]
+        weight = weight_of[module]
+        want = base[weight].float() + 0.7 * scale * (up @ down)
+        torch.testing.assert_close(merged[weight].float(), want, rtol=1e-5, atol=1e-5, msg=weight)
+        touched.add(weight)
+    assert any(k.startswith("text_encoders.clip_l.") for k in touched) and len(touched) > 10
+    assert all(torch.equal(merged[k], base[k]) for k in base if k not in touched)
+    assert load_components(str(out), flux_parts={"t5_tokenizer": files["t5_tokenizer"]}).family == "flux"

@@ -172,6 +172,25 @@ def module_map(keys: Sequence[str], family: str, configs: dict) -> Dict[str, Tup
     return out
 
 
+def flux_module_map(keys: Sequence[str]) -> Dict[str, Tuple[str, Optional[Tuple[int, int]]]]:
+    """kohya module name → (base file key, None) of a Flux.1 file: its LoRAs are written on the original fused
+    modules (flux_layout.py), so each names one weight of the file as it is (bare or all-in-one, whose CLIP-L
+    is `lora_te1_`)."""
+    from ..model.flux import EMBEDDED, PREFIX
+
+    clip = EMBEDDED["clip_l"]
+    out: Dict[str, Tuple[str, Optional[Tuple[int, int]]]] = {}
+    for key in keys:
+        if not key.endswith(".weight"):
+            continue
+        name = key[: -len(".weight")]
+        if name.startswith(clip):
+            out[keymap.kohya_name("lora_te1", name[len(clip):].removeprefix("transformer."))] = (key, None)
+        elif not name.startswith(("text_encoders.", "vae.")):
+            out[keymap.kohya_name(keymap.UNET_PREFIX, name.removeprefix(PREFIX))] = (key, None)
+    return out
+
+
 # -- the merge ------------------------------------------------------------------------------------
 
 def merge_into_checkpoint(base_path: Path, loras: Sequence[Tuple[Path, float]], output: Path,
@@ -179,6 +198,7 @@ def merge_into_checkpoint(base_path: Path, loras: Sequence[Tuple[Path, float]], 
     """Write `output`: the base checkpoint with every LoRA baked in, in the base's own layout and keys."""
     from ..model.checkpoint_file import CheckpointFile
     from ..model.detect import detect_family
+    from ..model.flux import is_flux
     from ..model.shipped import a_family, load_configs
     from ..model.single_file import select_variant
 
@@ -190,10 +210,14 @@ def merge_into_checkpoint(base_path: Path, loras: Sequence[Tuple[Path, float]], 
         raise ModelError(f"{base_path.name}: merge reads .safetensors checkpoints only (it streams them tensor "
                          "by tensor); convert a .ckpt to .safetensors first.")
     base = CheckpointFile(base_path)
-    family = detect_family(list(base))
-    configs = load_configs(family, select_variant(family, base))  # reads the UNet's input conv only
-    where = module_map(list(base), family, configs)
-    unet_config = SimpleNamespace(layers_per_block=configs["unet"]["layers_per_block"])
+    if is_flux(base):
+        family, unet_config = "flux", None
+        where = flux_module_map(list(base))
+    else:
+        family = detect_family(list(base))
+        configs = load_configs(family, select_variant(family, base))  # reads the UNet's input conv only
+        where = module_map(list(base), family, configs)
+        unet_config = SimpleNamespace(layers_per_block=configs["unet"]["layers_per_block"])
     inputs = []
     for path, strength in loras:
         lora = load_lora(Path(path), strength, family, unet_config)
