@@ -5,6 +5,9 @@
 #      Low VRAM preset (checkpointing + fp8 + batch 1), random weights in the real architectures
 #   3. images/s of SD1.5 512 px bf16 batch 4 against the FLOP floor (1,718 GFLOP per image for a LoRA
 #      forward + backward) at the GPU's dense bf16 rate
+#   4. Flux (FLUX=0 skips it): plan vs measured peak VRAM of the full-width, reduced-depth Flux.1 (one double and
+#      one single block) at 1024 px, bf16 and fp8 with gradient checkpointing, and its s/step against the bare
+#      diffusers + peft loop
 #
 # Here, once (the device image has torch, peft and transformers but not diffusers, open_clip or ftfy):
 #   bash bench/gpu_check.sh --prepare          # downloads those wheels into .whl/ (git-ignored)
@@ -48,4 +51,11 @@ if row:
     floor = 1718e9 / 790e12  # bf16 dense matrix rate measured on this kind (KINDS.md): ~790 TFLOP/s
     print(f"\n{1 / per_image:.1f} images/s; FLOP floor {1 / floor:.0f} images/s; {floor / per_image:.1%} of the floor")
 PY
+if [[ "${FLUX:-1}" != 0 ]]; then
+    echo "== 4. Flux.1 (full width, 1 double + 1 single block): plan vs measured, s/step"
+    timeout 150 python3 bench/memory.py --device cuda --families flux --resolutions 1024 --precisions bf16,fp8 \
+        --checkpointing 2>&1 | tee "$OUT/plan_flux.md" | tail -4 || status=1
+    timeout 120 python3 bench/train_step.py --device cuda --family flux --resolution 1024 --steps 10 --warmup 3 \
+        2>&1 | tee "$OUT/speed_flux.md" | tail -6 || status=1
+fi
 exit $status

@@ -463,3 +463,33 @@ def test_merge_bakes_a_flux_lora_into_the_original_fused_weights_of_the_base(flu
     assert any(k.startswith("text_encoders.clip_l.") for k in touched) and len(touched) > 10
     assert all(torch.equal(merged[k], base[k]) for k in base if k not in touched)
     assert load_components(str(out), flux_parts={"t5_tokenizer": files["t5_tokenizer"]}).family == "flux"
+
+
+def test_a_flux_run_steps_down_after_running_out_of_memory_and_keeps_its_best_checkpoint(flux_dev, make_cfg,
+                                                                                          monkeypatch, tmp_path):
+    """CUDA's out-of-memory error once, in step 2: the step is redone with gradient checkpointing and the run ends
+    with the clean run's LoRA; save_best keeps the lowest validation loss's checkpoint, as for SD."""
+    import lora_trainer.training.loop as loop
+    from lora_trainer.adapters.export import read_lora
+
+    cfg = flux_cfg(make_cfg, flux_dev, max_train_steps=3, gradient_accumulation_steps=2, validation_split=0.25,
+                   save_steps=1, save_best=True)
+    clean = train(cfg.replace(output_dir=str(tmp_path / "clean")))
+    real, raised = loop._micro_step, []
+
+    def micro_step(run, *args):
+        if run.position.step + 1 == 2 and not raised:
+            raised.append(2)
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(run, *args)
+
+    monkeypatch.setattr(loop, "_micro_step", micro_step)
+    backed = train(cfg.replace(output_dir=str(tmp_path / "oom")))
+    assert raised and backed.steps == 3
+    want, _ = read_lora(clean.lora_path)
+    got, meta = read_lora(backed.lora_path)
+    assert meta["ss_gradient_checkpointing"] == "True"
+    for key in want:
+        assert torch.allclose(got[key].float(), want[key].float(), atol=1e-3), key
+    best = sorted((tmp_path / "oom").glob("*-best.safetensors"))
+    assert len(best) == 1 and read_lora(best[0])[1]["lora_trainer.val_loss"]
