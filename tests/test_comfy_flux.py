@@ -12,6 +12,8 @@ from safetensors import safe_open
 import comfy_stubs
 from flux_files import write_tiny_flux
 
+pytestmark = [pytest.mark.comfy, pytest.mark.flux]
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -12,6 +12,8 @@ from safetensors import safe_open
 
 import comfy_stubs
 
+pytestmark = pytest.mark.comfy
+
 ROOT = Path(__file__).resolve().parents[1]
 KOHYA_KEY = re.compile(r"^lora_(unet|te|te1|te2)_[A-Za-z0-9_]+\.(lora_down\.weight|lora_up\.weight|alpha)$")
 

@@ -26,8 +26,7 @@ from lora_trainer.errors import ResumeError
 ROOT = Path(__file__).resolve().parents[1]
 # The launcher, Ctrl-C, failure and rendezvous paths are torch's and ours alone: once, on the newest stack. The
 # equivalence test runs on every stack (their diffusers and peft compute the gradients).
-once = pytest.mark.skipif(os.environ.get("LORA_TRAINER_STACK", "newest") != "newest",
-                          reason="runs once, on the newest stack")
+once = pytest.mark.once
 # 8 images at batch_size 3 × 2 processes: global batches of 6 and 2, so in every epoch's short batch rank 1 has
 # no image at all (it runs one at weight 0). Two micro-batches per step; flips, caption dropout, noise offset.
 SETTINGS = dict(resolution=64, min_bucket_reso=64, max_bucket_reso=128, lora_rank=4, lora_alpha=4, batch_size=3,

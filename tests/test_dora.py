@@ -520,6 +520,7 @@ def test_merging_dora_without_a_base_is_refused_and_resize_keeps_the_magnitudes(
     torch.testing.assert_close(unet_output(resized), unet_output(original), rtol=1e-3, atol=1e-4)
 
 
+@pytest.mark.once  # the same on every stack: the newest runs it
 def test_two_processes_train_dora_as_one_process_at_twice_the_batch(tmp_path):
     """DDP (lora_trainer/training/distributed.py) syncs the magnitudes' gradients as it does the LoRA weights', UNet and text
     encoder (test_distributed.py's equivalence, shorter)."""

@@ -16,6 +16,8 @@ from lora_trainer.model import encode_text, flux, load_components
 from lora_trainer.training import objective
 from lora_trainer.training.loop import train
 
+pytestmark = pytest.mark.flux
+
 
 @pytest.fixture(scope="module")
 def flux_dev(tmp_path_factory):

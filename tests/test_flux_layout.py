@@ -16,6 +16,8 @@ from lora_trainer.model.flux import original_module
 from lora_trainer.cli.commands import main
 from lora_trainer.errors import ModelError
 
+pytestmark = pytest.mark.flux
+
 WIDTH, MLP = 3072, 12288  # Flux.1's: diffusers' reader splits a single block's linear1 at these widths
 RANK, ALPHA = 2, 4.0
 MODULES = {  # diffusers module (under transformer.) → (out, in)
@@ -45,6 +47,7 @@ def delta(down, up, scale):
     return (up.double() @ down.double()) * scale
 
 
+@pytest.mark.once  # the same on every stack: the newest runs it
 def test_diffusers_reads_our_flux_file_back_with_every_update_unchanged(tmp_path):
     source = peft_flux_lora(MODULES)
     save_file(source, str(tmp_path / "adapter_model.safetensors"))

@@ -199,6 +199,7 @@ def test_stacked_merge_loads_as_both_loras_fused(tiny_sd1, tmp_path):
                                rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.once  # the same on every stack: the newest runs it
 def test_svd_merge_keeps_the_best_rank_r_update(tmp_path):
     from lora_trainer.adapters.resize import merge_lora_files
 
@@ -215,6 +216,7 @@ def test_svd_merge_keeps_the_best_rank_r_update(tmp_path):
         assert row.fraction == pytest.approx(float(s[:row.new_rank].norm() / s.norm()), rel=1e-5)
 
 
+@pytest.mark.once  # the same on every stack: the newest runs it
 def test_resize_error_bounds_and_alpha_keeps_the_scale(tiny_sd1, tmp_path):
     from test_export import unet_output
 

@@ -25,6 +25,7 @@ def run_worker(*args):
                           timeout=300)
 
 
+@pytest.mark.once  # the same on every stack: the newest runs it
 def test_sigkill_then_resume_gives_the_same_lora(demo_folder, tmp_path):
     straight = run_worker(demo_folder, tmp_path / "straight")
     assert straight.returncode == 0, straight.stderr

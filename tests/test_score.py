@@ -106,6 +106,7 @@ def test_fidelity_is_measured_without_the_trigger(tiny_sd1_file, lora_file, tiny
     assert [s.style for s in kept] == [s.style for s in without]  # style never reads the prompt
 
 
+@pytest.mark.once  # the same on every stack: the newest runs it
 def test_cli_prints_the_json_shape_and_writes_the_grid(tiny_sd1_file, lora_file, tiny_coca, references, tmp_path,
                                                        capsys):
     config, weights, _ = tiny_coca

@@ -104,6 +104,7 @@ def test_should_stop_saves_a_resumable_state(make_cfg):
     assert json.loads((result.state_dir / "state.json").read_text())["step"] == 3
 
 
+@pytest.mark.once  # the same on every stack: the newest runs it
 def test_checkpoints_keep_last_n_and_a_second_run_keeps_every_file_of_the_first(make_cfg):
     cfg = make_cfg(max_train_steps=6, save_steps=2, save_last_n=2, sample_prompts=["demo_style, a square"],
                    sample_strengths=[0.0, 1.0], sample_steps=2)
