@@ -25,12 +25,14 @@ def _f(default: Any, help: str, group: str, choices: Optional[Iterable[Any]] = N
     meta = {"help": help, "group": group, "choices": tuple(choices) if choices else None}
     if isinstance(default, list):
         return field(default_factory=lambda d=default: list(d), metadata=meta, **kw)
+    if isinstance(default, dict):
+        return field(default_factory=lambda d=default: dict(d), metadata=meta, **kw)
     return field(default=default, metadata=meta, **kw)
 
 
 PRECISIONS = ("auto", "no", "fp16", "bf16")
 BASE_PRECISIONS = ("auto", "fp32", "fp16", "bf16", "fp8")
-OPTIMIZERS = ("adamw", "adamw8bit")
+OPTIMIZERS = ("adamw", "adamw8bit", "prodigy", "adafactor", "came", "lion", "adamw_schedulefree")
 LORA_TYPES = ("lora", "dora")
 MAX_VALIDATION_IMAGES = 20  # validation passes stay under ~10 % of the training time (bench/validation_cost.py)
 SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
@@ -130,8 +132,20 @@ class TrainConfig:
         "0", "Memory the run may use: 0 (off), a number of GB, or auto (free VRAM or RAM now, less a margin). When "
         "set, the settings that make the plan fit are applied before loading (see `python -m lora_trainer plan`).",
         "training")
-    optimizer: str = _f("adamw", "adamw (fused on CUDA) or adamw8bit (needs bitsandbytes).", "training", OPTIMIZERS)
-    weight_decay: float = _f(0.01, "AdamW weight decay.", "training")
+    optimizer: str = _f(
+        "adamw", "adamw (fused on CUDA); adamw8bit (bitsandbytes); prodigy (prodigyopt: set learning_rate 1.0, "
+        "lr_scheduler constant or cosine); adafactor (transformers: its own relative-step schedule, lr_scheduler "
+        "constant; optimizer_args relative_step=False for a fixed learning_rate); came (came-pytorch); lion "
+        "(lion-pytorch: about a tenth of AdamW's learning_rate); adamw_schedulefree (schedulefree: lr_scheduler "
+        "constant, lr_warmup_steps its warm-up). The optional packages are not installed for you: docs/optimizers.md.",
+        "training", OPTIMIZERS)
+    optimizer_args: Dict[str, Any] = _f(
+        {}, "Extra arguments of the optimizer, checked against its signature: a mapping in YAML "
+        "(optimizer_args: {d_coef: 0.8}) or key=value pairs (d_coef=0.8, decouple=true).", "training")
+    loraplus_lr_ratio: float = _f(
+        0.0, "LoRA+: the up matrices learn at this multiple of the learning rate (16 is the paper's); 0 off.",
+        "training")
+    weight_decay: float = _f(0.01, "Weight decay (decoupled, as AdamW's).", "training")
     max_grad_norm: float = _f(1.0, "Clip gradients to this norm; 0 disables clipping.", "training")
     lr_scheduler: str = _f("constant", "Learning-rate schedule.", "training", SCHEDULERS)
     lr_warmup_steps: int = _f(0, "Steps of linear warm-up at the start.", "training")
@@ -195,11 +209,33 @@ class TrainConfig:
         if not ok:
             raise ConfigError(f"memory_budget_gb must be a number of GB, auto or off (got {self.memory_budget_gb!r}).")
         self._validate_validation()
+        self._validate_optimizer()
         if self.lora_type == "dora" and self.offload == "blocks":
             raise ConfigError("lora_type: dora cannot use offload: blocks: DoRA reads each layer's whole weight for "
                               "its norm in every step. Use offload: none (base_precision: fp8 also saves memory).")
         if not self.target_modules:
             raise ConfigError("target_modules is empty: list at least one, e.g. [q_proj, v_proj].")
+
+    def _validate_optimizer(self) -> None:
+        """The schedules the optimizers' authors document; what an optimizer's own signature takes is checked when
+        it is built (training/optimizers.py)."""
+        own_schedule = {"adamw_schedulefree": "schedule-free AdamW replaces the schedule (lr_warmup_steps is its "
+                                              "warm-up)"}
+        if self.optimizer == "adafactor" and self.optimizer_args.get("relative_step", True):
+            own_schedule["adafactor"] = "Adafactor with relative_step follows its own schedule (optimizer_args " \
+                                        "relative_step=false for a fixed learning_rate and any lr_scheduler)"
+        if self.optimizer in own_schedule and self.lr_scheduler not in ("constant", "constant_with_warmup"):
+            raise ConfigError(f"lr_scheduler {self.lr_scheduler} with optimizer {self.optimizer}: "
+                              f"{own_schedule[self.optimizer]}; set lr_scheduler: constant.")
+        if self.optimizer == "prodigy":
+            if self.learning_rate < 0.1 or (self.text_encoder_lr and self.text_encoder_lr < 0.1):
+                raise ConfigError("optimizer prodigy estimates the step size itself and multiplies it by the learning "
+                                  "rate: set learning_rate: 1.0 (and text_encoder_lr 1.0 or 0), as its authors do.")
+            if self.lr_scheduler not in ("constant", "constant_with_warmup", "cosine"):
+                raise ConfigError(f"lr_scheduler {self.lr_scheduler} with optimizer prodigy: its authors use "
+                                  "constant or cosine; set one of them.")
+        if self.loraplus_lr_ratio < 0:
+            raise ConfigError(f"loraplus_lr_ratio cannot be negative (got {self.loraplus_lr_ratio}); 0 turns it off.")
 
     def _validate_validation(self) -> None:
         if not 0.0 <= self.validation_split <= 0.5:
@@ -291,6 +327,25 @@ def load_config(path: Optional[str] = None, overrides: Iterable[str] = (), **ext
 
 # -- type coercion ---------------------------------------------------------------------------
 
+def _mapping(name: str, value: Any) -> Dict[str, Any]:
+    """A YAML mapping, or `key=value` pairs (comma- or space-separated, each value read as YAML) from a form or --set."""
+    import yaml
+
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return {}
+    if isinstance(value, Mapping):
+        return {str(k): v for k, v in value.items()}
+    if isinstance(value, str):
+        out: Dict[str, Any] = {}
+        for pair in value.replace(",", " ").split():
+            key, sep, raw = pair.partition("=")
+            if not sep or not key:
+                raise ConfigError(f"{name}: expected key=value pairs (e.g. d_coef=0.8, decouple=true), got {pair!r}.")
+            out[key] = yaml.safe_load(raw)
+        return out
+    raise ConfigError(f"{name}: expected a mapping (key: value) or key=value pairs, got {value!r}.")
+
+
 @functools.lru_cache(maxsize=None)
 def _field_types() -> Dict[str, Any]:
     return typing.get_type_hints(TrainConfig)
@@ -299,11 +354,15 @@ def _field_types() -> Dict[str, Any]:
 def _type_name(tp: Any) -> str:
     if typing.get_origin(tp) in (list, List):
         return f"list[{typing.get_args(tp)[0].__name__}]"
+    if typing.get_origin(tp) in (dict, Dict):
+        return "dict"
     return getattr(tp, "__name__", str(tp))
 
 
 def _coerce(name: str, value: Any, tp: Any) -> Any:
     """Accept what YAML and form fields produce; refuse anything else with a clear message."""
+    if typing.get_origin(tp) in (dict, Dict):
+        return _mapping(name, value)
     if typing.get_origin(tp) in (list, List):
         (item_tp,) = typing.get_args(tp)
         if value is None:

@@ -22,7 +22,8 @@ def test_seed_yaml_keys_load_as_written():
     assert cfg.name == "sci_lab_lora"
 
 
-@pytest.mark.parametrize("name", ["sd15_style.yaml", "sdxl_character.yaml", "low_vram.yaml"])
+@pytest.mark.parametrize("name", ["sd15_style.yaml", "sdxl_character.yaml", "low_vram.yaml",
+                                  "sdxl_prodigy_loraplus.yaml"])
 def test_every_example_config_is_valid(name):
     assert isinstance(load_config(str(ROOT / "configs" / name)), TrainConfig)
 

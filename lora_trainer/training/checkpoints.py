@@ -64,6 +64,15 @@ def _version(folder: Path, n: int) -> Path:
     return folder.with_name(f"{folder.name}-v{n}")
 
 
+def saves_at(cfg: Any, step: int, total: int) -> bool:
+    """Whether the run validates and saves a step checkpoint after `step` (the end has its own save)."""
+    return bool(cfg.save_steps) and step % cfg.save_steps == 0 and step < total
+
+
+def samples_at(cfg: Any, step: int, total: int) -> bool:
+    return bool(cfg.sample_prompts and cfg.sample_every_steps) and step % cfg.sample_every_steps == 0 and step < total
+
+
 class Checkpointer:
     def __init__(self, run: Any, callbacks: Callbacks, host: HostInterface) -> None:
         self.run = run
@@ -88,11 +97,10 @@ class Checkpointer:
 
     def after_step(self) -> None:
         cfg, step = self.run.cfg, self.run.position.step
-        if cfg.save_steps and step % cfg.save_steps == 0 and step < self.run.total_steps:
+        if saves_at(cfg, step, self.run.total_steps):
             self.validate()
             self.save_checkpoint(final=False)
-        if cfg.sample_prompts and cfg.sample_every_steps and step % cfg.sample_every_steps == 0 \
-                and step < self.run.total_steps:
+        if samples_at(cfg, step, self.run.total_steps):
             self.sample(step)
 
     def save_checkpoint(self, final: bool) -> Path:

@@ -24,7 +24,9 @@ from . import objective
 from .batches import batch_latents, fill_latent_cache, fill_text_cache, place
 from .distributed import current
 from .budget import back_off, fit_budget, start_of_step
+from .checkpoints import samples_at, saves_at
 from .memory import forget_frames, release
+from .optimizers import effective_lr, evaluating, train_mode
 from .setup import Run, check_inputs, prepare_run
 
 
@@ -69,11 +71,13 @@ def train(cfg: TrainConfig, callbacks: Optional[Callbacks] = None, host: Optiona
         checkpointer = Checkpointer(run, cb, host) if procs.main else NoWrites()
         losses, stopped = _loop(run, cb, checkpointer)
         if stopped:
-            state = checkpointer.save_checkpoint(final=False)
+            with evaluating(run.optimizer):
+                state = checkpointer.save_checkpoint(final=False)
             cb.on_status(f"stopped at step {run.position.step}; resume with --resume {cfg.output_dir}")
             return TrainResult(None, checkpointer.last_file, state, run.position.step, True, losses,
                                inputs.skipped, checkpointer.val_losses, Path(cfg.output_dir))
-        lora_path = checkpointer.save_final()
+        with evaluating(run.optimizer):  # a schedule-free optimizer's averaged weights are the LoRA
+            lora_path = checkpointer.save_final()
         return TrainResult(lora_path, checkpointer.last_file, checkpointer.last_state, run.position.step, False,
                            losses, inputs.skipped, checkpointer.val_losses, Path(cfg.output_dir))
     except BaseException as err:
@@ -99,6 +103,7 @@ def _loop(run: Run, cb: Callbacks, checkpointer: Any) -> "tuple[List[float], boo
     if run.text_cache is not None:
         fill_text_cache(run, cb)
     objective.set_train_mode(run, True)
+    train_mode(run.optimizer)  # a resumed schedule-free state was saved with its averaged weights
     cb.on_status(f"training {run.total_steps} steps")
     cb.on_progress(pos.step, run.total_steps)
     step_loss, micro, t0 = 0.0, 0, time.perf_counter()
@@ -128,11 +133,13 @@ def _loop(run: Run, cb: Callbacks, checkpointer: Any) -> "tuple[List[float], boo
             if step_done:
                 pos.step += 1
                 losses.append(step_loss)
-                cb.on_loss(pos.step, step_loss, run.lr_scheduler.get_last_lr()[0])
+                cb.on_loss(pos.step, step_loss, effective_lr(run.optimizer, run.lr_scheduler))
                 cb.on_progress(pos.step, run.total_steps)
                 run.info["step_time"] = time.perf_counter() - t0
                 step_loss, micro, t0 = 0.0, 0, time.perf_counter()
-                checkpointer.after_step()
+                due = saves_at(cfg, pos.step, run.total_steps) or samples_at(cfg, pos.step, run.total_steps)
+                with evaluating(run.optimizer, on=due):  # on every process alike: their weights stay the same
+                    checkpointer.after_step()
         if pos.batch >= len(batches):
             pos.epoch, pos.batch = pos.epoch + 1, 0
     return losses, False

@@ -295,8 +295,9 @@ def predict_peak(cfg: TrainConfig, dev: Any, family: str, variant: str,
     offloaded = dev.type == "cuda" and cfg.offload == "blocks"
     if offloaded:  # matrices stay in CPU RAM and visit the GPU one layer at a time
         unet_w = counts["unet_other"] * size  # (the layer weights in flight are counted with the activations)
-    optimizer_bytes = 8 if cfg.optimizer == "adamw" else 2
-    lora = counts["lora"] * (4 + 4 + optimizer_bytes)  # fp32 weights, gradients, optimizer states
+    from .optimizers import OPTIMIZERS
+
+    lora = int(counts["lora"] * (4 + 4 + OPTIMIZERS[cfg.optimizer].state_bytes))  # fp32 weights, gradients, states
     saved, largest = _activations(family, variant, tuple(cfg.target_modules), cfg.lora_rank, cfg.conv_rank,
                                   cfg.resolution, cfg.batch_size, str(compute), cfg.gradient_checkpointing,
                                   cfg.lora_dropout > 0)

@@ -18,7 +18,7 @@ from ..callbacks import Callbacks
 from ..config import TrainConfig
 from ..data.dataset import batches_per_epoch, optimizer_steps, scan_images
 from .distributed import SINGLE, Processes, replicate
-from .optimizers import make_optimizer
+from .optimizers import make_lr_scheduler, make_optimizer
 from ..errors import ConfigError, TrainingError
 from ..adapters.export import load_lora_file
 from ..data.latents import LatentCache, TextEmbeddingCache, vae_fingerprint
@@ -163,11 +163,8 @@ def prepare_run(cfg: TrainConfig, callbacks: Callbacks, base_weights: Optional[M
     epoch_length = batches_per_epoch(records, cfg, processes.world)  # counted, not built: no epoch just for this
     _, total_steps = optimizer_steps(epoch_length, cfg)
 
-    optimizer = make_optimizer(cfg, unet_params, te_params, device)
-    from diffusers.optimization import get_scheduler
-
-    lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps,
-                                 num_training_steps=total_steps)
+    optimizer = make_optimizer(cfg, unet_params, te_params, device, up_weights(components))
+    lr_scheduler = make_lr_scheduler(cfg, optimizer, total_steps)
     scaler = torch.amp.GradScaler("cuda") if autocast_dtype == torch.float16 else None
 
     output_dir = Path(cfg.output_dir)
@@ -193,6 +190,12 @@ def prepare_run(cfg: TrainConfig, callbacks: Callbacks, base_weights: Optional[M
     if processes.many:  # after the restore: every process starts from the same LoRA weights
         run.replica = replicate([components.unet, *(components.text_encoders if te_params else [])], device)
     return run
+
+
+def up_weights(components: Any) -> frozenset:
+    """The ids of every LoRA up matrix of the run (LoRA+ gives them their own learning rate)."""
+    return frozenset(id(layer.lora_B[lora_mod.ADAPTER].weight) for model in components.models()
+                     for layer in lora_mod.lora_layers(model).values())
 
 
 def stored_text_encoders(family: str, encoders: List[Any]) -> List[Any]:

@@ -192,7 +192,9 @@ def _field_component(gr: Any, name: str, info: Dict[str, Any], value: Any) -> An
 
 
 def _shown(value: Any) -> Any:
-    """A config value as its form field holds it (lists as comma-separated text)."""
+    """A config value as its form field holds it (lists as comma-separated text, mappings as key=value pairs)."""
+    if isinstance(value, dict):
+        return ", ".join(f"{k}={v}" for k, v in value.items())
     return ", ".join(map(str, value)) if isinstance(value, list) else value
 
 
