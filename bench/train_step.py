@@ -12,6 +12,7 @@ and torch's start-up and peak memory is that process's own.
     python bench/train_step.py --threads 1 --rank 8  # CPU: 64 px, fp32
     python bench/train_step.py --device cuda         # GPU: 512 px, bf16
     python bench/train_step.py --family flux --resolution 256 --steps 3 --warmup 1   # Flux.1 schnell
+    python bench/train_step.py --lora-types lora,loha,lokr,dora --steps 3 --warmup 1  # adapter types, ours only
 
 Flux: the transformer at Flux.1's full width with one double and one single block (the original file layout,
 fp16), CLIP-L and T5 small but of the widths it reads; the bare loop builds it as diffusers does
@@ -47,6 +48,9 @@ def _args(argv=None):
     p.add_argument("--steps", type=int, default=10, help="timed steps")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--lora-types", default="", help="compare adapter types side by side (our loop only), e.g. "
+                   "lora,loha,lokr,dora")
+    p.add_argument("--lora-type", default="lora", help=argparse.SUPPRESS)
     p.add_argument("--worker", choices=["ours", "bare"], help=argparse.SUPPRESS)
     p.add_argument("--data", help=argparse.SUPPRESS)
     p.add_argument("--checkpoint", help=argparse.SUPPRESS)
@@ -139,7 +143,7 @@ def run_ours(args) -> dict:
                       min_bucket_reso=min(256, args.resolution), lora_rank=args.rank, lora_alpha=args.rank,
                       target_modules=TARGETS, batch_size=args.batch_size, max_train_steps=args.warmup + args.steps,
                       mixed_precision=_precision(args), device=args.device, cache_latents=True,
-                      cache_text_embeddings=True, seed=0, **files)
+                      cache_text_embeddings=True, seed=0, lora_type=args.lora_type, **files)
     train(cfg, Clock())
     return _result(args, stamps)
 
@@ -317,15 +321,12 @@ def main(argv=None) -> None:
     folder = Path(tempfile.mkdtemp(prefix="bench-data-"))
     data = make_demo_images(folder, n=8, size=args.resolution * 3 // 2)
     checkpoint = random_flux_files() if args.family == "flux" else random_checkpoint(args.family, args.variant)
+    if args.lora_types:
+        return compare_types(args, argv, data, checkpoint)
     results = {}
     for worker in ("bare", "ours"):
-        cmd = [sys.executable, __file__, *(argv or sys.argv[1:]), "--worker", worker, "--data", str(data),
-               "--resolution", str(args.resolution), "--checkpoint", str(checkpoint)]
         started = time.time()
-        done = subprocess.run(cmd, capture_output=True, text=True, check=False)
-        if done.returncode != 0:
-            sys.exit(f"{worker} loop failed:\n{done.stderr[-3000:]}")
-        results[worker] = json.loads(done.stdout.strip().splitlines()[-1])
+        results[worker] = _worker(args, argv, worker, data, checkpoint)
         results[worker]["start_to_last"] = results[worker]["last_step_at"] - started
     bare, ours = results["bare"], results["ours"]
     mem = "peak GPU MiB" if args.device == "cuda" else "peak RSS MiB"
@@ -339,6 +340,30 @@ def main(argv=None) -> None:
         print(f"| {name} | {r['s_per_step']:.4f} | {r['start_to_last']:.1f} | {r['peak_mb']:.0f} |")
     print(f"| ratio (ours / bare) | {ours['s_per_step'] / bare['s_per_step']:.3f} | "
           f"{ours['start_to_last'] / bare['start_to_last']:.3f} | {ours['peak_mb'] / bare['peak_mb']:.3f} |")
+
+
+def _worker(args, argv, worker: str, data: Path, checkpoint: Path, *extra: str) -> dict:
+    cmd = [sys.executable, __file__, *(argv or sys.argv[1:]), "--worker", worker, "--data", str(data),
+           "--resolution", str(args.resolution), "--checkpoint", str(checkpoint), *extra]
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        sys.exit(f"{worker} loop failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def compare_types(args, argv, data: Path, checkpoint: Path) -> None:
+    """One run of our loop per adapter type, same data and steps, one after another in fresh processes."""
+    kinds = [k.strip() for k in args.lora_types.split(",") if k.strip()]
+    results = {kind: _worker(args, argv, "ours", data, checkpoint, "--lora-type", kind) for kind in kinds}
+    first = results[kinds[0]]
+    print(f"\n{args.family} {args.variant} architecture, {args.resolution} px, batch {args.batch_size}, rank "
+          f"{args.rank}, attention q/k/v/out, {_precision(args)}, {args.device}, median of {args.steps} steps\n")
+    mem = "peak GPU MiB" if args.device == "cuda" else "peak RSS MiB"
+    print(f"| lora_type | s/step | × {kinds[0]} | {mem} | × {kinds[0]} |")
+    print("| --- | ---: | ---: | ---: | ---: |")
+    for kind, r in results.items():
+        print(f"| {kind} | {r['s_per_step']:.4f} | {r['s_per_step'] / first['s_per_step']:.3f} | "
+              f"{r['peak_mb']:.0f} | {r['peak_mb'] / first['peak_mb']:.3f} |")
 
 
 if __name__ == "__main__":

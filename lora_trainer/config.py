@@ -33,7 +33,7 @@ def _f(default: Any, help: str, group: str, choices: Optional[Iterable[Any]] = N
 PRECISIONS = ("auto", "no", "fp16", "bf16")
 BASE_PRECISIONS = ("auto", "fp32", "fp16", "bf16", "fp8")
 OPTIMIZERS = ("adamw", "adamw8bit", "prodigy", "adafactor", "came", "lion", "adamw_schedulefree")
-LORA_TYPES = ("lora", "dora")
+LORA_TYPES = ("lora", "dora", "loha", "lokr")
 MAX_VALIDATION_IMAGES = 20  # validation passes stay under ~10 % of the training time (bench/validation_cost.py)
 SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 
@@ -104,9 +104,14 @@ class TrainConfig:
     )
     lora_dropout: float = _f(0.0, "Dropout on the LoRA path while training (0.1 is a common choice).", "lora")
     lora_type: str = _f(
-        "lora", "lora, or dora: DoRA (weight-decomposed LoRA) also learns the size of each input channel of every "
-        "trained layer; saved as kohya-era DoRA files are (a dora_scale per layer), which AUTOMATIC1111 1.10, "
-        "ComfyUI and Forge all apply exactly.", "lora", LORA_TYPES)
+        "lora", "lora; dora: DoRA (weight-decomposed LoRA) also learns the size of each input channel of every "
+        "trained layer; loha (Hadamard product of two low-rank updates) or lokr (Kronecker product; with lokr_factor) "
+        "in the LyCORIS layout. AUTOMATIC1111 1.10, ComfyUI and Forge apply all four exactly: docs/lycoris.md.",
+        "lora", LORA_TYPES)
+    lokr_factor: int = _f(
+        -1, "LoKr: the size of the small Kronecker factor (8 is a common choice); -1 makes both factors as square as "
+        "each layer allows.", "lora")
+    decompose_both: bool = _f(False, "LoKr: also factor the small matrix into two of rank lora_rank.", "lora")
     conv_rank: int = _f(0, "Rank for conv layers when target_modules has conv; 0 uses lora_rank.", "lora")
     conv_alpha: float = _f(0.0, "Alpha for conv layers; 0 uses lora_alpha.", "lora")
     train_text_encoder: bool = _f(False, "Also train LoRA on the text encoder(s) (SDXL: both).", "lora")
@@ -213,6 +218,9 @@ class TrainConfig:
         if self.lora_type == "dora" and self.offload == "blocks":
             raise ConfigError("lora_type: dora cannot use offload: blocks: DoRA reads each layer's whole weight for "
                               "its norm in every step. Use offload: none (base_precision: fp8 also saves memory).")
+        if self.lokr_factor == 0 or self.lokr_factor < -1:
+            raise ConfigError(f"lokr_factor must be -1 (as square as possible) or a positive size such as 8 "
+                              f"(got {self.lokr_factor}).")
         if not self.target_modules:
             raise ConfigError("target_modules is empty: list at least one, e.g. [q_proj, v_proj].")
 
@@ -236,6 +244,9 @@ class TrainConfig:
                                   "constant or cosine; set one of them.")
         if self.loraplus_lr_ratio < 0:
             raise ConfigError(f"loraplus_lr_ratio cannot be negative (got {self.loraplus_lr_ratio}); 0 turns it off.")
+        if self.loraplus_lr_ratio and self.lora_type in ("loha", "lokr"):
+            raise ConfigError(f"loraplus_lr_ratio is for lora and dora (their up matrices); lora_type "
+                              f"{self.lora_type} has no up matrix: set loraplus_lr_ratio: 0.")
 
     def _validate_validation(self) -> None:
         if not 0.0 <= self.validation_split <= 0.5:

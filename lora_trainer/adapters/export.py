@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from . import keymap
+from .lycoris import ALL_PARTS, KINDS, network_args
 from ..errors import ModelError
 from ..files import atomic_write_with, unused_path
 
@@ -45,6 +46,7 @@ def lora_state_dict(components: Any, dtype: torch.dtype = torch.float16, fused: 
     from .dora import input_scale
     from .flux_layout import flux_to_kohya
     from .lora import ADAPTER, dora_module, lora_layers
+    from .lycoris import factors, lycoris_layers
 
     out: Dict[str, torch.Tensor] = {}
     flux_parts: Dict[str, Dict[str, torch.Tensor]] = {}
@@ -64,6 +66,10 @@ def lora_state_dict(components: Any, dtype: torch.dtype = torch.float16, fused: 
             if dora is not None:
                 out[f"{key}.dora_scale"] = _cpu(input_scale(dora.weight, layer.get_base_layer().weight.dim()),
                                                 torch.float32)
+        for name, layer in lycoris_layers(model, ADAPTER).items():  # LoHa/LoKr: the factors as LyCORIS names them
+            key = keymap.kohya_name(prefix, name)
+            out.update({f"{key}.{part}": _cpu(t, dtype) for part, t in factors(layer, ADAPTER).items()})
+            out[f"{key}.alpha"] = torch.tensor(float(layer.alpha[ADAPTER]), dtype=dtype)
     if flux_parts:
         out.update({k: v.to(dtype) for k, v in flux_to_kohya(flux_parts).items()})
     return out
@@ -88,8 +94,9 @@ def build_metadata(cfg: Any, components: Any, info: Mapping[str, Any]) -> Dict[s
         "ss_base_model_version": BASE_MODEL_VERSION[family] + ("_v" if pred == "v_prediction" and family == "sd2"
                                                               else ""),
         "ss_v2": str(family == "sd2"),
-        **network_metadata(cfg.lora_type == "dora", {"conv_dim": cfg.conv_rank, "conv_alpha": cfg.conv_alpha}
-                           if cfg.conv_rank else {}),
+        **(lycoris_metadata(cfg.lora_type, network_args(cfg.lora_type, cfg)) if cfg.lora_type in KINDS else
+           network_metadata(cfg.lora_type == "dora", {"conv_dim": cfg.conv_rank, "conv_alpha": cfg.conv_alpha}
+                            if cfg.conv_rank else {})),
         **({"ss_network_module": "networks.lora_flux"} if family == "flux" else {}),
         "ss_network_dim": cfg.lora_rank,
         "ss_network_alpha": cfg.lora_alpha,
@@ -164,6 +171,12 @@ def network_metadata(dora: bool, args: Optional[Mapping[str, Any]] = None,
     lycoris = {"algo": "lora", "dora_wd": "True", "wd_on_output": str(on_output),
                **{k: str(v) for k, v in (args or {}).items()}}
     return {"ss_network_module": "lycoris.kohya", "ss_network_args": json.dumps(lycoris)}
+
+
+def lycoris_metadata(kind: str, args: Optional[Mapping[str, Any]] = None) -> Dict[str, str]:
+    """A LoHa/LoKr file's `ss_network_module` / `ss_network_args`, as LyCORIS's kohya network module writes them."""
+    return {"ss_network_module": "lycoris.kohya",
+            "ss_network_args": json.dumps({"algo": kind, **{k: str(v) for k, v in (args or {}).items()}})}
 
 
 def is_dora(tensors: Mapping[str, Any]) -> bool:
@@ -284,11 +297,14 @@ _LORA_TAG = re.compile(r"<lora:([^:>]+):[^>]*>")
 
 
 def peft_alpha(lora_path: Path) -> Optional[float]:
-    """The `lora_alpha` peft saves beside its weights (`adapter_config.json`), None when there is none."""
+    """The alpha peft saves beside its weights (`adapter_config.json`), None when there is none."""
     import json
 
     config = Path(lora_path).with_name("adapter_config.json")
-    return json.loads(config.read_text(encoding="utf-8")).get("lora_alpha") if config.is_file() else None
+    if not config.is_file():
+        return None
+    saved = json.loads(config.read_text(encoding="utf-8"))
+    return saved.get("lora_alpha", saved.get("alpha"))  # LoraConfig's name; LoHaConfig's and LoKrConfig's
 
 
 def to_kohya(tensors: Mapping[str, torch.Tensor], family: str, num_text_encoders: int,
@@ -322,6 +338,13 @@ def to_kohya(tensors: Mapping[str, torch.Tensor], family: str, num_text_encoders
         parts = _compvis_unet_names(parts, unet_config or _SdxlUnetConfig())
     out: Dict[str, torch.Tensor] = {}
     for name, p in parts.items():
+        lycoris = {part: t for part, t in p.items() if part in ALL_PARTS}
+        if lycoris:  # LoHa/LoKr: the factors as they are; no alpha scales by 1 (the hosts' rule, lycoris.delta)
+            out.update({f"{name}.{part}": t for part, t in lycoris.items()})
+            alpha = p.get("alpha", torch.tensor(float(default_alpha)) if default_alpha else None)
+            if alpha is not None:
+                out[f"{name}.alpha"] = alpha.reshape(())
+            continue
         if "down" not in p or "up" not in p:
             continue
         out[f"{name}.lora_down.weight"] = p["down"]

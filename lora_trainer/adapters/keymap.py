@@ -16,6 +16,8 @@ from __future__ import annotations
 import re
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+from .lycoris import ALL_PARTS
+
 UNET_PREFIX = "lora_unet"
 TEXT_PREFIX = "text_model."
 
@@ -60,6 +62,8 @@ _PART_ALIASES = {
     "dora_scale": "dora_scale", "lora_magnitude_vector": "magnitude", "lora_magnitude_vector.weight": "magnitude",
     "lora_magnitude_vector.default": "magnitude", "lora_magnitude_vector.default.weight": "magnitude",
 }
+# LoHa/LoKr: LyCORIS's part names, which peft uses too (`.default` in a model's own state dict)
+_PART_ALIASES.update({alias: part for part in ALL_PARTS for alias in (part, f"{part}.default")})
 # diffusers / peft component prefixes → kohya prefixes (SD1/SD2 vs SDXL decided by the caller).
 _FOREIGN_COMPONENTS = (
     ("base_model.model.", "unet"),
@@ -84,7 +88,8 @@ def family_of_keys(keys: Sequence[str]) -> Optional[str]:
 
 
 def split_lora_key(key: str) -> Optional[Tuple[str, str]]:
-    """`<module>.<part>` → (module, part in down/up/alpha/dora_scale/magnitude), for any of the known spellings."""
+    """`<module>.<part>` → (module, part in down/up/alpha/dora_scale/magnitude or a LoHa/LoKr factor), for any of the
+    known spellings."""
     for suffix in sorted(_PART_ALIASES, key=len, reverse=True):
         if key.endswith("." + suffix):
             return key[: -len(suffix) - 1], _PART_ALIASES[suffix]

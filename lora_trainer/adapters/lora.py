@@ -1,4 +1,4 @@
-"""LoRA layers: peft adapters on the UNet (and optionally the text encoders).
+"""LoRA layers: peft adapters on the UNet (and optionally the text encoders); LoHa/LoKr through lycoris.py.
 
 Users write `target_modules: [q_proj, v_proj]` as the seed documents do. In the UNet the
 attention projections are called `to_q`, `to_k`, `to_v`, `to_out.0` (diffusers' names), so the
@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from . import dora as dora_math
+from . import lycoris
 from ..errors import ConfigError, ModelError
 
 ADAPTER = "default"
@@ -115,15 +116,14 @@ def add_lora(
     """
     from peft import LoraConfig, inject_adapter_in_model
 
-    short_names = {t.rsplit(".", 1)[-1] for t in targets}
-    convs = [c for c in CONV_NAMES if c in short_names] if conv_rank or conv_alpha else []
+    convs = _conv_patterns(targets, conv_rank, conv_alpha, rank, alpha)
     config = LoraConfig(
         r=rank,
         lora_alpha=alpha,
         lora_dropout=dropout,
         target_modules=targets,
-        rank_pattern={c: conv_rank or rank for c in convs},
-        alpha_pattern={c: conv_alpha or alpha for c in convs},
+        rank_pattern={c: r for c, (r, _) in convs.items()},
+        alpha_pattern={c: a for c, (_, a) in convs.items()},
         init_lora_weights=True,
     )
     model.requires_grad_(False)
@@ -137,10 +137,7 @@ def add_lora(
     if dora:
         for layer in lora_layers(model).values():
             dora_math.add_input_magnitude(layer, ADAPTER)
-        params = lora_parameters(model)
-    for p in params:
-        p.requires_grad_(True)
-    return params
+    return _trainable(model)
 
 
 def dora_module(layer: nn.Module) -> Optional["dora_math.InputMagnitude"]:
@@ -156,7 +153,8 @@ def lora_layers(model: nn.Module) -> Dict[str, nn.Module]:
 
 
 def lora_parameters(model: nn.Module) -> List[nn.Parameter]:
-    return [p for n, p in model.named_parameters() if "lora_" in n]
+    """Every adapter parameter of `model`: LoRA's A/B (and DoRA magnitudes), LoHa's and LoKr's factors."""
+    return [p for n, p in model.named_parameters() if "lora_" in n or ".hada_" in n or ".lokr_" in n]
 
 
 def set_lora_scale(models: Iterable[nn.Module], scale: float) -> None:
@@ -170,6 +168,8 @@ def set_lora_scale(models: Iterable[nn.Module], scale: float) -> None:
             if dora is not None:
                 dora.strength = scale
             layer.scaling[ADAPTER] = scale * layer.lora_alpha[ADAPTER] / layer.r[ADAPTER]
+        for layer in lycoris.lycoris_layers(model, ADAPTER).values():
+            layer.scaling[ADAPTER] = scale * lycoris.host_scale(layer, ADAPTER)
 
 
 def base_targets(model: nn.Module, family: str, names: Iterable[str]) -> List[str]:
@@ -189,9 +189,9 @@ def add_lora_to_components(components, cfg) -> Tuple[List[nn.Parameter], List[nn
     Returns (unet LoRA parameters, text-encoder LoRA parameters).
     """
     unet_targets = base_targets(components.unet, components.family, cfg.target_modules)
-    dora = cfg.lora_type == "dora"
-    unet_params = add_lora(components.unet, unet_targets, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout,
-                           cfg.conv_rank, cfg.conv_alpha, dora)
+    if cfg.lora_type == "lokr":
+        lycoris.check_factor(components.unet, unet_targets, cfg.lokr_factor)
+    unet_params = add_adapter(components.unet, unet_targets, cfg, conv=True)
     te_params: List[nn.Parameter] = []
     trained = trained_text_encoders(components.family, components.text_encoders)
     for te in components.text_encoders:
@@ -200,8 +200,35 @@ def add_lora_to_components(components, cfg) -> Tuple[List[nn.Parameter], List[nn
             targets = resolve_targets(te, cfg.target_modules, TEXT_TARGETS, strict=False)
             if not targets:
                 targets = resolve_targets(te, ["attn"], TEXT_TARGETS)
-            te_params += add_lora(te, targets, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, dora=dora)
+            te_params += add_adapter(te, targets, cfg, conv=False)
     return unet_params, te_params
+
+
+def add_adapter(model: nn.Module, targets: List[str], cfg, conv: bool) -> List[nn.Parameter]:
+    """The adapter `cfg.lora_type` names on `targets` (LoRA, DoRA, or LoHa/LoKr from lycoris.py); its parameters."""
+    conv_rank, conv_alpha = (cfg.conv_rank, cfg.conv_alpha) if conv else (0, 0.0)
+    if cfg.lora_type not in lycoris.KINDS:
+        return add_lora(model, targets, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, conv_rank, conv_alpha,
+                        cfg.lora_type == "dora")
+    lycoris.add_lycoris(model, cfg.lora_type, targets, cfg.lora_rank, cfg.lora_alpha, ADAPTER, cfg.lora_dropout,
+                        _conv_patterns(targets, conv_rank, conv_alpha, cfg.lora_rank, cfg.lora_alpha),
+                        cfg.lokr_factor, cfg.decompose_both)
+    return _trainable(model)
+
+
+def _conv_patterns(targets: List[str], conv_rank: int, conv_alpha: float, rank: int, alpha: float):
+    """{conv short name: (rank, alpha)} for the ResNet convs among `targets` (peft's rank/alpha patterns)."""
+    if not (conv_rank or conv_alpha):
+        return {}
+    short_names = {t.rsplit(".", 1)[-1] for t in targets}
+    return {c: (conv_rank or rank, conv_alpha or alpha) for c in CONV_NAMES if c in short_names}
+
+
+def _trainable(model: nn.Module) -> List[nn.Parameter]:
+    params = lora_parameters(model)
+    for p in params:
+        p.requires_grad_(True)
+    return params
 
 
 def load_lora_into(components, kohya: Dict[str, torch.Tensor], dropout: float = 0.0,
@@ -220,15 +247,20 @@ def load_lora_into(components, kohya: Dict[str, torch.Tensor], dropout: float = 
     te_params: List[nn.Parameter] = []
     used = set()
     names = {k.rsplit(".", 2)[0] if k.endswith(".weight") else k.rsplit(".", 1)[0] for k in kohya}
+    kind = lycoris.kind_of(kohya)
     dora = _is_dora(kohya, names)
     for prefix, model in keymap.named_models(components):
         table = keymap.reverse_table(prefix, [n for n, _ in model.named_modules()])
         hits = {table[n]: n for n in names if n in table}
         if not hits:
             continue
-        (rank, alpha), (conv_rank, conv_alpha) = _ranks(hits, kohya)
-        params = add_lora(model, list(hits), rank, alpha, dropout, conv_rank, conv_alpha, dora)
-        _copy_weights(lora_layers(model), hits, kohya)
+        if kind is not None:
+            lycoris.load_into(model, kind, hits, kohya, ADAPTER, dropout)
+            params = lora_parameters(model)
+        else:
+            (rank, alpha), (conv_rank, conv_alpha) = _ranks(hits, kohya)
+            params = add_lora(model, list(hits), rank, alpha, dropout, conv_rank, conv_alpha, dora)
+            _copy_weights(lora_layers(model), hits, kohya)
         used.update(hits.values())
         for p in params:
             p.requires_grad_(trainable)

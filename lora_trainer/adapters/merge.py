@@ -1,4 +1,5 @@
-"""Bake LoRAs into a single-file checkpoint: W' = W + strength · (alpha / rank) · up @ down.
+"""Bake LoRAs into a single-file checkpoint: W' = W + strength · (alpha / rank) · up @ down (LoHa/LoKr: their ΔW,
+lycoris.delta).
 
 A DoRA file (a `dora_scale` per module) is baked in as the hosts apply it (dora.py): W' = W + strength ·
 (dora_scale · (W + ΔW) / ‖W + ΔW‖ − W), ΔW = (alpha / rank) · up @ down.
@@ -26,7 +27,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from . import keymap
+from . import keymap, lycoris
 from .dora import decomposed
 from ..errors import ConfigError, ModelError
 from .export import SAVE_DTYPES, peft_alpha, read_lora, to_kohya
@@ -47,21 +48,38 @@ class LoraInput:
     family: Optional[str]  # what the file says it was made for (None: it does not say)
 
     def modules(self) -> List[str]:
-        return sorted(k[: -len(".lora_down.weight")] for k in self.tensors if k.endswith(".lora_down.weight"))
+        lora = [k[: -len(".lora_down.weight")] for k in self.tensors if k.endswith(".lora_down.weight")]
+        return sorted(lora + lycoris.modules_of(self.tensors))
 
     def factors(self, module: str) -> Tuple[torch.Tensor, torch.Tensor, float]:
-        """(up, down, strength · alpha / rank) of one module, in float32."""
+        """(up, down, strength · alpha / rank) of one LoRA module, in float32."""
         up, down, alpha = self._parts(module)
         return up, down, self.strength * alpha / down.shape[0]
 
+    def delta(self, module: str) -> torch.Tensor:
+        """ΔW of one module at strength 1, flattened to (out, in·k·k): alpha / rank · up @ down, or a LoHa/LoKr's
+        (lycoris.delta)."""
+        parts = lycoris.module_parts(self.tensors, module)
+        if parts:
+            alpha = self.tensors.get(f"{module}.alpha")
+            return lycoris.delta(parts, None if alpha is None else float(alpha))
+        up, down, alpha = self._parts(module)
+        return alpha / down.shape[0] * torch.mm(up.flatten(1), down.flatten(1))
+
+    def shape(self, module: str) -> Tuple[int, int]:
+        """(out, in·k·k) of the module's ΔW, from the tensors' shapes."""
+        parts = lycoris.module_parts(self.tensors, module)
+        if parts:
+            return lycoris.delta_shape(parts)
+        up, down, _ = self._parts(module)
+        return up.shape[0], down.flatten(1).shape[1]
+
     def merged_into(self, module: str, weight: torch.Tensor) -> torch.Tensor:
         """`weight` (float32: a module's weight, or its rows of a fused one) with this module merged in."""
+        delta = self.delta(module).reshape(weight.shape)
         dora_scale = self.tensors.get(f"{module}.dora_scale")
         if dora_scale is None:
-            up, down, scale = self.factors(module)
-            return weight + scale * torch.mm(up.flatten(1), down.flatten(1)).reshape(weight.shape)
-        up, down, alpha = self._parts(module)
-        delta = alpha / down.shape[0] * torch.mm(up.flatten(1), down.flatten(1)).reshape(weight.shape)
+            return weight + self.strength * delta
         return decomposed(weight, delta, dora_scale.float(), self.strength)
 
     def _parts(self, module: str) -> Tuple[torch.Tensor, torch.Tensor, float]:
@@ -95,17 +113,18 @@ def load_lora(path: Path, strength: float, family: Optional[str], unet_config: o
     tensors, metadata = read_lora(path)
     unknown = sorted(k for k in tensors if keymap.split_lora_key(k) is None)
     if unknown:
-        raise ModelError(f"{path.name} holds {len(unknown)} tensors that are not LoRA or DoRA weights (e.g. "
-                         f"{unknown[0]}): LoHa, LoKr and other LyCORIS types cannot be merged.")
+        raise ModelError(f"{path.name} holds {len(unknown)} tensors that are not LoRA, DoRA, LoHa or LoKr weights "
+                         f"(e.g. {unknown[0]}): other LyCORIS types (IA3, GLoRA, OFT, full diff) cannot be merged.")
     own = lora_family(metadata, tensors)
     family = own or family or "sd1"  # converted in its own family; a mismatch with the base is reported later
     kohya = to_kohya(tensors, family, 2 if family == "sdxl" else 1, default_alpha=peft_alpha(path),
                      unet_config=unet_config)
     modules = {keymap.split_lora_key(k)[0] for k in tensors}
-    if sum(k.endswith(".lora_down.weight") for k in kohya) < len(modules):
+    lora = LoraInput(path, strength, kohya, metadata, own)
+    if len(lora.modules()) < len(modules):
         raise ModelError(f"{path.name}: some LoRA modules have no kohya name or lack their up or down weight; "
                          "the file cannot be merged whole.")
-    return LoraInput(path, strength, kohya, metadata, own)
+    return lora
 
 
 def file_hash(path: Path) -> str:
@@ -272,22 +291,21 @@ def _check_shapes(base, updates) -> None:
         for lora, module, part in entries:
             rows = shape[0] // part[1] if part else shape[0]
             numel = rows * (torch.Size(shape[1:]).numel() if len(shape) > 1 else 1)
-            down = lora.tensors[f"{module}.lora_down.weight"]
-            up = lora.tensors[f"{module}.lora_up.weight"]
-            ok = up.shape[0] == rows and up.flatten(1).shape[1] == down.shape[0] and \
-                rows * down.flatten(1).shape[1] == numel and _dora_fits(lora, module, rows)
-            if not ok:
-                raise ModelError(f"{lora.path.name}: {module} (up {tuple(up.shape)}, down {tuple(down.shape)}) does "
-                                 f"not fit {key} {shape}: the LoRA was made for another model.")
+            out, columns = lora.shape(module)
+            if out != rows or out * columns != numel or not _dora_fits(lora, module, rows, numel // rows):
+                raise ModelError(f"{lora.path.name}: {module} (an update of {out} × {columns}) does not fit {key} "
+                                 f"{shape}: the LoRA was made for another model.")
 
 
-def _dora_fits(lora: LoraInput, module: str, rows: int) -> bool:
-    """A dora_scale holds one value per output row ((rows, 1, …)) or per input column ((1, in, …))."""
+def _dora_fits(lora: LoraInput, module: str, rows: int, columns: int) -> bool:
+    """A dora_scale holds one value per output row ((rows, 1, …)) or per input channel ((1, in, …))."""
     scale = lora.tensors.get(f"{module}.dora_scale")
     if scale is None:
         return True
-    columns = lora.tensors[f"{module}.lora_down.weight"].shape[1]  # a conv's input channels, not its k×k
-    return scale.numel() == rows and scale.shape[0] == rows or scale.shape[0] == 1 and scale.numel() == columns
+    down = lora.tensors.get(f"{module}.lora_down.weight")
+    kernel = lycoris.kernel(module, lycoris.module_parts(lora.tensors, module)) if down is None else None
+    channels = down.shape[1] if down is not None else columns // (kernel[0] * kernel[1]) if kernel else columns
+    return scale.numel() == rows and scale.shape[0] == rows or scale.shape[0] == 1 and scale.numel() == channels
 
 
 def _torch_dtype(name: str) -> torch.dtype:

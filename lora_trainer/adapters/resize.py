@@ -26,6 +26,7 @@ import torch
 
 from ..errors import ConfigError, ModelError
 from .export import ARCHITECTURE, BASE_MODEL_VERSION, SAVE_DTYPES, dora_on_output, is_dora, network_metadata, save_lora
+from . import lycoris
 from .merge import LoraInput, file_hash, load_lora, refuse_existing
 
 
@@ -66,27 +67,42 @@ def _factor(delta: torch.Tensor, rank: Optional[int], fro: Optional[float]) -> T
     return (u[:, :keep] * s[:keep]).float(), vh[:keep].float(), keep, fraction
 
 
-def _shaped(up: torch.Tensor, down: torch.Tensor, up_like: torch.Tensor, down_like: torch.Tensor):
-    """Give 2-D factors the layout of the originals: conv LoRAs keep their (k×k down, 1×1 up) shapes."""
-    if down_like.dim() == 4:
-        return up.reshape(up.shape[0], up.shape[1], 1, 1), down.reshape(down.shape[0], *down_like.shape[1:])
-    return up, down
+def _shaped(up: torch.Tensor, down: torch.Tensor, kernel: Optional[tuple]):
+    """Give 2-D factors a conv LoRA's layout where the module is a k×k conv (k×k down, 1×1 up)."""
+    if kernel is None:
+        return up, down
+    return (up.reshape(up.shape[0], up.shape[1], 1, 1),
+            down.reshape(down.shape[0], down.shape[1] // (kernel[0] * kernel[1]), *kernel))
+
+
+def _kernel(lora: LoraInput, module: str) -> Optional[tuple]:
+    down = lora.tensors.get(f"{module}.lora_down.weight")
+    if down is not None:
+        return tuple(down.shape[2:]) if down.dim() == 4 else None
+    return lycoris.kernel(module, lycoris.module_parts(lora.tensors, module))
 
 
 def resize_lora(tensors: Dict[str, torch.Tensor], rank: Optional[int] = None,
                 fro: Optional[float] = None) -> Tuple[Dict[str, torch.Tensor], List[Kept]]:
-    """A kohya-layout LoRA at `rank` (never above a module's own) or by `fro` share; the table of what was kept."""
+    """A kohya-layout LoRA at `rank` (never above a module's own) or by `fro` share; the table of what was kept.
+    A LoHa/LoKr module becomes a LoRA one: the SVD of its ΔW (lycoris.delta), alpha = the new rank (scale 1)."""
     out: Dict[str, torch.Tensor] = {}
     table: List[Kept] = []
-    for module in sorted(k[: -len(".lora_down.weight")] for k in tensors if k.endswith(".lora_down.weight")):
-        down, up = tensors[f"{module}.lora_down.weight"].float(), tensors[f"{module}.lora_up.weight"].float()
-        old = down.shape[0]
-        alpha = float(tensors.get(f"{module}.alpha", torch.tensor(float(old))))
-        new_up, new_down, new, fraction = _factor(up.flatten(1) @ down.flatten(1), rank, fro)
-        new_up, new_down = _shaped(new_up, new_down, up, down)
+    source = LoraInput(Path("-"), 1.0, tensors, {}, None)
+    for module in source.modules():
+        if lycoris.module_parts(tensors, module):
+            delta = source.delta(module)
+            new_up, new_down, new, fraction = _factor(delta, rank, fro)
+            old, alpha = min(delta.shape), float(new)
+        else:
+            down, up = tensors[f"{module}.lora_down.weight"].float(), tensors[f"{module}.lora_up.weight"].float()
+            old = down.shape[0]
+            new_up, new_down, new, fraction = _factor(up.flatten(1) @ down.flatten(1), rank, fro)
+            alpha = float(tensors.get(f"{module}.alpha", torch.tensor(float(old)))) * new / old
+        new_up, new_down = _shaped(new_up, new_down, _kernel(source, module))
         out[f"{module}.lora_down.weight"] = new_down
         out[f"{module}.lora_up.weight"] = new_up
-        out[f"{module}.alpha"] = torch.tensor(alpha * new / old)
+        out[f"{module}.alpha"] = torch.tensor(alpha)
         if f"{module}.dora_scale" in tensors:
             out[f"{module}.dora_scale"] = tensors[f"{module}.dora_scale"].float()
         table.append(Kept(module, old, new, fraction))
@@ -102,6 +118,10 @@ def merge_loras(loras: Sequence[LoraInput], rank: Optional[int] = None) -> Tuple
     if dora:
         raise ModelError(f"{dora[0]} is a DoRA file: its magnitudes rescale the base weight as a whole, so it cannot "
                          "be merged into another LoRA without the base. Merge it into a checkpoint (--base) instead.")
+    lyco = [lora.path.name for lora in loras if lycoris.modules_of(lora.tensors)]
+    if lyco and rank is None:
+        raise ModelError(f"{lyco[0]} is a LoHa/LoKr file: merged with LoRAs it becomes a LoRA of a rank you choose "
+                         "(the SVD of the summed update): add --rank N, e.g. --rank 32.")
     modules: Dict[str, List[LoraInput]] = {}
     for lora in loras:
         for module in lora.modules():
@@ -109,26 +129,31 @@ def merge_loras(loras: Sequence[LoraInput], rank: Optional[int] = None) -> Tuple
     out: Dict[str, torch.Tensor] = {}
     table: List[Kept] = []
     for module, sources in sorted(modules.items()):
-        parts = [lora.factors(module) for lora in sources]
-        kernels = {tuple(down.shape[1:]) for _, down, _ in parts}
-        if len(kernels) > 1:
-            raise ModelError(f"{module}: the LoRAs disagree on its shape ({sorted(kernels)}); they were made for "
+        shapes = {lora.shape(module) for lora in sources}
+        kernels = {_kernel(lora, module) for lora in sources}
+        if len(shapes) > 1 or len(kernels) > 1:
+            raise ModelError(f"{module}: the LoRAs disagree on its shape ({sorted(shapes)}); they were made for "
                              "different models.")
-        down_like, up_like = parts[0][1], parts[0][0]
         if rank is None:
+            parts = [lora.factors(module) for lora in sources]
             up = torch.cat([u * c for u, _, c in parts], dim=1)
             down = torch.cat([d for _, d, _ in parts], dim=0)
             kept = Kept(module, up.shape[1], up.shape[1], 1.0)
         else:
-            delta = sum(c * (u.flatten(1) @ d.flatten(1)) for u, d, c in parts)
+            delta = sum(lora.strength * lora.delta(module) for lora in sources)
             up, down, new, fraction = _factor(delta, rank, None)
-            up, down = _shaped(up, down, up_like, down_like)
-            kept = Kept(module, sum(d.shape[0] for _, d, _ in parts), new, fraction)
+            up, down = _shaped(up, down, kernels.pop())
+            kept = Kept(module, sum(_rank_of(lora, module) for lora in sources), new, fraction)
         out[f"{module}.lora_down.weight"] = down
         out[f"{module}.lora_up.weight"] = up
         out[f"{module}.alpha"] = torch.tensor(float(down.shape[0]))  # scale 1: strengths and alphas are in `up`
         table.append(kept)
     return out, table
+
+
+def _rank_of(lora: LoraInput, module: str) -> int:
+    down = lora.tensors.get(f"{module}.lora_down.weight")
+    return down.shape[0] if down is not None else min(lora.shape(module))  # a LoHa/LoKr: its update's full rank
 
 
 def format_table(table: Sequence[Kept]) -> str:

@@ -306,9 +306,10 @@ def _demo(args) -> int:
 
 
 def _convert(args) -> int:
-    from ..adapters.export import (BASE_MODEL_VERSION, SAVE_DTYPES, dora_on_output, is_dora, network_metadata,
-                                   peft_alpha, read_lora, save_lora, stored_precision, to_kohya)
+    from ..adapters.export import (BASE_MODEL_VERSION, SAVE_DTYPES, dora_on_output, is_dora, lycoris_metadata,
+                                   network_metadata, peft_alpha, read_lora, save_lora, stored_precision, to_kohya)
     from ..adapters.keymap import family_of_keys
+    from ..adapters.lycoris import kind_of
 
     tensors, meta = read_lora(Path(args.input))
     precision = args.save_precision or stored_precision(Path(args.input))
@@ -327,10 +328,13 @@ def _convert(args) -> int:
     if flux:  # what kohya's Flux trainer records; ComfyUI and Forge read the keys alone
         meta.setdefault("modelspec.architecture", f"{family.replace('flux-', 'flux-1-')}/lora")
         meta.setdefault("ss_network_module", "networks.lora_flux")
-    for key, value in network_metadata(is_dora(kohya), on_output=dora_on_output(kohya)).items():
+    kind = kind_of(kohya)
+    network = lycoris_metadata(kind) if kind else network_metadata(is_dora(kohya), on_output=dora_on_output(kohya))
+    for key, value in network.items():
         meta.setdefault(key, value)
     out = save_lora(Path(args.output), {k: v.to(SAVE_DTYPES[precision]) for k, v in kohya.items()}, meta)
-    print(f"wrote {out} ({sum(k.endswith('.lora_down.weight') for k in kohya)} layers, {precision})")
+    layers = len({k.rsplit(".", 2 if k.endswith(".weight") else 1)[0] for k in kohya if not k.endswith(".alpha")})
+    print(f"wrote {out} ({layers} layers{f', {kind}' if kind else ''}, {precision})")
     return 0
 
 
