@@ -70,6 +70,21 @@ class TrainConfig:
     validation_dir: str = _f(
         "", "Folder of validation images with their captions (read like train_data_dir's), never trained on; "
         f"the seed picks {MAX_VALIDATION_IMAGES} when it holds more. Instead of validation_split.", "data")
+    reg_data_dir: str = _f(
+        "", "Folder of regularization (class) images with their captions (.txt sidecars; class_prompt where one has "
+        "none): each epoch trains as many of them as training images (repeats included), as kohya's scripts do.",
+        "data")
+    prior_loss_weight: float = _f(1.0, "Weight of the regularization images' loss against the training images'.",
+                                  "data")
+    reg_generate: int = _f(
+        0, "Make this many class images with the base model and class_prompt in reg_data_dir before training "
+        "(only those missing: a folder that holds them already is used as it is); 0 off.", "data")
+    class_prompt: str = _f("", "The class the subject belongs to (e.g. 'a photo of a woman'): the caption of the "
+                           "regularization images that have none, and the prompt reg_generate uses.", "data")
+    masked_loss: bool = _f(
+        False, "Train only where each image's mask is white: <name>_mask.png beside the image, <name>.png in "
+        "mask_dir, or the image's alpha channel. The loss is weighted by the mask at latent size.", "data")
+    mask_dir: str = _f("", "With masked_loss: a folder of masks named as the images (a .png each).", "data")
     # --- model ------------------------------------------------------------------------------
     base_model: str = _f(
         "", "Base checkpoint: a single .safetensors file (SD1.x, SD2.x, SDXL), a diffusers folder, or a Flux.1 "
@@ -214,6 +229,7 @@ class TrainConfig:
         if not ok:
             raise ConfigError(f"memory_budget_gb must be a number of GB, auto or off (got {self.memory_budget_gb!r}).")
         self._validate_validation()
+        self._validate_regularization()
         self._validate_optimizer()
         if self.lora_type == "dora" and self.offload == "blocks":
             raise ConfigError("lora_type: dora cannot use offload: blocks: DoRA reads each layer's whole weight for "
@@ -264,6 +280,21 @@ class TrainConfig:
         if self.save_best and not (self.validation_split or self.validation_dir):
             raise ConfigError("save_best keeps the checkpoint with the lowest validation loss: set validation_split "
                               "(e.g. 0.1) or validation_dir too.")
+
+    def _validate_regularization(self) -> None:
+        if self.prior_loss_weight < 0:
+            raise ConfigError(f"prior_loss_weight cannot be negative (got {self.prior_loss_weight}); 1 weighs the "
+                              "class images as the training images.")
+        if self.reg_generate < 0:
+            raise ConfigError(f"reg_generate cannot be negative (got {self.reg_generate}); 0 turns it off.")
+        if self.reg_generate and not (self.reg_data_dir and self.class_prompt):
+            raise ConfigError("reg_generate makes class images from class_prompt into reg_data_dir: set both "
+                              "(e.g. reg_data_dir: ./reg, class_prompt: a photo of a woman).")
+        if self.reg_data_dir and self.train_data_dir and \
+                Path(self.reg_data_dir).resolve() == Path(self.train_data_dir).resolve():
+            raise ConfigError("reg_data_dir is train_data_dir: class images go in a folder of their own.")
+        if self.mask_dir and not self.masked_loss:
+            raise ConfigError("mask_dir is set but masked_loss is off: set masked_loss: true to train with the masks.")
 
     @property
     def validates(self) -> bool:

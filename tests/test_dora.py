@@ -125,10 +125,10 @@ HOSTS = {"a1111": a1111, "comfyui": comfyui, "forge": forge}
 
 # -- config ------------------------------------------------------------------------------------------
 
-def test_lora_type_is_lora_or_dora_and_dora_refuses_block_offload():
+def test_lora_type_is_one_of_the_four_and_dora_refuses_block_offload():
     assert TrainConfig().lora_type == "lora" and TrainConfig(lora_type="dora").lora_type == "dora"
-    with pytest.raises(ConfigError, match="lora_type: 'loha' is not one of lora, dora"):
-        TrainConfig(lora_type="loha")
+    with pytest.raises(ConfigError, match="lora_type: 'locon' is not one of lora, dora, loha, lokr"):
+        TrainConfig(lora_type="locon")
     with pytest.raises(ConfigError, match="dora cannot use offload: blocks"):
         TrainConfig(lora_type="dora", offload="blocks")
 

@@ -18,15 +18,16 @@ import math
 import random
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Optional
 
 from PIL import Image
 
 from .captions import read_captions
 from ..errors import DatasetError
 from .images import IMAGE_EXTENSIONS, ImageLoadError, list_images, load_image, min_side
+from .masks import MaskError, find_mask, load_mask, read_mask
 
 if TYPE_CHECKING:
     from ..config import TrainConfig
@@ -42,6 +43,8 @@ class ImageRecord:
     width: int  # after EXIF orientation
     height: int
     content_hash: str  # sha1 hex of the file's bytes: what the latent cache keys on
+    is_reg: bool = False  # a regularization (class) image from reg_data_dir: its loss weighs prior_loss_weight
+    mask: Optional[Path] = None  # masked_loss: the mask file (the image itself: its alpha channel); None: all white
 
 
 @dataclass
@@ -70,9 +73,10 @@ class PreparedImage:
 
 # -- scanning ----------------------------------------------------------------------------------
 
-def scan_images(cfg: TrainConfig, on_progress: Callable[[int, int], None] | None = None,
+def scan_images(cfg: TrainConfig, on_progress: Callable[[int, int], None] | None = None, default_caption: str = "",
                 ) -> tuple[list[ImageRecord], DatasetReport]:
-    """Validate every image in cfg.train_data_dir; raise DatasetError when none is usable."""
+    """Validate every image in cfg.train_data_dir (and with masked_loss its mask); raise DatasetError when none is
+    usable. An image without a caption gets `default_caption` when one is given."""
     folder = image_folder(cfg)
     captions = read_captions(folder, cfg.metadata_path, cfg.caption_extension)
     report = DatasetReport(warnings=[str(p) for p in captions.problems])
@@ -93,17 +97,24 @@ def scan_images(cfg: TrainConfig, on_progress: Callable[[int, int], None] | None
             why = f"too small: {width}x{height}, the shorter side must be at least {smallest} px"
             report.skipped.append((path.name, why))
             continue
+        mask = None
+        if cfg.masked_loss:
+            try:
+                mask = _checked_mask(path, cfg, loaded.image.size, report)
+            except MaskError as e:
+                report.skipped.append((path.name, f"its mask cannot be used: {e}"))
+                continue
         report.fixed += [(path.name, what) for what in loaded.fixes]
         if loaded.content_hash in seen:
             report.warnings.append(f"{path.name} is the same file as {seen[loaded.content_hash]}")
         seen.setdefault(loaded.content_hash, path.name)
-        caption = captions.caption_for(path.name)
+        caption = captions.caption_for(path.name) or default_caption
         if not caption:
             report.warnings.append(f"{path.name} has no caption; "
                                    + (f"using the trigger word '{cfg.trigger_word}'" if cfg.trigger_word
                                       else "training it with an empty caption"))
         records.append(ImageRecord(path, path.name, apply_trigger(caption or "", cfg.trigger_word),
-                                   width, height, loaded.content_hash))
+                                   width, height, loaded.content_hash, mask=mask))
         report.used.append(path.name)
     if on_progress is not None:
         on_progress(len(paths), len(paths))
@@ -111,6 +122,48 @@ def scan_images(cfg: TrainConfig, on_progress: Callable[[int, int], None] | None
     if not records:
         raise DatasetError(no_images_message(folder, report))
     return records, report
+
+
+def _checked_mask(path: Path, cfg: TrainConfig, size: tuple[int, int], report: DatasetReport) -> Optional[Path]:
+    mask = find_mask(path, cfg.mask_dir)
+    if mask is None:
+        report.warnings.append(f"{path.name} has no mask ({path.stem}_mask.png, mask_dir or alpha): trained whole")
+        return None
+    stored = read_mask(mask, path)
+    if stored.size != size:
+        report.fixed.append((path.name, f"mask {stored.width}x{stored.height} resized to the image's "
+                                        f"{size[0]}x{size[1]}"))
+    return mask
+
+
+def scan_regularization(cfg: TrainConfig) -> tuple[list[ImageRecord], DatasetReport]:
+    """reg_data_dir's class images, read like train_data_dir's (no trigger word; class_prompt where one has no
+    caption), named reg/<file>; DatasetError when the folder is missing or holds none."""
+    folder = Path(cfg.reg_data_dir)
+    if not folder.is_dir():
+        raise DatasetError(f"reg_data_dir not found: {cfg.reg_data_dir}. Point it at a folder of class images, or "
+                           "set reg_generate: N to make them there.")
+    if not list_images(folder):
+        raise DatasetError(f"reg_data_dir {folder} holds no images: put class images in it, or set reg_generate: N "
+                           "(with class_prompt) to make them from the base model.")
+    records, report = scan_images(regularization_config(cfg), default_caption=cfg.class_prompt)
+    return [replace(r, name=f"reg/{r.name}", is_reg=True) for r in records], report
+
+
+def missing_class_images(cfg: TrainConfig) -> int:
+    """How many images reg_generate still has to make in reg_data_dir (training/class_images.py makes them)."""
+    if not cfg.reg_generate:
+        return 0
+    folder = Path(cfg.reg_data_dir)
+    return max(0, cfg.reg_generate - (len(list_images(folder)) if folder.is_dir() else 0))
+
+
+def regularization_config(cfg: TrainConfig) -> TrainConfig:
+    """cfg as it reads reg_data_dir: that folder as the image folder, its own captions, no trigger word, no masks
+    (class images are trained whole)."""
+    return cfg.replace(train_data_dir=cfg.reg_data_dir, metadata_path="", trigger_word="", reg_data_dir="",
+                       reg_generate=0, masked_loss=False, mask_dir="", validation_split=0.0, validation_dir="",
+                       save_best=False)
 
 
 def unmatched_captions(captions: Mapping[str, str], paths: list[Path]) -> list[str]:
@@ -256,15 +309,35 @@ def prepare_image(record: ImageRecord, bucket: Bucket, flip: bool = False,
         img = load_image(record.path).image
     except ImageLoadError as e:
         raise DatasetError(f"{record.name} can no longer be read: {e}. Was it changed after the scan?") from None
-    bw, bh = bucket
-    if crop.resized != img.size:
-        img = img.resize(crop.resized, Image.Resampling.LANCZOS, reducing_gap=3.0)
-    img = img.crop((crop.left, crop.top, crop.left + bw, crop.top + bh))
-    if crop.flip:
-        img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    img = fit_to_bucket(img, crop, bucket, Image.Resampling.LANCZOS)
     pixels = torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1).float().div_(127.5).sub_(1.0)
     original, top_left, target = crop.conditioning(record, bucket)
     return PreparedImage(pixels, original, top_left, target)
+
+
+def prepare_mask(record: ImageRecord, bucket: Bucket, crop: Crop) -> Any:
+    """The record's mask (1 × H × W in [0, 1]) through the same resize, crop and flip as its pixels; all ones when
+    it has none."""
+    import numpy as np
+    import torch
+
+    if record.mask is None:
+        return torch.ones((1, bucket[1], bucket[0]))
+    try:
+        mask = load_mask(record.mask, record.path, (record.width, record.height))
+    except MaskError as e:
+        raise DatasetError(f"{record.name}: {e}. Was it changed after the scan?") from None
+    mask = fit_to_bucket(mask, crop, bucket, Image.Resampling.BILINEAR)
+    return torch.from_numpy(np.array(mask, dtype=np.uint8))[None].float().div_(255.0)
+
+
+def fit_to_bucket(img: Image.Image, crop: Crop, bucket: Bucket, resample: Image.Resampling) -> Image.Image:
+    """Resize to crop.resized, crop to the bucket at crop's place, mirror if crop.flip: an image and its mask alike."""
+    bw, bh = bucket
+    if crop.resized != img.size:
+        img = img.resize(crop.resized, resample, reducing_gap=3.0 if resample == Image.Resampling.LANCZOS else None)
+    img = img.crop((crop.left, crop.top, crop.left + bw, crop.top + bh))
+    return img.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if crop.flip else img
 
 
 # -- batches -----------------------------------------------------------------------------------
@@ -277,17 +350,30 @@ def _by_bucket(records: list[ImageRecord], cfg: TrainConfig) -> dict[Bucket, lis
     return dict(sorted(groups.items()))
 
 
+def _epoch_groups(records: list[ImageRecord], cfg: TrainConfig) -> dict[Bucket, list[ImageRecord]]:
+    """Each bucket's images for one epoch: every training image `repeats` times, then as many regularization
+    images as that makes in all (kohya's rule: the class images in name order, cycled when there are fewer)."""
+    train = _by_bucket([r for r in records if not r.is_reg], cfg)
+    items = {bucket: group * cfg.repeats for bucket, group in train.items()}
+    reg = sorted((r for r in records if r.is_reg), key=lambda r: r.name)
+    if reg:
+        count = sum(len(group) for group in items.values())
+        for bucket, group in _by_bucket([reg[i % len(reg)] for i in range(count)], cfg).items():
+            items[bucket] = items.get(bucket, []) + group
+    return dict(sorted(items.items()))
+
+
 def epoch_batches(records: list[ImageRecord], cfg: TrainConfig, epoch: int, seed: int, processes: int = 1,
                   ) -> list[list[tuple[ImageRecord, Bucket]]]:
-    """One epoch: each image `repeats` times, batches of one bucket each, in a (seed, epoch)-seeded order.
+    """One epoch: each image `repeats` times (and the class images, see _epoch_groups), batches of one bucket
+    each, in a (seed, epoch)-seeded order.
 
     With several processes these are the global batches (batch_size × processes), which they share.
     """
     rng = random.Random(f"lora-scripts:{seed}:{epoch}")  # str seeds are hashed stably across runs
     size = cfg.batch_size * processes
     batches = []
-    for bucket, group in _by_bucket(records, cfg).items():
-        items = group * cfg.repeats
+    for bucket, items in _epoch_groups(records, cfg).items():
         rng.shuffle(items)
         for start in range(0, len(items), size):
             batches.append([(record, bucket) for record in items[start:start + size]])
@@ -298,7 +384,7 @@ def epoch_batches(records: list[ImageRecord], cfg: TrainConfig, epoch: int, seed
 def batches_per_epoch(records: list[ImageRecord], cfg: TrainConfig, processes: int = 1) -> int:
     """len(epoch_batches(...)) without building them: for step counts and schedulers."""
     size = cfg.batch_size * processes
-    return sum(math.ceil(len(g) * cfg.repeats / size) for g in _by_bucket(records, cfg).values())
+    return sum(math.ceil(len(items) / size) for items in _epoch_groups(records, cfg).values())
 
 
 def optimizer_steps(batches: int, cfg: TrainConfig) -> tuple[int, int]:

@@ -26,6 +26,7 @@ _FORMATS = ("JPEG", "MPO", "PNG", "WEBP", "BMP", "DIB")
 # Used when a host has switched Pillow's own limit off (Image.MAX_IMAGE_PIXELS = None): Pillow's default.
 DEFAULT_MAX_PIXELS = 89_478_485
 MIN_SIDE = 64
+MASK_SUFFIX = "_mask"  # <name>_mask.png beside <name>.jpg: the image's loss mask (masked_loss)
 _ORIENTATION_TAG = 0x0112
 
 
@@ -41,12 +42,13 @@ class LoadedImage:
 
 
 def list_images(folder: Path) -> list[Path]:
-    """Image files directly in `folder` (no subfolders, no hidden files), sorted by name."""
-    return sorted(
-        (p for p in Path(folder).iterdir()
-         if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTENSIONS),
-        key=lambda p: p.name,
-    )
+    """Image files directly in `folder` (no subfolders, no hidden files), sorted by name; an image's loss mask
+    (`<name>_mask.png` beside `<name>.jpg`, see masks.py) is not an image of its own."""
+    files = [p for p in Path(folder).iterdir()
+             if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTENSIONS]
+    stems = {p.stem for p in files}
+    return sorted((p for p in files if not (p.stem.endswith(MASK_SUFFIX) and p.stem[:-len(MASK_SUFFIX)] in stems)),
+                  key=lambda p: p.name)
 
 
 def _formats() -> tuple[str, ...]:

@@ -70,7 +70,7 @@ def store_base_weights(models: Iterable[nn.Module], storage: torch.dtype, comput
                 target = storage if matrix and pname == "weight" else compute
                 if param.dtype != target:
                     param.data = param.data.to(target)
-            if matrix and (storage != compute or offload) and not _is_stored(module):
+            if matrix and (storage != compute or offload) and not is_stored(module):
                 module.forward = types.MethodType(_stored_forward, module)
                 stored += 1
     return stored
@@ -108,12 +108,12 @@ def is_offloaded(model: nn.Module) -> bool:
     return bool(getattr(model, "_lora_trainer_offloaded", False))
 
 
-def _is_stored(module: nn.Module) -> bool:
+def is_stored(module: nn.Module) -> bool:
     forward = module.__dict__.get("forward")
     return getattr(forward, "__func__", None) is _stored_forward
 
 
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+def compute_dtype_for(x: torch.Tensor) -> torch.dtype:
     """The autocast dtype when autocast is on for x's device, else x's own dtype."""
     kind = x.device.type
     try:
@@ -146,7 +146,7 @@ class _StoredLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
-        dtype = _compute_dtype(x)
+        dtype = compute_dtype_for(x)
         ctx.save_for_backward(weight)
         ctx.dtype, ctx.x_dtype = dtype, x.dtype
         with torch.autocast(x.device.type, enabled=False):
@@ -165,7 +165,7 @@ class _StoredConv2d(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, stride, padding, dilation, groups):
-        dtype = _compute_dtype(x)
+        dtype = compute_dtype_for(x)
         ctx.save_for_backward(weight)
         ctx.conf = (x.shape, stride, padding, dilation, groups, dtype, x.dtype)
         with torch.autocast(x.device.type, enabled=False):

@@ -15,17 +15,18 @@ import torch
 
 from ..callbacks import Callbacks
 from ..config import TrainConfig
-from ..data.dataset import epoch_batches, plan_crop, prepare_image
+from ..data.dataset import epoch_batches, plan_crop, prepare_image, prepare_mask
 from ..data.latents import encode_pixels
+from ..data.masks import latent_mask
 from .memory import release
 from .objective import autocast
 
 
 def batch_latents(run: Any, images: list, epoch: int, index: int):
-    """Latents of (place in the batch, record, bucket) from the cache, or freshly encoded; plus SDXL's size
-    conditioning."""
+    """Latents of (place in the batch, record, bucket) from the cache, or freshly encoded; SDXL's size
+    conditioning; and with masked_loss each image's mask at latent size (B × 1 × h × w), else None."""
     cfg = run.cfg
-    out, sizes, crops, targets = [], [], [], []
+    out, sizes, crops, targets, masks = [], [], [], [], []
     for i, record, bucket in images:
         flip = cfg.flip_aug and _sample_rng(cfg.seed, epoch, index, i).random() < 0.5
         crop = plan_crop(record, bucket, flip, _crop_rng(cfg, record, epoch, index, i))
@@ -34,7 +35,9 @@ def batch_latents(run: Any, images: list, epoch: int, index: int):
         crops.append(top_left)
         targets.append(target)
         out.append(latent(run, record, bucket, crop))
-    return torch.stack(out), sizes, crops, targets
+        if cfg.masked_loss:
+            masks.append(latent_mask(prepare_mask(record, bucket, crop), tuple(out[-1].shape[-2:])))
+    return torch.stack(out), sizes, crops, targets, torch.stack(masks) if masks else None
 
 
 def latent(run: Any, record: Any, bucket: Any, crop: Any) -> torch.Tensor:

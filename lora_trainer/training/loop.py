@@ -160,7 +160,10 @@ def _micro_step(run: Run, batch: list, epoch: int, index: int) -> torch.Tensor:
     """
     cfg, dev = run.cfg, run.device
     places, weight = run.processes.share(len(batch), cfg.batch_size)
-    latents, sizes, crops, targets = batch_latents(run, [(i, *batch[i]) for i in places], epoch, index)
+    latents, sizes, crops, targets, masks = batch_latents(run, [(i, *batch[i]) for i in places], epoch, index)
+    masks = None if masks is None else masks.to(dev)
+    # class images (reg_data_dir) weigh prior_loss_weight, as in kohya's scripts
+    image_weights = torch.tensor([cfg.prior_loss_weight if batch[i][0].is_reg else 1.0 for i in places], device=dev)
     captions = [process_caption(batch[i][0].caption, cfg, random.Random(f"{place(cfg.seed, epoch, index, i)}:caption"))
                 for i in places]
     draws = [objective.draw(run, latents.shape[1:], place(cfg.seed, epoch, index, i)) for i in places]
@@ -172,7 +175,8 @@ def _micro_step(run: Run, batch: list, epoch: int, index: int) -> torch.Tensor:
         with objective.autocast(run):
             hidden, pooled = objective.text_conditioning(run, captions)
             added = objective.added_conditioning(run, pooled, sizes, crops, targets)
-        return objective.image_losses(run, latents, noise, timesteps, hidden, added).sum() * weight
+        losses = objective.image_losses(run, latents, noise, timesteps, hidden, added, masks)
+        return (losses * image_weights).sum() * weight
 
     return run.replica(compute) if run.replica is not None else compute()
 

@@ -90,24 +90,25 @@ def added_conditioning(run: Any, pooled, sizes, crops, targets):
 
 
 def image_losses(run: Any, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor, hidden: torch.Tensor,
-                 added: Any) -> torch.Tensor:
-    """Per-image loss of the UNet's prediction: what training minimises and validation measures."""
+                 added: Any, masks: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Per-image loss of the UNet's prediction: what training minimises and validation measures. `masks`
+    (B × 1 × h × w, masked_loss) weigh each latent position's error, as kohya's scripts do."""
     comps, cfg = run.components, run.cfg
     if comps.family == "flux":
-        return flow_losses(run, latents, noise, timesteps, hidden, added)
+        return flow_losses(run, latents, noise, timesteps, hidden, added, masks)
     sched = comps.noise_scheduler
     with autocast(run):
         noisy = sched.add_noise(latents, noise, timesteps)
         target = noise if comps.prediction_type == "epsilon" else sched.get_velocity(latents, noise, timesteps)
         pred = comps.unet(noisy, timesteps, encoder_hidden_states=hidden, added_cond_kwargs=added).sample
-    loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+    loss = masked_mean(F.mse_loss(pred.float(), target.float(), reduction="none"), masks)
     if cfg.min_snr_gamma:
         loss = loss * min_snr_weights(sched, timesteps, cfg.min_snr_gamma, comps.prediction_type)
     return loss
 
 
 def flow_losses(run: Any, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor, hidden: torch.Tensor,
-                added: Any) -> torch.Tensor:
+                added: Any, masks: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Flux's rectified flow: noisy = (1 - t)·x0 + t·ε, the transformer predicts ε - x0 on 2×2-packed latents.
 
     `timesteps`: t in (0, 1), or integer timesteps of [0, num_train_timesteps) (validation's fixed ones)."""
@@ -129,7 +130,12 @@ def flow_losses(run: Any, latents: torch.Tensor, noise: torch.Tensor, timesteps:
                            txt_ids=torch.zeros(hidden.shape[1], 3, device=latents.device),
                            img_ids=latent_ids(h, w, latents.device), return_dict=False)[0]
     target = noise - latents
-    return F.mse_loss(unpack_latents(pred.float(), c, h, w), target.float(), reduction="none").mean(dim=(1, 2, 3))
+    return masked_mean(F.mse_loss(unpack_latents(pred.float(), c, h, w), target.float(), reduction="none"), masks)
+
+
+def masked_mean(errors: torch.Tensor, masks: Optional[torch.Tensor]) -> torch.Tensor:
+    """Each image's mean error (B × C × h × w → B), each position weighed by its mask when there are masks."""
+    return (errors if masks is None else errors * masks).mean(dim=(1, 2, 3))
 
 
 def min_snr_weights(sched: Any, timesteps: torch.Tensor, gamma: float, prediction_type: str) -> torch.Tensor:

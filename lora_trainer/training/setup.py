@@ -16,7 +16,8 @@ import torch
 from ..adapters import lora as lora_mod
 from ..callbacks import Callbacks
 from ..config import TrainConfig
-from ..data.dataset import batches_per_epoch, optimizer_steps, scan_images
+from ..data.dataset import batches_per_epoch, missing_class_images, optimizer_steps, scan_images, scan_regularization
+from .class_images import make_class_images
 from .distributed import SINGLE, Processes, replicate
 from .optimizers import make_lr_scheduler, make_optimizer
 from ..errors import ConfigError, TrainingError
@@ -100,6 +101,7 @@ class Inputs:
     loaded: Optional[LoadedState]
     skipped: List[Tuple[str, str]] = field(default_factory=list)  # (image, why) the scan left out
     validation: List[Any] = field(default_factory=list)  # held out (validation_split) or validation_dir's images
+    class_images_missing: int = 0  # reg_generate's images still to make (then reg_data_dir is read after loading)
 
 
 def check_inputs(cfg: TrainConfig, callbacks: Callbacks, resume: Optional[str] = None,
@@ -107,9 +109,18 @@ def check_inputs(cfg: TrainConfig, callbacks: Callbacks, resume: Optional[str] =
     records, report = scan_images(cfg)
     callbacks.on_status(report.summary())
     records, held_out = validation_records(cfg, records, callbacks)  # held-out images never reach a batch
+    missing = missing_class_images(cfg)
+    if cfg.reg_data_dir and not missing:
+        records = records + regularization_records(cfg, callbacks)
     data_hash = dataset_hash(records)
     loaded = load_state(Path(resume), cfg, data_hash, processes.world) if resume else None
-    return Inputs(records, data_hash, loaded, list(report.skipped), held_out)
+    return Inputs(records, data_hash, loaded, list(report.skipped), held_out, missing)
+
+
+def regularization_records(cfg: TrainConfig, callbacks: Callbacks) -> List[Any]:
+    reg, report = scan_regularization(cfg)
+    callbacks.on_status(f"class images in {Path(cfg.reg_data_dir).name}: {report.summary()}")
+    return reg
 
 
 def prepare_run(cfg: TrainConfig, callbacks: Callbacks, base_weights: Optional[Mapping[str, torch.Tensor]] = None,
@@ -159,6 +170,12 @@ def prepare_run(cfg: TrainConfig, callbacks: Callbacks, base_weights: Optional[M
     components.vae.to(device)
     if next(components.vae.parameters()).dtype != torch.float32:
         components.vae.to(dtype=torch.float32)  # fp16 VAEs overflow (SDXL); it only encodes
+    if inputs.class_images_missing:  # reg_generate: the base model makes them, on the device the run trains on
+        if processes.main:
+            make_class_images(cfg, components, device, callbacks)
+        processes.wait_for_all()
+        records = records + regularization_records(cfg, callbacks)
+        data_hash = dataset_hash(records)
 
     epoch_length = batches_per_epoch(records, cfg, processes.world)  # counted, not built: no epoch just for this
     _, total_steps = optimizer_steps(epoch_length, cfg)
@@ -243,11 +260,15 @@ def _run_info(cfg: TrainConfig, records, batches_per_epoch: int, total_steps: in
     from collections import Counter
 
     folder = Path(cfg.train_data_dir).name
+    reg = [r for r in records if r.is_reg]
+    records = [r for r in records if not r.is_reg]
     tags: Counter = Counter()
     for r in records:
         tags.update(t.strip() for t in r.caption.split(",") if t.strip())
     return {
         "num_images": len(records) * cfg.repeats,
+        "num_reg_images": len(reg),
+        "reg_dataset_dirs": {Path(cfg.reg_data_dir).name: {"n_repeats": 1, "img_count": len(reg)}} if reg else {},
         "batches_per_epoch": batches_per_epoch,
         "max_train_steps": total_steps,
         "processes": processes,

@@ -15,11 +15,14 @@ from ..dataset import (
     apply_trigger,
     batches_per_epoch,
     make_buckets,
+    missing_class_images,
     optimizer_steps,
+    regularization_config,
 )
 from ..images import list_images
 from .captions import caption_findings
 from .likeness import duplicate_findings
+from .masks import mask_findings
 from .pixels import Look, bucket_of, look, record, size_findings, unreadable
 from .report import DoctorReport, Finding
 
@@ -40,6 +43,18 @@ def examine(folder: str | Path | None = None, cfg: TrainConfig | None = None, me
     if folder is not None and not Path(folder).expanduser().is_dir():  # given by the user, not by a config key
         raise DatasetError(f"Image folder not found: {folder}. Give the folder that holds your training images.")
     cfg = _config(folder, cfg, metadata)
+    report, records = _examine(cfg, trigger, on_progress)
+    if cfg.reg_data_dir:
+        records += _regularization(cfg, report)
+    if records:
+        per_epoch, total = optimizer_steps(batches_per_epoch(records, cfg), cfg)
+        report.steps = {"per_epoch": per_epoch, "total": total}
+    report.sort()
+    return report
+
+
+def _examine(cfg: TrainConfig, trigger: str | None, on_progress: Callable[[int, int], None] | None,
+             ) -> tuple[DoctorReport, list]:
     folder = image_folder(cfg)
     captions = read_captions(folder, cfg.metadata_path, cfg.caption_extension)
     paths = list_images(folder)
@@ -66,15 +81,36 @@ def examine(folder: str | Path | None = None, cfg: TrainConfig | None = None, me
     readable = {seen.name for seen in looks if not seen.error}
     wanted = (trigger or "").strip() or cfg.trigger_word.strip()
     report.findings += caption_findings(folder, paths, readable, captions, cfg, wanted)
+    if cfg.masked_loss:
+        report.findings += mask_findings([seen for seen in looks if not seen.error], cfg)
     report.usable = len(records)
     report.buckets = dict(sorted(report.buckets.items(), key=lambda kv: _aspect(kv[0])))
-    if records:
-        per_epoch, total = optimizer_steps(batches_per_epoch(records, cfg), cfg)
-        report.steps = {"per_epoch": per_epoch, "total": total}
     report.settings = {k: getattr(cfg, k) for k in ("resolution", "batch_size", "repeats", "epochs",
                                                      "gradient_accumulation_steps", "max_train_steps")}
-    report.sort()
-    return report
+    return report, records
+
+
+def _regularization(cfg: TrainConfig, report: DoctorReport) -> list:
+    """reg_data_dir checked as train_data_dir is, its findings named reg/<file> in `report`; its usable images
+    (as class images, for the step count)."""
+    from dataclasses import replace
+
+    missing = missing_class_images(cfg)
+    folder = Path(cfg.reg_data_dir)
+    if not folder.is_dir() or not list_images(folder):
+        if missing:  # training makes them first
+            report.findings.append(Finding("reg/", "no_images", "info", f"reg_data_dir {folder} holds no class "
+                                           f"images yet: reg_generate makes {missing} before training.", ""))
+        else:
+            report.findings.append(Finding("reg/", "no_images", "error", f"reg_data_dir {folder} holds no images.",
+                                           "Put class images in it, or set reg_generate: N with class_prompt."))
+        return []
+    reg, records = _examine(regularization_config(cfg), None, None)
+    for found in reg.findings:
+        if found.problem == "no_caption" and cfg.class_prompt:
+            continue  # the class prompt is their caption
+        report.findings.append(replace(found, file=f"reg/{found.file}"))
+    return [replace(r, is_reg=True, name=f"reg/{r.name}") for r in records]
 
 
 def _config(folder: str | Path | None, cfg: TrainConfig | None, metadata: str | Path | None) -> TrainConfig:

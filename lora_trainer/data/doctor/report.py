@@ -12,6 +12,9 @@ SEVERITIES = ("error", "warning", "info")
 PROBLEMS: dict[str, str] = {
     "no_images": "the folder holds no image training could use",
     "unreadable": "the file cannot be decoded; training skips it",
+    "mask_unreadable": "masked_loss: the image's mask cannot be decoded; training skips the image",
+    "mask_size": "masked_loss: the mask's size differs from its image's; it is stretched to fit",
+    "no_mask": "masked_loss: no mask for the image; it is trained whole",
     "too_small": "smaller than the smallest bucket: enlarged and soft, or skipped when tiny",
     "extreme_aspect": "aspect ratio outside the bucket range: cropped hard",
     "duplicate": "the same pixels as another image, whatever the name or format",
