@@ -89,7 +89,7 @@ def _one_op_forward(self: nn.Module, x: torch.Tensor, *args, **kwargs) -> torch.
         return type(self).forward(self, x, *args, **kwargs)
     adapter = active[0]
     dtype = compute_dtype_for(x)
-    delta_weight = self.get_delta_weight(adapter, apply_rank_dropout=self.training and bool(self.rank_dropout[adapter]))
+    delta_weight = _delta_weight(self, adapter)
     weight = (base.weight.to(delta_weight.dtype) + delta_weight).to(dtype)
     bias = None if base.bias is None else base.bias.to(dtype)
     if isinstance(base, nn.Linear):
@@ -97,6 +97,16 @@ def _one_op_forward(self: nn.Module, x: torch.Tensor, *args, **kwargs) -> torch.
     else:
         out = F.conv2d(x.to(dtype), weight, bias, base.stride, base.padding, base.dilation, base.groups)
     return out.to(x.dtype)
+
+
+def _delta_weight(layer: nn.Module, adapter: str) -> torch.Tensor:
+    """The layer's ΔW with rank dropout while training: newer peft asks for the dropout, older peft (0.13, A1111's
+    and Forge's) applies it by itself in train mode."""
+    import inspect
+
+    if "apply_rank_dropout" in inspect.signature(layer.get_delta_weight).parameters:
+        return layer.get_delta_weight(adapter, apply_rank_dropout=layer.training and bool(layer.rank_dropout[adapter]))
+    return layer.get_delta_weight(adapter)
 
 
 def check_factor(model: nn.Module, targets: Sequence[str], factor: int) -> None:
