@@ -70,7 +70,8 @@ def add_lycoris(model: nn.Module, kind: str, targets: List[str], rank: int, alph
 
 def one_op_forward(model: nn.Module, adapter: str) -> None:
     """Every LoHa/LoKr layer of `model` computes x·(W + ΔW)ᵀ in one op, as LyCORIS does, instead of peft's
-    base(x) + x·ΔWᵀ: one big matmul fewer forward and one fewer backward (bench/train_step.py --lora-types)."""
+    base(x) + x·ΔWᵀ: one big matmul fewer forward and one fewer backward (bench/train_step.py --lora-types); a base
+    stored in fp8 or offloaded adds x·ΔWᵀ beside its own op."""
     import types
 
     for layer in lycoris_layers(model, adapter).values():
@@ -85,28 +86,31 @@ def _one_op_forward(self: nn.Module, x: torch.Tensor, *args, **kwargs) -> torch.
     base = self.get_base_layer()
     active = [a for a in self.active_adapters if a in self.scaling]
     if self.disable_adapters or self.merged or len(active) != 1 or type(base) not in (nn.Linear, nn.Conv2d) \
-            or is_stored(base) or args or kwargs:  # fp8 or offloaded bases cast their weight per op: peft's two ops
+            or args or kwargs:
         return type(self).forward(self, x, *args, **kwargs)
-    adapter = active[0]
     dtype = compute_dtype_for(x)
-    delta_weight = _delta_weight(self, adapter)
+    delta_weight = _delta_weight(self, active[0])
+
+    def op(weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+        if isinstance(base, nn.Linear):
+            return F.linear(x.to(dtype), weight, bias)
+        return F.conv2d(x.to(dtype), weight, bias, base.stride, base.padding, base.dilation, base.groups)
+
+    if is_stored(base):  # fp8 or offloaded: the base casts its own weight per op, ΔW goes beside it
+        return (base(x).to(dtype) + op(delta_weight.to(dtype), None)).to(x.dtype)
     weight = (base.weight.to(delta_weight.dtype) + delta_weight).to(dtype)
-    bias = None if base.bias is None else base.bias.to(dtype)
-    if isinstance(base, nn.Linear):
-        out = F.linear(x.to(dtype), weight, bias)
-    else:
-        out = F.conv2d(x.to(dtype), weight, bias, base.stride, base.padding, base.dilation, base.groups)
-    return out.to(x.dtype)
+    return op(weight, None if base.bias is None else base.bias.to(dtype)).to(x.dtype)
 
 
 def _delta_weight(layer: nn.Module, adapter: str) -> torch.Tensor:
-    """The layer's ΔW with rank dropout while training: newer peft asks for the dropout, older peft (0.13, A1111's
-    and Forge's) applies it by itself in train mode."""
+    """The layer's scaled ΔW with rank dropout while training. Newer peft asks for the dropout; older peft (0.13,
+    A1111's and Forge's) applies it by itself in train mode, and its LoKr leaves the scale out."""
     import inspect
 
     if "apply_rank_dropout" in inspect.signature(layer.get_delta_weight).parameters:
         return layer.get_delta_weight(adapter, apply_rank_dropout=layer.training and bool(layer.rank_dropout[adapter]))
-    return layer.get_delta_weight(adapter)
+    weight = layer.get_delta_weight(adapter)
+    return weight * layer.scaling[adapter] if hasattr(layer, "lokr_w1") else weight
 
 
 def check_factor(model: nn.Module, targets: Sequence[str], factor: int) -> None:
