@@ -19,6 +19,7 @@ LyCORIS's) rank dropout for these types.
 
 from __future__ import annotations
 
+import functools
 from typing import Dict, List, Mapping, Optional, Sequence
 
 import torch
@@ -105,12 +106,18 @@ def _one_op_forward(self: nn.Module, x: torch.Tensor, *args, **kwargs) -> torch.
 def _delta_weight(layer: nn.Module, adapter: str) -> torch.Tensor:
     """The layer's scaled ΔW with rank dropout while training. Newer peft asks for the dropout; older peft (0.13,
     A1111's and Forge's) applies it by itself in train mode, and its LoKr leaves the scale out."""
-    import inspect
-
-    if "apply_rank_dropout" in inspect.signature(layer.get_delta_weight).parameters:
+    if _asks_for_dropout(type(layer)):
         return layer.get_delta_weight(adapter, apply_rank_dropout=layer.training and bool(layer.rank_dropout[adapter]))
     weight = layer.get_delta_weight(adapter)
     return weight * layer.scaling[adapter] if hasattr(layer, "lokr_w1") else weight
+
+
+@functools.lru_cache(maxsize=None)
+def _asks_for_dropout(layer_type: type) -> bool:
+    """Once per layer class, not per forward: whether its get_delta_weight takes apply_rank_dropout."""
+    import inspect
+
+    return "apply_rank_dropout" in inspect.signature(layer_type.get_delta_weight).parameters
 
 
 def check_factor(model: nn.Module, targets: Sequence[str], factor: int) -> None:
