@@ -26,6 +26,7 @@ _FORMATS = ("JPEG", "MPO", "PNG", "WEBP", "BMP", "DIB")
 # Used when a host has switched Pillow's own limit off (Image.MAX_IMAGE_PIXELS = None): Pillow's default.
 DEFAULT_MAX_PIXELS = 89_478_485
 MIN_SIDE = 64
+ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")  # Pillow modes with an alpha channel
 MASK_SUFFIX = "_mask"  # <name>_mask.png beside <name>.jpg: the image's loss mask (masked_loss)
 _ORIENTATION_TAG = 0x0112
 
@@ -136,7 +137,7 @@ def _to_rgb(img: Image.Image, fixes: list[str]) -> Image.Image:
     if mode.startswith("I") or mode == "F":
         fixes.append(f"{_describe_mode(mode)} scaled to 8-bit RGB")
         return _high_bit_depth_to_rgb(img)
-    if mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:
+    if mode in ALPHA_MODES or "transparency" in img.info:
         fixes.append(f"transparency ({mode}) composited on white")
         rgba = img.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))

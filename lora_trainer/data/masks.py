@@ -14,7 +14,8 @@ from typing import Optional
 
 from PIL import Image
 
-from .images import IMAGE_EXTENSIONS, MASK_SUFFIX, max_pixels
+from .images import ALPHA_MODES, IMAGE_EXTENSIONS, MASK_SUFFIX, max_pixels
+
 
 class MaskError(Exception):
     """A mask file that cannot be used; the message is the one-line reason."""
@@ -38,7 +39,7 @@ def find_mask(image: Path, mask_dir: str = "") -> Optional[Path]:
 def has_alpha(path: Path) -> bool:
     try:
         with Image.open(path) as img:
-            return img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info
+            return img.mode in ALPHA_MODES or "transparency" in img.info
     except Exception:  # noqa: BLE001 - an unreadable image is the scan's to report
         return False
 

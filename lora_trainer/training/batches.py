@@ -36,8 +36,22 @@ def batch_latents(run: Any, images: list, epoch: int, index: int):
         targets.append(target)
         out.append(latent(run, record, bucket, crop))
         if cfg.masked_loss:
-            masks.append(latent_mask(prepare_mask(record, bucket, crop), tuple(out[-1].shape[-2:])))
+            masks.append(batch_mask(run, record, bucket, crop, tuple(out[-1].shape[-2:])))
     return torch.stack(out), sizes, crops, targets, torch.stack(masks) if masks else None
+
+
+def batch_mask(run: Any, record: Any, bucket: Any, crop: Any, latent_hw: tuple) -> torch.Tensor:
+    """One image's mask at latent size, decoded once per crop: kept in memory like the latents when the crops are
+    fixed (no random_crop, or cached latents), so a step reads no mask file after the first epoch."""
+    def make() -> torch.Tensor:
+        return latent_mask(prepare_mask(record, bucket, crop), latent_hw)
+
+    if run.cfg.random_crop and not run.cfg.cache_latents:  # a new crop every step: nothing to keep
+        return make()
+    key = (record.name, bucket, crop)
+    if key not in run.mask_cache:
+        run.mask_cache[key] = make()
+    return run.mask_cache[key]
 
 
 def latent(run: Any, record: Any, bucket: Any, crop: Any) -> torch.Tensor:

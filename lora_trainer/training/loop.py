@@ -209,5 +209,6 @@ def _release(run: Run) -> None:
     for cache in (run.latent_cache, run.text_cache):
         if cache is not None:
             cache.memory.clear()
+    run.mask_cache.clear()
 
 

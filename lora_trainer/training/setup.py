@@ -50,6 +50,7 @@ class Run:
     started_at: float = field(default_factory=time.time)
     info: Dict[str, Any] = field(default_factory=dict)
     owns_components: bool = False  # loaded by the run (not passed in): it may free them as it goes
+    mask_cache: Dict[Any, torch.Tensor] = field(default_factory=dict)  # masked_loss: (image, bucket, crop) → mask
     val_records: List[Any] = field(default_factory=list)  # validation images: never in `records`
     validation_state: Dict[str, Any] = field(default_factory=dict)  # from the resumed state: the best val_loss
     processes: Processes = SINGLE  # this process's place among the torchrun processes sharing each batch
