@@ -39,7 +39,8 @@ class TrainLoRA:
                        "The input CLIP with the new LoRA applied (strength 1).",
                        "File name of the LoRA in models/loras, as LoraLoader lists it (with any -v2).",
                        "Loss per step and its smoothed line.",
-                       "What was trained: the file, the steps, the final loss, where the checkpoints went.")
+                       "What was trained: the file, the steps, the final loss, where the checkpoints and the run's "
+                       "report.html went.")
     OUTPUT_NODE = True
 
     @classmethod
@@ -153,6 +154,9 @@ def report(result: TrainResult, output_dir: str, *notes: str) -> str:
     lines = [f"saved {result.lora_path.name} in models/loras", f"{result.steps} steps, final loss {final}"
              + (f", validation loss {result.val_losses[-1][1]:.4f}" if result.val_losses else ""),
              f"checkpoints, state and logs: {output_dir}"]
+    page = Path(output_dir) / "report.html"  # every run writes it (training/record.py); a failed page is logged
+    if page.is_file():
+        lines.append(f"report: {page}")
     return "\n".join(lines + [n for n in notes if n])
 
 

@@ -64,6 +64,10 @@ class TrainConfig:
     caption_dropout_rate: float = _f(0.0, "Fraction of steps trained with an empty caption.", "data")
     cache_latents: bool = _f(True, "Encode each image with the VAE once and cache the result on disk.", "data")
     cache_text_embeddings: bool = _f(True, "Encode captions once when the text encoders are frozen.", "data")
+    cache_dir: str = _f(
+        "", "Folder of the latent and text-embedding caches; empty: output_dir/cache. Runs that share it (a sweep does) "
+        "encode each image and caption once: entries are keyed by the image bytes or caption, the crop and the model.",
+        "data")
     validation_split: float = _f(
         0.0, "Share of the images (0-0.5) held out to measure a validation loss, chosen by the seed and never "
         f"trained on: at least 1 image, at most {MAX_VALIDATION_IMAGES}. 0 turns it off.", "data")

@@ -158,7 +158,8 @@ def test_once_the_lora_is_saved_nothing_after_it_is_an_error(webui, make_cfg, ti
     session.wait(120)
     lines = session.summary().splitlines()
     assert session.error is None and lines[0].startswith("Done: 1 steps."), lines
-    warnings = lines[1:]
+    *warnings, report = lines[1:]
+    assert report == f"Report: {session.result.output_dir / 'report.html'}"  # the run's page, last
     assert all(w.startswith("Warning: ") for w in warnings) and len(warnings) == 4, warnings
     assert "could not be put back on the GPU" in warnings[0] and "CUDA error" in warnings[0]
     assert "card" in warnings[1] and "disk full" in warnings[1]

@@ -23,8 +23,9 @@ LAYERS: Dict[str, int] = {
     "data": 2, "adapters": 2,
     "evaluate": 3,
     "training": 4,
-    "ui": 5,  # the front ends: the tab (A1111/Forge, standalone) …
-    "cli": 6,  # … and the command line, which also serves the standalone tab (`python -m lora_trainer ui`)
+    "experiments": 5,  # many runs: queue, sweep, compare
+    "ui": 6,  # the front ends: the tab (A1111/Forge, standalone) …
+    "cli": 7,  # … and the command line, which also serves the standalone tab (`python -m lora_trainer ui`)
 }
 FRONT_DOOR = {"lora_trainer", "lora_trainer.__main__"}  # the public API re-exports and `python -m`
 

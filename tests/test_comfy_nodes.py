@@ -48,11 +48,11 @@ def train_inputs(demo_folder, config_file, **changes):
 def test_root_package_imports_outside_comfyui(pack):
     assert not any(name in sys.modules for name in comfy_stubs.MODULES)
     assert set(pack.NODE_CLASS_MAPPINGS) == {"LoraTrainerCaptionFolder", "LoraTrainerCheckDataset", "LoraTrainerTrain",
-                                             "LoraTrainerTrainFlux", "LoraTrainerStrengthGrid"}
+                                             "LoraTrainerTrainFlux", "LoraTrainerStrengthGrid", "LoraTrainerCompare"}
     # ComfyUI's own node is called "Train LoRA": ours carry the pack's name, the class names stay
     assert set(pack.NODE_DISPLAY_NAME_MAPPINGS.values()) == {
         "Caption Folder (lora-scripts)", "Check Dataset (lora-scripts)", "Train LoRA (lora-scripts)",
-        "Train Flux LoRA (lora-scripts)", "LoRA Strength Grid (lora-scripts)"}
+        "Train Flux LoRA (lora-scripts)", "LoRA Strength Grid (lora-scripts)", "Compare LoRAs (lora-scripts)"}
     assert pack.WEB_DIRECTORY == "./comfy_nodes/web" and (ROOT / pack.WEB_DIRECTORY / "lora_trainer.js").is_file()
     assert not any(name in sys.modules for name in comfy_stubs.MODULES)
 
@@ -129,6 +129,8 @@ def test_train_node_trains_saves_into_loras_and_applies_the_lora(pack, comfy, ti
     assert out["ui"]["text"] == [report]
     assert report.startswith("saved village.safetensors in models/loras\n2 steps, final loss ")
     assert str(comfy.base / "output" / "lora_trainer" / "village") in report
+    page = comfy.base / "output" / "lora_trainer" / "village" / "report.html"  # every run writes its page
+    assert f"\nreport: {page}\n" in report and page.is_file()
     # ComfyUI's models left the GPU before training; the graph's weights were taken as CheckpointSave does
     assert "unload_all_models" in comfy.calls and "soft_empty_cache" in comfy.calls
     assert any("force_patch_weights" in c for c in comfy.calls)
@@ -333,7 +335,8 @@ def test_example_workflows_match_the_nodes(pack, comfy):
     assert [n["class_type"] for n in merge.values()] == ["CheckpointLoaderSimple", "LoraLoader", "CheckpointSave"]
     flux = json.loads((folder / "api" / "flux_train_sample.json").read_text(encoding="utf-8"))
     ours = [n for graph in (api, flux) for n in graph.values() if n["class_type"] in pack.NODE_CLASS_MAPPINGS]
-    assert {n["class_type"] for n in ours} == set(pack.NODE_CLASS_MAPPINGS)  # every node is in an example graph
+    # every node is in an example graph, but Compare LoRAs (no template yet: tests/test_comfy_compare.py runs it)
+    assert {n["class_type"] for n in ours} == set(pack.NODE_CLASS_MAPPINGS) - {"LoraTrainerCompare"}
     trainer = next(n for n in flux.values() if n["class_type"] == "LoraTrainerTrainFlux")
     loaders = {nid: n["class_type"] for nid, n in flux.items()}
     assert [loaders[trainer["inputs"][k][0]] for k in ("model", "clip", "vae")] == ["UNETLoader", "DualCLIPLoader",

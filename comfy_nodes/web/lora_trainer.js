@@ -11,8 +11,8 @@
 import { app } from "../../scripts/app.js";
 
 const OURS = new Set(["LoraTrainerCaptionFolder", "LoraTrainerCheckDataset", "LoraTrainerTrain",
-    "LoraTrainerTrainFlux", "LoraTrainerStrengthGrid"]);
-const FIXED_SEED = new Set(["LoraTrainerTrain", "LoraTrainerTrainFlux", "LoraTrainerStrengthGrid"]);
+    "LoraTrainerTrainFlux", "LoraTrainerStrengthGrid", "LoraTrainerCompare"]);
+const FIXED_SEED = new Set(["LoraTrainerTrain", "LoraTrainerTrainFlux", "LoraTrainerStrengthGrid", "LoraTrainerCompare"]);
 const RESULT = "result";
 
 function showText(node, message) {

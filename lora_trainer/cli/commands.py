@@ -1,4 +1,5 @@
-"""`python -m lora_trainer …`: train, plan, sample, score, demo, convert, merge, resize, caption, doctor.
+"""`python -m lora_trainer …`: train, plan, sample, score, demo, convert, merge, resize, caption, doctor, queue,
+sweep, compare.
 
 Errors the user can fix are printed as one line (exit code 2); `doctor` exits with 1 when the folder
 has an error-level finding. Ctrl-C stops training after the current step and leaves a resumable
@@ -8,6 +9,7 @@ state (a second Ctrl-C aborts; see console.py).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
@@ -142,6 +144,34 @@ def _parser() -> argparse.ArgumentParser:
     o.add_argument("--trigger", metavar="W", default=None,
                    help="trigger word every caption should hold (default: the config's trigger_word)")
     o.add_argument("--json", action="store_true", help="print the report as JSON")
+    q = sub.add_parser("queue", help="queue runs and run them one at a time, in order (an interrupted one resumes "
+                       "first); docs/experiments.md")
+    q.add_argument("action", choices=["add", "list", "run", "cancel"])
+    q.add_argument("id", nargs="?", help="cancel: the run's id (queue list shows them)")
+    q.add_argument("--config", help="add: YAML config of the run")
+    q.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="add: override a config key")
+    q.add_argument("--root", default="output", help="output root that holds the queue folder (default: %(default)s)")
+    q.add_argument("--json", action="store_true", help="list: print the runs as JSON")
+
+    w = sub.add_parser("sweep", help="queue one run per combination of --grid values, run them sharing one cache, "
+                       "and compare them")
+    w.add_argument("--config", required=True, help="YAML config every run starts from")
+    w.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key in every run")
+    w.add_argument("--grid", action="append", required=True, metavar="KEY=V1,V2",
+                   help="a config key and its values; repeat for more keys (every combination is a run)")
+    w.add_argument("--seeds", type=int, default=1, metavar="N", help="N runs per combination: seed, seed+1, …")
+    w.add_argument("--root", default="output", help="output root that holds the queue folder (default: %(default)s)")
+    w.add_argument("--no-run", action="store_true", help="only queue the runs (queue run trains them)")
+    _compare_arguments(w)
+
+    v = sub.add_parser("compare", help="compare runs: a table (val_loss, CLIP strength, steps, time, peak), the best "
+                       "run, and a strength grid (one run: its checkpoints)")
+    v.add_argument("runs", nargs="+", metavar="RUN_DIR", help="output folders of training runs")
+    v.add_argument("--output", default=None, metavar="DIR",
+                   help="where compare.png and compare.html go (default: the runs' common folder)")
+    v.add_argument("--json", action="store_true", help="print the comparison as JSON")
+    _compare_arguments(v)
+
     u = sub.add_parser("ui", help="serve the Train LoRA tab in a browser, without a WebUI (needs gradio)")
     u.add_argument("--host", default="127.0.0.1")
     u.add_argument("--port", type=int, default=7861)
@@ -154,7 +184,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = _parser().parse_args(argv)
     try:
         return {"train": _train, "plan": _plan, "sample": _sample, "score": _score, "demo": _demo,
-                "convert": _convert, "merge": _merge, "resize": _resize, "caption": _caption, "doctor": _doctor, "ui": _ui}[args.command](args)
+                "convert": _convert, "merge": _merge, "resize": _resize, "caption": _caption, "doctor": _doctor,
+                "queue": _queue, "sweep": _sweep, "compare": _compare, "ui": _ui}[args.command](args)
     except LoraTrainerError as e:
         print(f"{_rank_label()}error: {e}", file=sys.stderr)
         return 2
@@ -253,7 +284,7 @@ def _score(args) -> int:
     from ..model.loader import base_model_path
     from ..evaluate.sample import label_grid, parse_strengths, render_images
     from ..evaluate.score import StrengthScorer, check_weights, deterministic, rank_strengths, read_trigger, reference_files
-    from ..evaluate.score import with_base
+    from ..evaluate.score import save_scores, with_base
 
     strengths = parse_strengths(args.strengths, "--strengths")
     # What can be missing is said now, not after minutes of rendering: the user's files before the scorer's.
@@ -284,9 +315,11 @@ def _score(args) -> int:
                   for s in rendered]
         grid = label_grid(rows, labels, list(args.prompt), args.seed)
         atomic_write_with(Path(args.output), lambda tmp: grid.save(tmp, format="PNG"))
+    kept = save_scores(Path(args.lora), report)
     if args.json:
         print(report.to_json())
         return 0
+    print(f"scores: {kept}")
     print(f"trigger {trigger!r} taken out of the prompts" if trigger else "no trigger word taken out of the prompts")
     print(report.table())
     if args.output:
@@ -405,6 +438,122 @@ def _doctor(args) -> int:
         console.close()
     print(report.to_json() if args.json else report.text())
     return 0 if report.ok else 1
+
+
+def _compare_arguments(parser) -> None:
+    group = parser.add_argument_group("the comparison grid (default: the first run's sample settings)")
+    group.add_argument("--prompt", action="append", default=None, help="repeat for several rows per run")
+    group.add_argument("--strengths", default=None, help="comma-separated columns (default: sample_strengths)")
+    group.add_argument("--seed", type=int, default=None)
+    group.add_argument("--steps", type=int, default=None, help="sampling steps (default: sample_steps)")
+    group.add_argument("--size", type=int, default=None, help="image side in pixels (default: the model's)")
+    group.add_argument("--no-grid", action="store_true", help="the table only: no base model is loaded")
+
+
+def _queue(args) -> int:
+    from ..config import load_config
+    from ..experiments.queue import Queue
+
+    queue = Queue(args.root)
+    if args.action == "add":
+        if not args.config and not args.set:
+            raise LoraTrainerError("queue add needs the run's config: --config my_run.yaml [--set key=value]")
+        job = queue.add(load_config(args.config, args.set))
+        print(f"queued {job['id']}: {job['name']} (python -m lora_trainer queue run --root {args.root} trains it)")
+        return 0
+    if args.action == "cancel":
+        if not args.id:
+            raise LoraTrainerError("queue cancel needs the run's id: python -m lora_trainer queue list shows them.")
+        job = queue.cancel(args.id)
+        print(f"{job['id']} {job['name']}: " + ("stops after its current step" if job.get("cancel") else "cancelled"))
+        return 0
+    if args.action == "list":
+        jobs = queue.jobs()
+        if args.json:
+            print(json.dumps([{k: j[k] for k in ("id", "name", "state", "step", "total", "output_dir", "lora", "error")}
+                              for j in jobs]))
+        for j in [] if args.json else jobs:
+            progress = f"{j['step']}/{j['total']}" if j["total"] else ""
+            print(f"{j['id']}  {j['state']:<9}  {progress:>9}  {j['name']}  {j['error'] or j['output_dir'] or ''}")
+        if not jobs and not args.json:
+            print(f"the queue in {queue.folder} is empty")
+        return 0
+    ran = queue.run(_queued_training)
+    return _after_queue(ran)
+
+
+def _queued_training(cfg, callbacks, resume):
+    return run_training(cfg, resume=resume, also=callbacks)
+
+
+def _after_queue(ran) -> int:
+    for job in ran:
+        print(f"{job['id']} {job['name']}: {job['state']}" + (f" — {job['lora']}" if job["lora"] else "")
+              + (f" — {job['error']}" if job["error"] else ""))
+    if ran and ran[-1]["state"] == "stopped":
+        print("the queue stopped; `queue run` resumes this run first")
+        return 1
+    return 0 if all(job["state"] == "done" for job in ran) else 1
+
+
+def _sweep(args) -> int:
+    from ..experiments.queue import Queue
+    from ..experiments.sweep import parse_grid, sweep_configs
+
+    configs = sweep_configs(args.config, args.set, parse_grid(args.grid), args.seeds)
+    queue = Queue(args.root)
+    jobs = [queue.add(cfg, sweep=str(Path(configs[0].output_dir).parent)) for cfg in configs]
+    print(f"queued {len(jobs)} runs: " + ", ".join(j["name"] for j in jobs))
+    if args.no_run:
+        return 0
+    ran = queue.run(_queued_training, only=[j["id"] for j in jobs])
+    code = _after_queue(ran)
+    done = [queue.get(j["id"]) for j in jobs]
+    finished = [j["output_dir"] for j in done if j["state"] == "done"]
+    if finished:
+        args.output, args.json = str(Path(configs[0].output_dir).parent), False
+        _compare_runs(finished, args)
+    return code
+
+
+def _compare(args) -> int:
+    return _compare_runs(args.runs, args)
+
+
+def _compare_runs(folders, args) -> int:
+    from ..evaluate.report import write_compare_report
+    from ..evaluate.sample import parse_strengths
+    from ..experiments.compare import compare_runs, read_run, render_comparison, table
+
+    comparison = compare_runs(folders)
+    out = Path(args.output) if args.output else Path(os.path.commonpath([str(Path(f).resolve()) for f in folders]))
+    if len(folders) == 1 and not args.output:
+        out = Path(folders[0])
+    grid = None
+    if not args.no_grid:
+        import torch
+
+        runs = [read_run(f) for f in folders]
+        cfg = runs[0].config
+        prompts = args.prompt or cfg.get("sample_prompts") or [cfg.get("trigger_word") or "a picture"]
+        strengths = parse_strengths(args.strengths, "--strengths") if args.strengths else \
+            [float(s) for s in cfg.get("sample_strengths") or (0, 0.5, 0.75, 1.0)]
+        seed = args.seed if args.seed is not None else int(cfg.get("seed", 1))
+        steps = args.steps or int(cfg.get("sample_steps") or 20)
+        grid = out / "compare.png"
+        if not args.json:
+            print(f"rendering {len(prompts)} prompt(s) × {len(strengths)} strengths per row …", file=sys.stderr)
+        render_comparison(runs, prompts, strengths, seed, steps, "cuda" if torch.cuda.is_available() else "cpu",
+                          grid, args.size)
+    page = write_compare_report(out / "compare.html", comparison, grid)
+    if args.json:
+        print(json.dumps(comparison))
+        return 0
+    print(table(comparison))
+    if grid is not None:
+        print(f"grid: {grid}")
+    print(f"page: {page}")
+    return 0
 
 
 def _ui(args) -> int:

@@ -54,8 +54,11 @@ class ConsoleCallbacks(Callbacks):
             self.bar.close()
 
 
-def run_training(cfg, resume: Optional[str] = None, components=None, quiet: bool = False):
-    """Train with the console bar and Ctrl-C handling (shared by `train` and `demo`)."""
+def run_training(cfg, resume: Optional[str] = None, components=None, quiet: bool = False,
+                 also: Optional[Callbacks] = None):
+    """Train with the console bar and Ctrl-C handling (shared by `train`, `demo` and the queue); `also` hears
+    the run too (the queue's progress)."""
+    from ..callbacks import MultiCallbacks
     from ..training.loop import train
 
     console = ConsoleCallbacks(quiet=quiet)
@@ -69,7 +72,7 @@ def run_training(cfg, resume: Optional[str] = None, components=None, quiet: bool
 
     signal.signal(signal.SIGINT, on_interrupt)
     try:
-        return train(cfg, console, resume=resume, components=components)
+        return train(cfg, MultiCallbacks(console, also), resume=resume, components=components)
     finally:
         signal.signal(signal.SIGINT, previous)
         console.close()

@@ -1,29 +1,31 @@
 """Cached VAE latents and text embeddings: encode once, train many epochs.
 
 A latent is keyed by what changes it: the image bytes, the bucket size, the crop, the flip and
-the VAE. Cache files live under `output_dir/cache/` (the image folder is never written to).
-Text embeddings are cached in memory when the text encoders are frozen and captions do not
-change between epochs (no shuffling).
+the VAE. Text embeddings are cached when the text encoders are frozen and captions do not change
+between epochs (no shuffling), keyed by the caption, the text encoders and the precision. Both
+live under `cache_dir` (default `output_dir/cache/`; the image folder is never written to), so
+runs that share the folder (a sweep's) encode each image and caption once.
 """
 
 from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 
 from ..files import atomic_write_with
 
 
-def vae_fingerprint(vae: torch.nn.Module) -> str:
-    """A short id of the VAE's weights: a new VAE never reuses another's latents."""
+def vae_fingerprint(*models: torch.nn.Module) -> str:
+    """A short id of the models' weights (a VAE; the text encoders): other weights never reuse these entries."""
     h = hashlib.sha1()
-    for name, p in sorted(vae.state_dict().items())[:8]:
-        h.update(name.encode())
-        h.update(str(tuple(p.shape)).encode())
-        h.update(p.detach().float().flatten()[:64].cpu().numpy().tobytes())
+    for model in models:
+        for name, p in sorted(model.state_dict().items())[:8]:
+            h.update(name.encode())
+            h.update(str(tuple(p.shape)).encode())
+            h.update(p.detach().float().flatten()[:64].cpu().numpy().tobytes())
     return h.hexdigest()[:16]
 
 
@@ -77,19 +79,45 @@ def encode_pixels(vae: torch.nn.Module, pixels: torch.Tensor) -> torch.Tensor:
 
 
 class TextEmbeddingCache:
-    """caption → (hidden states, pooled) while the text encoders are frozen."""
+    """caption → (hidden states, pooled) while the text encoders are frozen; on disk too when given a folder."""
 
-    def __init__(self, encode: Callable[[list], Tuple[torch.Tensor, Optional[torch.Tensor]]]) -> None:
+    def __init__(self, encode: Callable[[list], Tuple[torch.Tensor, Optional[torch.Tensor]]],
+                 folder: Optional[Path] = None, encoder_id: str = "", device: Any = None) -> None:
         self.encode = encode
+        self.folder = Path(folder) if folder else None
+        self.encoder_id = encoder_id  # the text encoders' weights and the precision they ran in
+        self.device = device
         self.memory: Dict[str, Tuple[torch.Tensor, Optional[torch.Tensor]]] = {}
 
+    def _file(self, caption: str) -> Optional[Path]:
+        if self.folder is None:
+            return None
+        return self.folder / f"{hashlib.sha1(f'{caption}|{self.encoder_id}'.encode()).hexdigest()}.safetensors"
+
+    def _from_disk(self, caption: str) -> bool:
+        path = self._file(caption)
+        if path is None or not path.is_file():
+            return False
+        from safetensors.torch import load_file
+
+        saved = load_file(str(path), device=str(self.device or "cpu"))
+        self.memory[caption] = (saved["hidden"], saved.get("pooled"))
+        return True
+
     def __call__(self, captions: list) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-        missing = [c for c in dict.fromkeys(captions) if c not in self.memory]
+        missing = [c for c in dict.fromkeys(captions) if c not in self.memory and not self._from_disk(c)]
         if missing:
             with torch.no_grad():
                 hidden, pooled = self.encode(missing)
             for i, c in enumerate(missing):
                 self.memory[c] = (hidden[i].detach(), None if pooled is None else pooled[i].detach())
+                path = self._file(c)
+                if path is not None:
+                    from safetensors.torch import save_file
+
+                    pair = {"hidden": hidden[i]} if pooled is None else {"hidden": hidden[i], "pooled": pooled[i]}
+                    pair = {k: v.detach().to("cpu").contiguous() for k, v in pair.items()}
+                    atomic_write_with(path, lambda tmp, pair=pair: save_file(pair, str(tmp)))
         hidden = torch.stack([self.memory[c][0] for c in captions])
         pooled_list = [self.memory[c][1] for c in captions]
         pooled = None if pooled_list[0] is None else torch.stack(pooled_list)

@@ -112,6 +112,32 @@ def rank_strengths(scores: Sequence[StrengthScore], asked: Optional[Sequence[flo
     return StrengthReport(chosen, best, base, note)
 
 
+def scores_path(lora_path: Any) -> Path:
+    """Where a LoRA's strength scores are kept: `<lora>.scores.json` beside the file (read by report and compare)."""
+    return Path(lora_path).with_suffix(".scores.json")
+
+
+def save_scores(lora_path: Any, report: StrengthReport) -> Path:
+    """Keep `report` beside the LoRA, and redraw its run's report.html when the LoRA sits in a run folder."""
+    from ..files import atomic_write_text
+
+    kept = atomic_write_text(scores_path(lora_path), json.dumps({**report.to_dict(), "note": report.note}))
+    run_dir = Path(lora_path).parent
+    if (run_dir / "run.json").is_file():
+        from .report import write_run_report
+
+        write_run_report(run_dir)
+    return kept
+
+
+def read_scores(lora_path: Any) -> Optional[dict]:
+    """The kept scores of a LoRA, or None when it was never scored."""
+    try:
+        return json.loads(scores_path(lora_path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
 def with_base(strengths: Sequence[float]) -> List[float]:
     """The strengths to render: 0 (the base, the fidelity reference) first, then those asked, once each."""
     return list(dict.fromkeys([0.0, *(float(s) for s in strengths)]))

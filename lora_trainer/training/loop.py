@@ -27,6 +27,7 @@ from .budget import back_off, fit_budget, start_of_step
 from .checkpoints import samples_at, saves_at
 from .memory import forget_frames, release
 from .optimizers import effective_lr, evaluating, train_mode
+from .record import finish_record, reset_peak, write_used_config
 from .setup import Run, check_inputs, prepare_run
 
 
@@ -63,21 +64,29 @@ def train(cfg: TrainConfig, callbacks: Optional[Callbacks] = None, host: Optiona
     loggers = log_callbacks(Path(cfg.output_dir), cb) if procs.main else []
     cb = MultiCallbacks(cb, *loggers)
     host.free_gpu()
+    reset_peak()
+    started = time.perf_counter()
     run = checkpointer = None
     try:
         # After free_gpu: "auto" counts what the host freed. Every process takes rank 0's plan: one global batch.
         cfg = procs.from_main(fit_budget(cfg, cb, base_weights, components))
         run = prepare_run(cfg, cb, base_weights, base_name, resume, components, inputs, procs)
+        if procs.main:
+            write_used_config(run.output_dir, cfg)
         checkpointer = Checkpointer(run, cb, host) if procs.main else NoWrites()
         losses, stopped = _loop(run, cb, checkpointer)
         if stopped:
             with evaluating(run.optimizer):
                 state = checkpointer.save_checkpoint(final=False)
             cb.on_status(f"stopped at step {run.position.step}; resume with --resume {cfg.output_dir}")
+            if procs.main:
+                finish_record(run, inputs, checkpointer.best, None, True, time.perf_counter() - started, cb)
             return TrainResult(None, checkpointer.last_file, state, run.position.step, True, losses,
                                inputs.skipped, checkpointer.val_losses, Path(cfg.output_dir))
         with evaluating(run.optimizer):  # a schedule-free optimizer's averaged weights are the LoRA
             lora_path = checkpointer.save_final()
+        if procs.main:
+            finish_record(run, inputs, checkpointer.best, lora_path, False, time.perf_counter() - started, cb)
         return TrainResult(lora_path, checkpointer.last_file, checkpointer.last_state, run.position.step, False,
                            losses, inputs.skipped, checkpointer.val_losses, Path(cfg.output_dir))
     except BaseException as err:

@@ -103,6 +103,7 @@ class Inputs:
     skipped: List[Tuple[str, str]] = field(default_factory=list)  # (image, why) the scan left out
     validation: List[Any] = field(default_factory=list)  # held out (validation_split) or validation_dir's images
     class_images_missing: int = 0  # reg_generate's images still to make (then reg_data_dir is read after loading)
+    scan: str = ""  # the scan's one-line summary (the doctor's)
 
 
 def check_inputs(cfg: TrainConfig, callbacks: Callbacks, resume: Optional[str] = None,
@@ -115,7 +116,7 @@ def check_inputs(cfg: TrainConfig, callbacks: Callbacks, resume: Optional[str] =
         records = records + regularization_records(cfg, callbacks)
     data_hash = dataset_hash(records)
     loaded = load_state(Path(resume), cfg, data_hash, processes.world) if resume else None
-    return Inputs(records, data_hash, loaded, list(report.skipped), held_out, missing)
+    return Inputs(records, data_hash, loaded, list(report.skipped), held_out, missing, report.summary())
 
 
 def regularization_records(cfg: TrainConfig, callbacks: Callbacks) -> List[Any]:
@@ -188,14 +189,17 @@ def prepare_run(cfg: TrainConfig, callbacks: Callbacks, base_weights: Optional[M
     output_dir = Path(cfg.output_dir)
     if processes.main:  # the others write only their share of the latent cache
         output_dir.mkdir(parents=True, exist_ok=True)
+    cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else output_dir / "cache"
     latent_cache = None
     if cfg.cache_latents:
-        latent_cache = LatentCache(output_dir / "cache" / "latents", vae_fingerprint(components.vae))
+        latent_cache = LatentCache(cache_dir / "latents", vae_fingerprint(components.vae))
     text_cache = None
     if cfg.cache_text_embeddings and not te_params and not cfg.shuffle_caption:
         from ..model import encode_text
 
-        text_cache = TextEmbeddingCache(lambda captions: encode_text(components, captions))
+        text_id = f"{components.family}|{device.type}|{autocast_dtype}|{vae_fingerprint(*components.text_encoders)}"
+        text_cache = TextEmbeddingCache(lambda captions: encode_text(components, captions), cache_dir / "text",
+                                        text_id, device)
 
     run = Run(cfg, components, records, device, autocast_dtype, unet_params, te_params, optimizer, lr_scheduler,
               scaler, latent_cache, text_cache, data_hash, total_steps, epoch_length, output_dir,

@@ -1,6 +1,7 @@
 """The Train LoRA tab: `session` (no gradio: form → config, the run), `dataset_panel` and `uploads` (no gradio: Load
 with the dataset doctor, Caption, Add images), `strengths` (no gradio: Test, its scores and the best strength written),
-`merging` (Merge into checkpoint; gradio only handed in), `blocks` (the gradio Blocks), `standalone`
+`merging` (Merge into checkpoint; gradio only handed in), `queue_panel` (Queue: the run queue in this process and its
+table; gradio only handed in), `blocks` (the gradio Blocks), `standalone`
 (`python -m lora_trainer ui`).
 
 Importing this package does not import gradio; `build_blocks` does.

@@ -8,7 +8,6 @@ gradio is imported inside `build_blocks`, so the core stays importable without i
 from __future__ import annotations
 
 import time
-import traceback
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, ContextManager, Dict, List, Optional, Tuple
@@ -18,8 +17,9 @@ from ..errors import LoraTrainerError
 from ..evaluate.loss_plot import loss_image
 from . import dataset_panel as panel
 from .merging import add_merge_panel
-from .session import (PRESET_FIELDS, PRESETS, TEST_STRENGTHS, SessionCallbacks, TrainSession, advanced_fields,
-                      described, form_to_config, in_tab_words, preset_values)
+from .queue_panel import add_queue_panel
+from .session import (PRESET_FIELDS, PRESETS, TEST_STRENGTHS, TrainSession, advanced_fields, form_to_config,
+                      in_tab_words, preset_values, start_run)
 from .strengths import run_test
 from .uploads import UPLOAD_TYPES
 
@@ -78,10 +78,11 @@ class Backend:
         results = caption_folder(folder, options=options, callbacks=callbacks)
         return sum(1 for r in results if r.status == "new")
 
-    def train(self, cfg: Any, callbacks: Callbacks, task_id: str = "") -> Any:
+    def train(self, cfg: Any, callbacks: Callbacks, task_id: str = "", resume: Optional[str] = None) -> Any:
+        """Train `cfg` (`resume`: a run folder whose saved state it continues, as the queue's stopped runs)."""
         from ..training.loop import train
 
-        return train(cfg, callbacks=callbacks, host=self.host())
+        return train(cfg, callbacks=callbacks, host=self.host(), resume=resume)
 
     def after_training(self, cfg: Any, result: Any, session: TrainSession) -> str:
         """Register the finished LoRA with the host; returns warnings to show under "Done", or ''.
@@ -134,44 +135,6 @@ class Backend:
     def after_merge(self, checkpoint: Path) -> str:
         """Make the host list a checkpoint Merge into checkpoint wrote; returns what to add to the status, or ''."""
         return ""
-
-
-def start_run(backend: Backend, cfg: Any, task_id: str = "") -> TrainSession:
-    """Train `cfg` in the background, then register the finished LoRA with the host (the tab and the API).
-
-    Once the LoRA is saved the run is a success: a failure after that (the last sample grid, the host's
-    card, list refresh or key check) is a warning under "Done", and the registration still happens."""
-    task_id = task_id or backend.new_task_id()
-
-    def run(callbacks: SessionCallbacks) -> Any:
-        notes = []
-        try:
-            result = backend.train(cfg, callbacks, task_id)
-        except Exception as err:
-            if callbacks.saved is None:
-                raise
-            traceback.print_exc()
-            result = _saved_result(callbacks)
-            notes.append(f"Warning: after the LoRA was saved: {described(err)}")
-        if result is not None and not result.stopped:
-            try:
-                notes.append(backend.after_training(cfg, result, session))
-            except Exception as err:
-                traceback.print_exc()
-                notes.append(f"Warning: the LoRA is saved, but registering it failed: {described(err)}")
-        session.notice = "\n".join(n for n in notes if n)
-        return result
-
-    session = TrainSession(run, backend.progress_callbacks(), task_id=task_id, cfg=cfg)
-    return session.start()
-
-
-def _saved_result(callbacks: SessionCallbacks) -> Any:
-    """The result of a run that failed after writing its LoRA: the LoRA and the steps it had."""
-    from ..training.loop import TrainResult
-
-    return TrainResult(callbacks.saved, None, None, callbacks.step, False, list(callbacks.losses))
-
 
 
 def _js_kwargs(gr: Any, js: Optional[str]) -> Dict[str, str]:
@@ -244,11 +207,21 @@ def build_blocks(backend: Backend) -> Any:
         with gr.Row():
             task_id = gr.Textbox(visible=False, elem_id="lora_trainer_task_id")  # filled by job_js
             train_btn = gr.Button("Train", variant="primary", elem_id="lora_trainer_train")
+            queue_btn = gr.Button("Queue", elem_id="lora_trainer_queue")  # trains after the runs before it
             stop_btn = gr.Button("Interrupt", elem_id="lora_trainer_interrupt")
         status = gr.Textbox(label="Status", interactive=False, elem_id="lora_trainer_status")
         with gr.Row():
             plot = gr.Image(label="Loss", type="pil", interactive=False, elem_id="lora_trainer_loss")
             sample = gr.Image(label="Samples", type="filepath", interactive=False, elem_id="lora_trainer_sample")
+        form = [folder, trigger, name, base, preset, low_vram, *adv.values()]  # what Train and Queue build a run from
+
+        def run_config(folder_value, trigger_value, name_value, base_value, preset_value, low, *adv_values):
+            base_model = backend.resolve_base_model(base_value or backend.default_base_model())
+            return form_to_config(name_value, folder_value, base_model, trigger_value, preset_value, low,
+                                  dict(zip(fields, adv_values)), backend.output_root())
+
+        queue_events = add_queue_panel(gr, backend, queue_btn, form, run_config, [status, plot, sample],
+                                       lambda cb: cb.plot() if cb is not None else loss_image([]))
         with gr.Row():
             prompt = gr.Textbox(label="Test prompt", elem_id="lora_trainer_test_prompt")
             seed = gr.Number(label="Seed", value=1, precision=0)
@@ -281,12 +254,9 @@ def build_blocks(backend: Backend) -> Any:
         def on_weights_refresh():
             return gr.update(choices=panel.weight_choices(backend))
 
-        def on_train(task, folder_value, trigger_value, name_value, base_value, preset_value, low, *adv_values):
+        def on_train(task, *form_values):
             try:
-                base_model = backend.resolve_base_model(base_value or backend.default_base_model())
-                cfg = form_to_config(name_value, folder_value, base_model, trigger_value, preset_value, low, dict(zip(fields, adv_values)),
-                                     backend.output_root())
-                session = start_run(backend, cfg, task)
+                session = start_run(backend, run_config(*form_values), task)
             except LoraTrainerError as e:
                 yield in_tab_words(str(e)), loss_image([]), None
                 return
@@ -325,14 +295,13 @@ def build_blocks(backend: Backend) -> Any:
         caption_btn.click(on_caption, [task_id, folder, weights, *settings], shown_dataset,
                           **_js_kwargs(gr, backend.job_js))
         weights_refresh.click(on_weights_refresh, None, [weights])
-        trained = train_btn.click(on_train, [task_id, folder, trigger, name, base, preset, low_vram, *adv.values()],
-                                  [status, plot, sample], **_js_kwargs(gr, backend.job_js))
+        trained = train_btn.click(on_train, [task_id, *form], [status, plot, sample], **_js_kwargs(gr, backend.job_js))
         stop_btn.click(on_stop, None, [status])
         for control in (preset, low_vram):
             control.change(on_preset, [preset, low_vram], [adv[key] for key in synced])
         tested = test_btn.click(on_test, [task_id, prompt, seed, weights], [grid, infotext, status],
                                 **_js_kwargs(gr, backend.job_js))
-        for event in (trained, tested):  # the host's LoRA list, then the merge fields for the new LoRA's strength
+        for event in (trained, tested, *queue_events):  # the host's LoRA list, then the merge fields for the new LoRA
             event.then(None, None, None, **_js_kwargs(gr, backend.refresh_js)).then(
                 merge.refresh_fields, [base, merge.name], [merge.strength, merge.name])
     return blocks

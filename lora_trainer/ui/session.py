@@ -6,12 +6,14 @@ backend (see `blocks.Backend`) for what differs: the base model, the GPU, the te
 
 from __future__ import annotations
 
+import inspect
 import re
 import threading
+import traceback
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
-from ..callbacks import Callbacks
+from ..callbacks import Callbacks, MultiCallbacks
 from ..config import TrainConfig, config_from_dict, field_help
 from ..errors import ConfigError, LoraTrainerError, in_field_words
 
@@ -49,6 +51,7 @@ CLI_PHRASES = {
         'Pick a .safetensors/.bin file in "Captioner weights", or (auto).',
     "pass --pretrained PATH (a weights file) or an open_clip pretrained tag.": 'pick a file in "Captioner weights".',
     "give another --output.": 'give another name in "Merged checkpoint name".',  # merge: a file appeared meanwhile
+    "`queue list` shows the ids.": "the Queue table shows the ids.",
 }
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 _.\-]{0,99}$")
 
@@ -199,15 +202,21 @@ class TrainSession:
         self._run = run
         self.result: Any = None
         self.error: Optional[str] = None
+        self.exception: Optional[BaseException] = None  # what `error` says, for the queue to record the run by
         self.thread = threading.Thread(target=self._target, name="lora-trainer", daemon=True)
 
-    def start(self) -> "TrainSession":
-        with TrainSession._lock:
-            if TrainSession.current is not None and TrainSession.current.running:
-                raise LoraTrainerError("A training run is already going: stop it or wait for it to end.")
-            TrainSession.current = self
-        self.thread.start()
-        return self
+    def start(self, wait: bool = False) -> "TrainSession":
+        """Start the run; one going already is an error, or with `wait` (the queue's runs) waited for."""
+        while True:
+            with TrainSession._lock:
+                going = TrainSession.current
+                if going is None or not going.running:
+                    TrainSession.current = self
+                    self.thread.start()  # under the lock: no other start sees this run as not running
+                    return self
+                if not wait:
+                    raise LoraTrainerError("A training run is already going: stop it or wait for it to end.")
+            going.wait()
 
     @property
     def running(self) -> bool:
@@ -223,12 +232,12 @@ class TrainSession:
         try:
             self.result = self._run(self.callbacks)
         except LoraTrainerError as e:
-            self.error = in_tab_words(str(e))
+            self.error, self.exception = in_tab_words(str(e)), e
         except Exception as e:  # shown in the tab; the traceback goes to the console
             import traceback
 
             traceback.print_exc()
-            self.error = f"{type(e).__name__}: {e}"
+            self.error, self.exception = f"{type(e).__name__}: {e}", e
 
     def summary(self) -> str:
         cb = self.callbacks
@@ -243,10 +252,23 @@ class TrainSession:
             return cb.status
         if r.stopped:
             lines = [f"Stopped at step {r.steps}; the state in {r.state_dir} resumes it.",
-                     skipped_line(getattr(r, "skipped", []))]
+                     skipped_line(getattr(r, "skipped", [])), report_line(r)]
             return "\n".join(line for line in lines if line)
-        lines = [f"Done: {r.steps} steps. LoRA: {r.lora_path}", skipped_line(getattr(r, "skipped", [])), self.notice]
+        lines = [f"Done: {r.steps} steps. LoRA: {r.lora_path}", skipped_line(getattr(r, "skipped", [])), self.notice,
+                 report_line(r)]
         return "\n".join(line for line in lines if line)
+
+
+def report_page(output_dir: Any) -> Optional[Path]:
+    """The run's report.html (training/record.py writes it at the end of every run), or None when there is none."""
+    page = Path(output_dir) / "report.html" if output_dir else None
+    return page if page is not None and page.is_file() else None
+
+
+def report_line(result: Any) -> str:
+    """Where the finished run's report page is: '' when it wrote none."""
+    page = report_page(getattr(result, "output_dir", None))
+    return f"Report: {page}" if page is not None else ""
 
 
 def skipped_line(skipped: List[Tuple[str, str]], shown: int = 5) -> str:
@@ -256,3 +278,55 @@ def skipped_line(skipped: List[Tuple[str, str]], shown: int = 5) -> str:
     names = "; ".join(f"{name} ({why})" for name, why in skipped[:shown])
     more = f"; and {len(skipped) - shown} more" if len(skipped) > shown else ""
     return f"Skipped {len(skipped)} image(s) training could not use: {names}{more}."
+
+
+def start_run(backend: Any, cfg: Any, task_id: str = "", extra: Optional[Callbacks] = None,
+              resume: Optional[str] = None, wait: bool = False) -> TrainSession:
+    """Train `cfg` in the background through `backend` (a `blocks.Backend`), then register the finished LoRA with
+    the host: the tab's Train, the API, and each queued run (`extra`: the queue's callbacks beside the host's;
+    `resume`: the stopped run's folder; `wait`: start once the run going now has ended).
+
+    Once the LoRA is saved the run is a success: a failure after that (the last sample grid, the host's
+    card, list refresh or key check) is a warning under "Done", and the registration still happens."""
+    task_id = task_id or backend.new_task_id()
+
+    def run(callbacks: SessionCallbacks) -> Any:
+        notes = []
+        try:
+            result = _train(backend, cfg, callbacks, task_id, resume)
+        except Exception as err:
+            if callbacks.saved is None:
+                raise
+            traceback.print_exc()
+            result = _saved_result(callbacks)
+            notes.append(f"Warning: after the LoRA was saved: {described(err)}")
+        if result is not None and not result.stopped:
+            try:
+                notes.append(backend.after_training(cfg, result, session))
+            except Exception as err:
+                traceback.print_exc()
+                notes.append(f"Warning: the LoRA is saved, but registering it failed: {described(err)}")
+        session.notice = "\n".join(n for n in notes if n)
+        return result
+
+    host_callbacks = backend.progress_callbacks()
+    heard = MultiCallbacks(host_callbacks, extra) if extra is not None else host_callbacks
+    session = TrainSession(run, heard, task_id=task_id, cfg=cfg)
+    return session.start(wait=wait)
+
+
+def _train(backend: Any, cfg: Any, callbacks: Callbacks, task_id: str, resume: Optional[str]) -> Any:
+    if resume is None:
+        return backend.train(cfg, callbacks, task_id)
+    if "resume" not in inspect.signature(backend.train).parameters:
+        # a host's backend whose train() cannot continue a state: the run starts again, beside the stopped one
+        callbacks.on_status(f"this host cannot resume {resume}: the run starts again")
+        return backend.train(cfg, callbacks, task_id)
+    return backend.train(cfg, callbacks, task_id, resume=resume)
+
+
+def _saved_result(callbacks: SessionCallbacks) -> Any:
+    """The result of a run that failed after writing its LoRA: the LoRA and the steps it had."""
+    from ..training.loop import TrainResult
+
+    return TrainResult(callbacks.saved, None, None, callbacks.step, False, list(callbacks.losses))

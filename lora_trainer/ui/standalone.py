@@ -29,11 +29,11 @@ class StandaloneBackend(Backend):
     def output_root(self) -> Path:
         return self._root
 
-    def train(self, cfg: Any, callbacks: Any, task_id: str = "") -> Any:
+    def train(self, cfg: Any, callbacks: Any, task_id: str = "", resume: Optional[str] = None) -> Any:
         from ..training.loop import train
 
         comps = copy.deepcopy(self.components) if self.components is not None else None
-        return train(cfg, callbacks=callbacks, host=self.host(), components=comps)
+        return train(cfg, callbacks=callbacks, host=self.host(), components=comps, resume=resume)
 
     def test_pictures(self, cfg: Any, lora_path: Path, prompt: str, seed: int) -> Tuple[List[Any], List[str]]:
         import torch

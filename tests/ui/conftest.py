@@ -7,4 +7,5 @@ import os
 if not os.environ.get("LORA_TRAINER_UI"):
     collect_ignore_glob = ["test_*.py"]
 elif os.environ["LORA_TRAINER_UI"] == "gradio3":
-    collect_ignore_glob = ["test_ui_browser.py"]  # the browser: Forge's gradio 4 and the newest (standalone UI)
+    # the browser tests: Forge's gradio 4 and the newest (standalone UI)
+    collect_ignore_glob = ["test_ui_browser.py", "test_report_browser.py"]

@@ -11,8 +11,11 @@ TINY = dict(resolution=64, min_bucket_reso=64, max_bucket_reso=128, lora_rank=4,
 
 
 class TinyBackend(StandaloneBackend):
-    def train(self, cfg, callbacks, task_id=""):
+    overrides: dict = {}  # over TINY (the queue's tests: more steps, a saved state)
+
+    def train(self, cfg, callbacks, task_id="", resume=None):
         from lora_trainer.training.loop import train
 
-        cfg = cfg.replace(**TINY, sample_prompts=[cfg.trigger_word or "a house"], sample_strengths=[0.0, 1.0])
-        return train(cfg, callbacks=callbacks, components=copy.deepcopy(self.components))
+        cfg = cfg.replace(**{**TINY, **self.overrides}, sample_prompts=[cfg.trigger_word or "a house"],
+                          sample_strengths=[0.0, 1.0])
+        return train(cfg, callbacks=callbacks, components=copy.deepcopy(self.components), resume=resume)

@@ -2,7 +2,8 @@
 truncated PNG and a duplicate and see the doctor's findings table, add a zip of images from the browser, caption the
 folder, see the advanced form follow Low VRAM, train the tiny model for 3 steps, see the loss plot and samples, render the test grid,
 take a screenshot (LORA_TRAINER_SCREENSHOT=path also keeps it, e.g. docs/standalone_ui.png), then open "Merge into
-checkpoint": its fields show the trained LoRA's strength and name, and Merge writes the checkpoint beside the base."""
+checkpoint": its fields show the trained LoRA's strength and name, and Merge writes the checkpoint beside the base.
+Then Queue: two runs queued from the page, followed to the end, listed in the queue table with their report pages."""
 
 from __future__ import annotations
 
@@ -140,6 +141,44 @@ def test_standalone_ui_in_chromium(tmp_path, tiny_sd1, tiny_sd1_file, monkeypatc
     finally:
         blocks.close()
     _keep_screenshot(shot)
+
+
+def test_queue_in_chromium(tmp_path, tiny_sd1, demo_folder):
+    """Queue twice from the page: the status follows the queued runs to the end, the queue table shows each run
+    done with its report page, and the loss plot is the last run's."""
+    assert CHROMIUM, "apt-get install -y chromium (run_tests.sh does it for this stage)"
+    from playwright.sync_api import expect, sync_playwright
+
+    from lora_trainer.ui import build_blocks
+
+    runs = tmp_path / "runs"
+    blocks = build_blocks(TinyBackend(runs, components=tiny_sd1, sample_steps=2, sample_size=64))
+    blocks.queue()
+    port = _free_port()
+    blocks.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    try:
+        with sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--headless=new"])
+            page = browser.new_page(viewport={"width": 1100, "height": 1500})
+            page.goto(f"http://127.0.0.1:{port}/")
+            status = page.locator("#lora_trainer_status textarea")
+            page.locator("#lora_trainer_folder textarea").fill(str(demo_folder))
+            page.locator("#lora_trainer_trigger textarea").fill("inkwash")
+            for name in ("queued-a", "queued-b"):
+                page.locator("#lora_trainer_name textarea").fill(name)
+                page.locator("#lora_trainer_queue").click()
+                expect(status).to_have_value(re.compile(f"Queued run 000. \\({name}\\)|Queue: run"), timeout=30_000)
+            expect(status).to_have_value(re.compile("^Queue done: 0001 done, 0002 done\\.\nDone: 3 steps"),
+                                         timeout=240_000)
+            expect(status).to_have_value(re.compile(f"Report: {re.escape(str(runs / 'queued-b' / 'report.html'))}"))
+            expect(page.locator("#lora_trainer_loss img")).to_be_visible()
+            page.locator("#lora_trainer_queue_panel").get_by_text("Queue", exact=True).click()
+            table = page.locator("#lora_trainer_queue_table")
+            for text in ("0001", "queued-a", "0002", "queued-b", "3/3", str(runs / "queued-a" / "report.html")):
+                expect(table).to_contain_text(text)
+            browser.close()
+    finally:
+        blocks.close()
 
 
 def _keep_screenshot(shot: Path) -> None:
