@@ -36,8 +36,8 @@ def tiny_train(monkeypatch, tiny_sd1):
     import lora_trainer.training.loop as core
 
     real = core.train
-    monkeypatch.setattr(core, "train", lambda cfg, callbacks=None, host=None: real(
-        cfg, callbacks=callbacks, host=host, components=copy.deepcopy(tiny_sd1)))
+    monkeypatch.setattr(core, "train", lambda cfg, callbacks=None, host=None, resume=None: real(
+        cfg, callbacks=callbacks, host=host, resume=resume, components=copy.deepcopy(tiny_sd1)))
 
 
 def _start(backend, cfg, after_step=None):

@@ -328,7 +328,7 @@ def test_the_a1111_and_forge_tabs_train_dora(monkeypatch, tmp_path, tiny_sd1_fil
         from lora_trainer_a1111.host import A1111Backend
 
         seen = []
-        monkeypatch.setattr(core, "train", lambda cfg, callbacks=None, host=None: seen.append(cfg) or "trained")
+        monkeypatch.setattr(core, "train", lambda cfg, callbacks=None, host=None, resume=None: seen.append(cfg) or "trained")
         assert A1111Backend().train(make_cfg(lora_type="dora"), Callbacks()) == "trained"
         assert [cfg.lora_type for cfg in seen] == ["dora"]
 

@@ -144,7 +144,7 @@ class Queue:
         self._cancel_file(job).unlink(missing_ok=True)
         if result.stopped:
             state = "cancelled" if progress.cancelled else "stopped"
-            return self.save(job, state=state, output_dir=str(result.output_dir or cfg.output_dir),
+            return self.save(job, state=state, output_dir=str(result.output_dir or cfg.output_dir), step=result.steps,
                              finished=time.time() if state == "cancelled" else None)
         return self.save(job, state="done", output_dir=str(result.output_dir or cfg.output_dir),
                          lora=str(result.lora_path), step=result.steps, finished=time.time())

@@ -222,7 +222,8 @@ class A1111Backend(Backend):
             finally:
                 self._host.restore_gpu()
 
-    def train(self, cfg: Any, callbacks: Callbacks, task_id: str = "") -> Any:
+    def train(self, cfg: Any, callbacks: Callbacks, task_id: str = "", resume: Optional[str] = None) -> Any:
+        """`resume`: a stopped run's folder (the tab's queue resumes the run it stopped)."""
         from lora_trainer.errors import ConfigError
         from lora_trainer.model.flux import is_flux_file
         from lora_trainer.training.loop import train
@@ -234,7 +235,7 @@ class A1111Backend(Backend):
             cfg = forge_flux_config(cfg)
         callbacks.on_status("waiting for the WebUI's current job to finish")
         with webui_job(task_id or self.new_task_id()):
-            return train(cfg, callbacks=callbacks, host=self._host)
+            return train(cfg, callbacks=callbacks, host=self._host, resume=resume)
 
     def after_training(self, cfg: Any, result: Any, session: Any) -> str:
         """The card and its preview, the LoRA list, the key check: each on its own, a failure is a warning line."""
